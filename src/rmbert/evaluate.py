@@ -1,0 +1,59 @@
+"""Evaluation and prediction through the news store, with the official metrics."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+from tqdm import tqdm
+
+from rmbert.data.batching import ImpressionBatcher
+from rmbert.encoders.store import NewsStore
+from rmbert.metrics import mind_metrics
+from rmbert.models.registry import NewsRecModel
+
+
+@torch.no_grad()
+def score_impressions(
+    model: NewsRecModel,
+    batcher: ImpressionBatcher,
+    batch_size: int = 64,
+    device: torch.device | None = None,
+    progress: bool = False,
+    desc: str = "scoring",
+) -> np.ndarray:
+    """Click logits for every candidate row of the split, in file order."""
+    was_training = model.training
+    model.eval()
+    device = device or torch.device("cpu")
+    imps = batcher.imps
+    scores = np.zeros(len(imps.cand), dtype=np.float32)
+    n_batches = (len(imps) + batch_size - 1) // batch_size
+    for batch in tqdm(batcher.eval_batches(batch_size), total=n_batches, desc=desc, unit="batch", disable=not progress):
+        b = batch.to(device)
+        logits = model(b).float().cpu().numpy()  # [B, C]
+        for j, r in enumerate(batch.rows):
+            s, e = imps.cand_ptr[r], imps.cand_ptr[r + 1]
+            scores[s:e] = logits[j, : e - s]
+    model.train(was_training)
+    return scores
+
+
+def evaluate_scores(batcher: ImpressionBatcher, scores: np.ndarray) -> dict:
+    imps = batcher.imps
+    if not imps.has_labels:
+        raise ValueError("this split has no labels (a test split): use `rmbert predict` instead")
+    return mind_metrics(imps.labels, scores, imps.cand_ptr)
+
+
+def cosine_baseline_scores(store: NewsStore, batcher: ImpressionBatcher) -> np.ndarray:
+    """No-training baseline: max cosine similarity of a candidate's [CLS] vector to the history's."""
+    cls = np.asarray(store.arrays["cls"], dtype=np.float32)
+    norm = cls / np.maximum(np.linalg.norm(cls, axis=1, keepdims=True), 1e-6)
+    imps = batcher.imps
+    scores = np.zeros(len(imps.cand), dtype=np.float32)
+    for i in range(len(imps)):
+        h = batcher.hist_rows[imps.hist_ptr[i] : imps.hist_ptr[i + 1]]
+        c = batcher.cand_rows[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]
+        if len(h):
+            scores[imps.cand_ptr[i] : imps.cand_ptr[i + 1]] = (norm[c] @ norm[h].T).max(axis=1)
+    return scores

@@ -1,0 +1,184 @@
+"""MIND's official metrics, vectorized over impressions, and the leaderboard `prediction.zip`.
+
+Impressions are CSR groups: rows `ptr[i]:ptr[i+1]` of `labels`/`scores` belong to impression `i`.
+Each metric is computed per impression, then averaged over impressions (the official
+definition). Impressions without both a click and a non-click are skipped and counted.
+
+Tie handling follows the official scorer: AUC counts ties half (as scikit-learn's
+roc_auc_score); MRR and nDCG order by `np.argsort(score)[::-1]` with a stable sort, so
+among equal scores the later candidate comes first.
+"""
+
+from __future__ import annotations
+
+import io
+import os
+import re
+import zipfile
+from pathlib import Path
+
+import numpy as np
+
+METRIC_KEYS = ("auc", "mrr", "ndcg@5", "ndcg@10")
+
+
+def _groups(ptr: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    ptr = np.asarray(ptr, dtype=np.int64)
+    sizes = np.diff(ptr)
+    group = np.repeat(np.arange(len(sizes)), sizes)
+    return group, sizes
+
+
+def per_impression(labels: np.ndarray, scores: np.ndarray, ptr: np.ndarray) -> dict[str, np.ndarray]:
+    """Per-impression AUC, MRR, nDCG@5, nDCG@10 and a `valid` mask (has a click and a non-click)."""
+    y = (np.asarray(labels) > 0).astype(np.float64)
+    s = np.asarray(scores, dtype=np.float64)
+    ptr = np.asarray(ptr, dtype=np.int64)
+    if len(y) != len(s) or ptr[-1] != len(y):
+        raise ValueError(f"labels ({len(y)}), scores ({len(s)}) and ptr (ends at {ptr[-1]}) disagree")
+    group, sizes = _groups(ptr)
+    G, n = len(sizes), len(y)
+    pos_count = np.bincount(group, weights=y, minlength=G)
+    neg_count = sizes - pos_count
+    valid = (pos_count > 0) & (neg_count > 0)
+
+    # AUC = (sum of positive ranks - P(P+1)/2) / (P N), with tied scores sharing their average rank.
+    order = np.lexsort((s, group))
+    gs, ss, ys = group[order], s[order], y[order]
+    new_run = np.ones(n, dtype=bool)
+    new_run[1:] = (gs[1:] != gs[:-1]) | (ss[1:] != ss[:-1])
+    run_start = np.flatnonzero(new_run)
+    run_len = np.diff(np.append(run_start, n))
+    pos_in_group = np.arange(n) - ptr[gs] + 1  # 1-based rank, ascending score
+    avg_rank = np.repeat(pos_in_group[run_start] + (run_len - 1) / 2.0, run_len)
+    rank_sum = np.bincount(gs, weights=avg_rank * ys, minlength=G)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        auc = (rank_sum - pos_count * (pos_count + 1) / 2.0) / (pos_count * neg_count)
+
+    # MRR and DCG: descending score, ties -> later candidate first (stable argsort reversed).
+    pos = np.arange(n) - ptr[group]
+    order = np.lexsort((-pos, -s, group))
+    gs, ys = group[order], y[order]
+    rank0 = np.arange(n) - ptr[gs]
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mrr = np.bincount(gs, weights=ys / (rank0 + 1), minlength=G) / pos_count
+    gain = (2.0**ys - 1.0) / np.log2(rank0 + 2.0)
+    ideal_order = np.lexsort((-y, group))
+    yi = y[ideal_order]
+    ideal_gain = (2.0**yi - 1.0) / np.log2(rank0 + 2.0)  # rank0 depends on group layout only
+    out = {"auc": auc, "mrr": mrr, "valid": valid}
+    for k in (5, 10):
+        dcg = np.bincount(gs, weights=gain * (rank0 < k), minlength=G)
+        idcg = np.bincount(gs, weights=ideal_gain * (rank0 < k), minlength=G)
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out[f"ndcg@{k}"] = dcg / idcg
+    return out
+
+
+def mind_metrics(labels: np.ndarray, scores: np.ndarray, ptr: np.ndarray) -> dict[str, float | int]:
+    """Official MIND metrics averaged over impressions; `skipped` counts single-class impressions."""
+    per = per_impression(labels, scores, ptr)
+    valid = per["valid"]
+    out: dict[str, float | int] = {}
+    for key in METRIC_KEYS:
+        out[key] = float(per[key][valid].mean()) if valid.any() else float("nan")
+    out["impressions"] = int(valid.sum())
+    out["skipped"] = int((~valid).sum())
+    return out
+
+
+def pooled_auc(labels: np.ndarray, scores: np.ndarray) -> float:
+    """AUC over all rows at once. NOT the MIND metric; here to show the difference."""
+    y = np.asarray(labels) > 0
+    return float(per_impression(y, scores, np.array([0, len(y)]))["auc"][0])
+
+
+def ranks_from_scores(scores: np.ndarray, ptr: np.ndarray) -> np.ndarray:
+    """1-based rank of each candidate within its impression (1 = highest score; ties by position)."""
+    s = np.asarray(scores, dtype=np.float64)
+    group, _ = _groups(ptr)
+    order = np.lexsort((np.arange(len(s)), -s, group))
+    ranks = np.empty(len(s), dtype=np.int64)
+    ranks[order] = np.arange(len(s)) - np.asarray(ptr)[group[order]] + 1
+    return ranks
+
+
+def write_prediction_zip(path: str | Path, imp_ids: np.ndarray, ptr: np.ndarray, scores: np.ndarray) -> Path:
+    """Write the leaderboard file: prediction.txt at the zip's root, `ImpId [r1,r2,...]` per line.
+
+    Written to a temporary file first and renamed, so an existing zip is never left half-written.
+    """
+    path = Path(path)
+    ranks = ranks_from_scores(scores, ptr)
+    buf = io.StringIO()
+    for i, imp in enumerate(imp_ids):
+        r = ranks[ptr[i] : ptr[i + 1]]
+        buf.write(f"{int(imp)} [{','.join(map(str, r.tolist()))}]\n")
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    with zipfile.ZipFile(tmp, "w", compression=zipfile.ZIP_DEFLATED) as zf:
+        zf.writestr("prediction.txt", buf.getvalue())
+    os.replace(tmp, path)
+    return path
+
+
+class SubmissionError(ValueError):
+    """A malformed submission; the message names prediction.txt and the line."""
+
+
+_LINE = re.compile(r"^\s*(\S+)\s+\[([0-9,\s]*)\]\s*$")
+
+
+def read_prediction_lines(path: str | Path) -> list[str]:
+    path = Path(path)
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n for n in zf.namelist() if n.rsplit("/", 1)[-1] == "prediction.txt"]
+            if not names:
+                raise SubmissionError(f"{path}: no prediction.txt inside the zip")
+            data = zf.read(names[0])
+    except zipfile.BadZipFile:
+        raise SubmissionError(f"{path}: not a zip file") from None
+    except FileNotFoundError:
+        raise SubmissionError(f"{path}: file not found") from None
+    try:
+        text = data.decode("utf-8-sig")
+    except UnicodeDecodeError:
+        raise SubmissionError(f"{path}: prediction.txt is not UTF-8") from None
+    lines = text.splitlines()
+    return lines
+
+
+def score_submission(pred_lines: list[str], imp_ids: np.ndarray, ptr: np.ndarray, labels: np.ndarray) -> dict:
+    """Score submission lines against the truth exactly as the official MIND scorer does.
+
+    Line i answers truth impression i (file order). A missing line counts as all-equal ranks;
+    a wrong impression id, a wrong number of ranks or a malformed line is an error naming the line.
+    """
+    ptr = np.asarray(ptr, dtype=np.int64)
+    scores = np.ones(int(ptr[-1]), dtype=np.float64)
+    missing = 0
+    for i, imp in enumerate(imp_ids):
+        n = int(ptr[i + 1] - ptr[i])
+        if i >= len(pred_lines) or not pred_lines[i].strip():
+            missing += 1
+            continue
+        m = _LINE.match(pred_lines[i])
+        if m is None:
+            raise SubmissionError(f"prediction.txt:{i + 1}: invalid line, expected 'ImpId [r1,r2,...]'")
+        if m.group(1) != str(int(imp)):
+            raise SubmissionError(
+                f"prediction.txt:{i + 1}: impression id {m.group(1)} does not match the truth's {int(imp)}"
+            )
+        try:
+            ranks = [int(r) for r in m.group(2).split(",")] if m.group(2).strip() else []
+        except ValueError:
+            raise SubmissionError(f"prediction.txt:{i + 1}: ranks must be integers") from None
+        if len(ranks) != n:
+            raise SubmissionError(f"prediction.txt:{i + 1}: {len(ranks)} ranks for {n} candidates")
+        if min(ranks) < 1:
+            raise SubmissionError(f"prediction.txt:{i + 1}: ranks must be 1 or more")
+        scores[ptr[i] : ptr[i + 1]] = 1.0 / np.asarray(ranks, dtype=np.float64)
+    out = mind_metrics(labels, scores, ptr)
+    out["missing_lines"] = missing
+    return out

@@ -1,0 +1,1 @@
+"""Recommenders behind one interface; `MODELS` maps a `--model` name to its class."""

@@ -1,0 +1,50 @@
+"""The one recommender interface shared by training, evaluation and serving.
+
+Shape letters: B users (impressions), C candidates, M history items, L title tokens, D hidden.
+
+A recommender splits scoring in two so that serving computes the user side once per request:
+    state  = rec.user_state(H [B, M, D], hist_mask [B, M], users [B])
+    logits = rec.score_candidates(state, candidates: NewsRepr with cls [B, C, D],
+                                  tokens [B, C, L, D], mask [B, C, L])      -> [B, C]
+"""
+
+from __future__ import annotations
+
+from abc import ABCMeta, abstractmethod
+from typing import Any
+
+import torch
+from torch import nn
+
+from rmbert.encoders.bert import NewsRepr
+
+NEG = -1e9  # added to masked attention logits (finite, so fully masked rows give no NaN)
+
+
+class Recommender(nn.Module, metaclass=ABCMeta):
+    name = "base"
+
+    @abstractmethod
+    def user_state(self, hist: torch.Tensor, hist_mask: torch.Tensor, users: torch.Tensor | None) -> Any:
+        """Everything about the users that does not depend on the candidates."""
+
+    @abstractmethod
+    def score_candidates(self, state: Any, cand: NewsRepr) -> torch.Tensor:
+        """Click logits [B, C]."""
+
+    def forward(
+        self, hist: torch.Tensor, hist_mask: torch.Tensor, cand: NewsRepr, users: torch.Tensor | None = None
+    ) -> torch.Tensor:
+        return self.score_candidates(self.user_state(hist, hist_mask, users), cand)
+
+
+def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Softmax over the last axis where mask is True; all-masked rows give zeros."""
+    w = torch.softmax(logits.masked_fill(~mask, NEG), dim=-1)
+    return w * mask
+
+
+def masked_mean_weights(mask: torch.Tensor) -> torch.Tensor:
+    """Uniform weights over unmasked positions (the w/o Att ablation); all-masked rows give zeros."""
+    m = mask.to(torch.float32)
+    return m / m.sum(-1, keepdim=True).clamp(min=1.0)

@@ -1,0 +1,177 @@
+"""RMBERT: a recurrent reasoning memory network over BERT news vectors (Jia et al., SIGIR 2021).
+
+Shape letters: B users, C candidates, M history items, L title tokens, D hidden, Dm memory.
+Inputs: x_n = candidate [CLS] [B, C, D]; X_con = candidate title tokens [B, C, L, D];
+H = clicked news [CLS] vectors [B, M, D]. For step i = 1..p (parameters shared, except W_p^i):
+
+    q_i  = W_p^i x_n + b_p^i                                        (1)
+    kq_i = W_k [q_i ; k_{i-1}] + b_k                                (2)
+    k_i  = W_q sum_j attn_j(w_a . (kq_i * X_j) + b_a) X_j + b_q     (3)
+    I_i  = (W_r m_{i-1} + b_r) * (W_H H + b_H)                      (4)
+    ~I_i = W_I [I_i ; H] + b_I                                      (5)
+    U_i  = sum_j softmax_j(w_b . (~I_ij * k_i) + b_b) H_j           (6)
+    m_i  = W_m [m_{i-1} ; U_i] + b_m                                (7)
+    logit = W_2 ReLU(W_1 [x_n ; m_p] + b_1) + b_2                   (8)
+
+with k_0 = x_n and m_0 a learned vector. `memory_logits_direct` computes (4)-(6) literally
+([B, C, M, D] tensors); `memory_logits_fast` is the exact fast path: with v = w_b * k_i,
+W_I = [W_I1 W_I2], r = W_r m_{i-1} + b_r and G = W_H H + b_H (per user, computed once),
+
+    w_b . (~I_ij * k_i) = ((W_I1^T v) * r) . G_j + (W_I2^T v) . H_j + v . b_I
+
+which costs O(D^2 + M D) per candidate and step instead of O(M D^2).
+
+Masking: padded title tokens and history slots never get attention. An empty history gives
+U_i = 0 at every step, so the memory evolves from m_0 alone and the score is a
+candidate-only prior (x_n through the click predictor).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+
+from rmbert.encoders.bert import NewsRepr
+from rmbert.models.base import NEG, Recommender, masked_mean_weights, masked_softmax
+
+
+@dataclass(frozen=True)
+class RMBERTConfig:
+    dim: int = 384  # D: the news encoder's hidden size (set from the encoder)
+    memory_dim: int = 0  # Dm (0 = D)
+    steps: int = 4  # p, the number of reasoning memory cells
+    click_hidden: int = 0  # width of o in (8) (0 = D)
+    query_attention: str = "softmax"  # softmax | sigmoid (the paper's text drops the sum-to-one)
+    prev_query: bool = True  # False: w/o PQ, eq. 2 without k_{i-1}
+    prev_memory: bool = True  # False: w/o PM, eq. 4 without m_{i-1}
+    attention: bool = True  # False: w/o Att, both attentions -> masked mean pooling
+    fast_path: bool = True  # exact fast path for eq. 4-6 (False: the direct form)
+    dropout: float = 0.0  # on x_n, X_con and H
+
+    def __post_init__(self) -> None:
+        if self.query_attention not in ("softmax", "sigmoid"):
+            raise ValueError(f"query_attention must be softmax or sigmoid, not {self.query_attention!r}")
+        if self.steps < 1:
+            raise ValueError("steps (p) must be at least 1")
+
+
+@dataclass
+class UserState:
+    H: torch.Tensor  # [B, M, D] clicked news vectors
+    mask: torch.Tensor  # [B, M] bool
+    GH: torch.Tensor  # [B, M, 2D] = [W_H H + b_H ; H]
+
+
+class RMBERT(Recommender):
+    name = "rmbert"
+
+    def __init__(self, cfg: RMBERTConfig) -> None:
+        super().__init__()
+        self.cfg = cfg
+        D = cfg.dim
+        Dm = cfg.memory_dim or D
+        self.W_p = nn.ModuleList([nn.Linear(D, D) for _ in range(cfg.steps)])  # (1), one per step
+        self.W_k = nn.Linear(2 * D, D)  # (2)
+        self.W_alpha = nn.Linear(D, 1)  # (3) attention over title tokens
+        self.W_q = nn.Linear(D, D)  # (3)
+        self.W_r = nn.Linear(Dm, D)  # (4)
+        self.W_H = nn.Linear(D, D)  # (4)
+        self.W_I = nn.Linear(2 * D, D)  # (5)
+        self.W_beta = nn.Linear(D, 1)  # (6) attention over history
+        self.W_m = nn.Linear(Dm + D, Dm)  # (7)
+        self.m0 = nn.Parameter(torch.randn(Dm) * 0.02)  # m_0, randomly initialised
+        H1 = cfg.click_hidden or D
+        self.W_1 = nn.Linear(D + Dm, H1)  # (8)
+        self.W_2 = nn.Linear(H1, 1)  # (8)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def user_state(self, hist: torch.Tensor, hist_mask: torch.Tensor, users: torch.Tensor | None = None) -> UserState:
+        H = self.drop(hist)  # [B, M, D]
+        G = self.W_H(H)  # [B, M, D]
+        return UserState(H=H, mask=hist_mask, GH=torch.cat([G, H], dim=-1))
+
+    # -- eq. 1-3: the query unit --------------------------------------------------------------
+    def query_step(
+        self, i: int, x: torch.Tensor, k: torch.Tensor, X: torch.Tensor, xmask: torch.Tensor
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """x, k: [B, C, D]; X: [B, C, L, D]; xmask [B, C, L] -> k_i [B, C, D], weights [B, C, L]."""
+        q = self.W_p[i](x)  # (1) [B, C, D]
+        k_prev = k if self.cfg.prev_query else torch.zeros_like(k)
+        kq = self.W_k(torch.cat([q, k_prev], dim=-1))  # (2) [B, C, D]
+        if not self.cfg.attention:
+            a = masked_mean_weights(xmask)
+        else:
+            # w_a . (kq * X_j) = (w_a * kq) . X_j: one batched mat-vec, no [B, C, L, D] product
+            logits = torch.einsum("bcld,bcd->bcl", X, kq * self.W_alpha.weight[0]) + self.W_alpha.bias
+            if self.cfg.query_attention == "softmax":
+                a = masked_softmax(logits, xmask)
+            else:
+                a = torch.sigmoid(logits) * xmask
+        k_new = self.W_q(torch.einsum("bcl,bcld->bcd", a, X))  # (3) [B, C, D]
+        return k_new, a
+
+    # -- eq. 4-6: the memory unit, attention logits over history ---------------------------------
+    def memory_logits_direct(self, k: torch.Tensor, m: torch.Tensor, state: UserState) -> torch.Tensor:
+        """The literal form: materialises I_i and ~I_i, [B, C, M, D]. Returns logits [B, C, M]."""
+        H, G = state.H, state.GH[..., : self.cfg.dim]  # [B, M, D]
+        C = k.shape[1]
+        if self.cfg.prev_memory:
+            r = self.W_r(m)  # [B, C, D]
+            I = r[:, :, None, :] * G[:, None, :, :]  # (4) [B, C, M, D]
+        else:
+            I = G[:, None, :, :].expand(-1, C, -1, -1)
+        I_t = self.W_I(torch.cat([I, H[:, None].expand(-1, C, -1, -1)], dim=-1))  # (5) [B, C, M, D]
+        return self.W_beta(I_t * k[:, :, None, :]).squeeze(-1)  # [B, C, M]
+
+    def memory_logits_fast(self, k: torch.Tensor, m: torch.Tensor, state: UserState) -> torch.Tensor:
+        """The exact fast path: O(D^2 + M D) per candidate and step. Returns logits [B, C, M]."""
+        D = self.cfg.dim
+        v = k * self.W_beta.weight[0]  # [B, C, D]
+        W_I1, W_I2 = self.W_I.weight[:, :D], self.W_I.weight[:, D:]  # [D, D] each
+        left = v @ W_I1  # [B, C, D] = W_I1^T v
+        if self.cfg.prev_memory:
+            left = left * self.W_r(m)
+        lhs = torch.cat([left, v @ W_I2], dim=-1)  # [B, C, 2D]
+        s = torch.einsum("bce,bme->bcm", lhs, state.GH)  # [B, C, M]
+        return s + (v @ self.W_I.bias)[..., None] + self.W_beta.bias
+
+    def memory_step(
+        self, k: torch.Tensor, m: torch.Tensor, state: UserState, C: int
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """-> m_i [B, C, Dm] and history weights [B, C, M]."""
+        hmask = state.mask[:, None, :].expand(-1, C, -1)  # [B, C, M]
+        if not self.cfg.attention:
+            b = masked_mean_weights(hmask)
+        else:
+            memory_logits = self.memory_logits_fast if self.cfg.fast_path else self.memory_logits_direct
+            b = masked_softmax(memory_logits(k, m, state), hmask)
+        U = torch.einsum("bcm,bmd->bcd", b, state.H)  # (6) [B, C, D]
+        return self.W_m(torch.cat([m, U], dim=-1)), b  # (7)
+
+    def reason(self, state: UserState, cand: NewsRepr, record: bool = False):
+        """Run the p cells. Returns logits [B, C] and, if record, per-step title and history weights."""
+        x = self.drop(cand.cls)  # [B, C, D]
+        X = self.drop(cand.tokens)  # [B, C, L, D]
+        B, C, _ = x.shape
+        k = x  # k_0 = x_n
+        m = self.m0.expand(B, C, -1)  # m_0
+        title_w, hist_w = [], []
+        for i in range(self.cfg.steps):
+            k, a = self.query_step(i, x, k, X, cand.mask)
+            m, b = self.memory_step(k, m, state, C)
+            if record:
+                title_w.append(a)
+                hist_w.append(b)
+        o = torch.relu(self.W_1(torch.cat([x, m], dim=-1)))  # (8)
+        logits = self.W_2(o).squeeze(-1)  # [B, C]
+        if record:
+            return logits, {"title": torch.stack(title_w, 2), "history": torch.stack(hist_w, 2)}
+        return logits, None
+
+    def score_candidates(self, state: UserState, cand: NewsRepr) -> torch.Tensor:
+        return self.reason(state, cand)[0]
+
+
+__all__ = ["RMBERT", "RMBERTConfig", "UserState", "NEG"]

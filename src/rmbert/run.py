@@ -1,0 +1,113 @@
+"""The run folder: everything needed to evaluate, predict, serve or resume a trained model.
+
+    RUN/config.json        the resolved RunConfig
+    RUN/model.safetensors  best weights (recommender; encoder too unless it was frozen)
+    RUN/tokenizer/         the tokenizer (the encoder itself is the named base when frozen)
+    RUN/users.txt          training users (models with user embeddings)
+    RUN/metrics.json, log.csv, curves.png, checkpoint.pt (resume state)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from rmbert.config import RunConfig
+from rmbert.data.batching import ImpressionBatcher
+from rmbert.data.mind import Split
+from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer
+from rmbert.encoders.news import STORE_KIND, NewsSide
+from rmbert.encoders.store import NewsStore, cached_store, encoder_fingerprint
+from rmbert.models.registry import NewsRecModel, build_recommender
+
+
+def load_encoder(cfg: RunConfig, tokenizer_dir: Path | None = None):
+    src = str(tokenizer_dir) if tokenizer_dir is not None and tokenizer_dir.is_dir() else cfg.encoder.name
+    tokenizer = load_tokenizer(src)
+    encoder = BertNewsEncoder.from_pretrained(cfg.encoder.name, cfg.encoder.max_title_len)
+    encoder.sep_token_id = tokenizer.sep_token_id
+    return encoder, tokenizer
+
+
+def split_news(*splits: Split) -> tuple[list[str], list[str]]:
+    """Union of the splits' news (first title wins), in first-seen order."""
+    seen: dict[str, str] = {}
+    for s in splits:
+        for nid, title in zip(s.news.ids, s.news.title):
+            seen.setdefault(nid, title)
+    return list(seen), list(seen.values())
+
+
+def store_for(
+    cfg: RunConfig, encoder: BertNewsEncoder, tokenizer, splits: list[Split], progress: bool, fp: str | None = None
+) -> NewsStore:
+    ids, titles = split_news(*splits)
+    kind = STORE_KIND[cfg.encoder.mode]
+    k = cfg.encoder.top_k if kind == "lower" else 0
+    return cached_store(ids, titles, encoder, tokenizer, kind, k, progress=progress, fingerprint=fp)
+
+
+def build_model(cfg: RunConfig, encoder: BertNewsEncoder, store: NewsStore | None, num_users: int) -> NewsRecModel:
+    news = NewsSide(cfg.encoder.mode, encoder, store, cfg.encoder.top_k, cfg.encoder.dedup)  # type: ignore[arg-type]
+    return NewsRecModel(news, build_recommender(cfg, num_users))
+
+
+def weights(model: NewsRecModel, cfg: RunConfig) -> dict[str, torch.Tensor]:
+    """The state to save: everything but an unchanged (frozen) encoder."""
+    sd = model.state_dict()
+    if cfg.encoder.mode == "frozen":
+        sd = {k: v for k, v in sd.items() if not k.startswith("news.encoder.")}
+    return {k: v.detach().cpu().contiguous().clone() for k, v in sd.items()}
+
+
+def save_weights(model: NewsRecModel, cfg: RunConfig, path: Path) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(weights(model, cfg), str(tmp))
+    tmp.replace(path)
+
+
+def load_weights(model: NewsRecModel, state: dict[str, torch.Tensor]) -> None:
+    missing, unexpected = model.load_state_dict(state, strict=False)
+    missing = [k for k in missing if not k.startswith("news.encoder.")]
+    if missing or unexpected:
+        raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
+
+
+@dataclass
+class LoadedRun:
+    path: Path
+    cfg: RunConfig
+    model: NewsRecModel
+    encoder: BertNewsEncoder
+    tokenizer: object
+    user_index: dict[str, int]
+    fingerprint: str
+
+    def store(self, splits: list[Split], progress: bool = True) -> NewsStore:
+        return store_for(self.cfg, self.encoder, self.tokenizer, splits, progress, self.fingerprint)
+
+    def batcher(self, split: Split, store: NewsStore) -> ImpressionBatcher:
+        self.model.news.set_store(store)
+        rows = store.rows(split.news.ids)
+        return ImpressionBatcher(split.impressions, rows, self.cfg.train.max_history, self.user_index)
+
+
+def load_run(path: str | Path, device: torch.device | None = None) -> LoadedRun:
+    path = Path(path)
+    if not (path / "config.json").is_file():
+        raise FileNotFoundError(f"{path}: not a run folder (no config.json)")
+    if not (path / "model.safetensors").is_file():
+        raise FileNotFoundError(f"{path}: run has no model.safetensors (training never finished an epoch)")
+    cfg = RunConfig.load(path / "config.json")
+    encoder, tokenizer = load_encoder(cfg, path / "tokenizer")
+    users = (path / "users.txt").read_text().split("\n") if (path / "users.txt").is_file() else []
+    user_index = {u: i + 1 for i, u in enumerate(users) if u}
+    model = build_model(cfg, encoder, None, len(user_index))
+    load_weights(model, load_file(str(path / "model.safetensors")))
+    model.eval()
+    if device is not None:
+        model.to(device)
+    return LoadedRun(path, cfg, model, encoder, tokenizer, user_index, encoder_fingerprint(encoder, tokenizer))
