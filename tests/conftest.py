@@ -35,7 +35,9 @@ def planted(tmp_path_factory) -> Path:
     return out
 
 
-def write_split(folder: Path, news: list[str], behaviors: list[str], newline: str = "\n", bom: bool = False) -> Path:
+def write_split(
+    folder: Path, news: list[str], behaviors: list[str], newline: str = "\n", bom: bool = False
+) -> Path:
     folder.mkdir(parents=True, exist_ok=True)
     prefix = "\ufeff" if bom else ""
     (folder / "news.tsv").write_text(prefix + newline.join(news) + newline, encoding="utf-8", newline="")

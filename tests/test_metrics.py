@@ -113,8 +113,11 @@ def test_score_submission_equals_metrics_of_scores(tmp_path):
         assert got[k] == pytest.approx(want[k], abs=1e-6)
     # and agree with the official per-impression formulas applied to 1/rank
     ranks = ranks_from_scores(scores, ptr)
-    ref = [official(labels[ptr[i] : ptr[i + 1]].astype(float), 1.0 / ranks[ptr[i] : ptr[i + 1]])
-           for i in range(200) if 0 < labels[ptr[i] : ptr[i + 1]].sum() < ptr[i + 1] - ptr[i]]
+    ref = [
+        official(labels[ptr[i] : ptr[i + 1]].astype(float), 1.0 / ranks[ptr[i] : ptr[i + 1]])
+        for i in range(200)
+        if 0 < labels[ptr[i] : ptr[i + 1]].sum() < ptr[i + 1] - ptr[i]
+    ]
     assert got["auc"] == pytest.approx(np.mean([r["auc"] for r in ref]), abs=1e-6)
     assert got["ndcg@10"] == pytest.approx(np.mean([r["ndcg@10"] for r in ref]), abs=1e-6)
 

@@ -7,7 +7,11 @@ from conftest import news_line, write_split
 from rmbert.cli import main
 from rmbert.data.mind import MindFormatError, format_time, load_split, parse_time, summarize
 
-NEWS = [news_line("N1", "Storm hits coast"), news_line("N2", "Stocks rally", "finance"), news_line("N3", "Dunk wins it")]
+NEWS = [
+    news_line("N1", "Storm hits coast"),
+    news_line("N2", "Stocks rally", "finance"),
+    news_line("N3", "Dunk wins it"),
+]
 BEHAVIORS = [
     "1\tU1\t11/15/2019 8:55:22 AM\tN1 N9 N2\tN2-1 N3-0 N1-0",
     "2\tU2\t11/15/2019 1:05:00 PM\t\tN3-1 N7-0",

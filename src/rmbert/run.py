@@ -1,10 +1,10 @@
 """The run folder: everything needed to evaluate, predict, serve or resume a trained model.
 
-    RUN/config.json        the resolved RunConfig
-    RUN/model.safetensors  best weights (recommender; encoder too unless it was frozen)
-    RUN/tokenizer/         the tokenizer (the encoder itself is the named base when frozen)
-    RUN/users.txt          training users (models with user embeddings)
-    RUN/metrics.json, log.csv, curves.png, checkpoint.pt (resume state)
+RUN/config.json        the resolved RunConfig
+RUN/model.safetensors  best weights (recommender; encoder too unless it was frozen)
+RUN/tokenizer/         the tokenizer (the encoder itself is the named base when frozen)
+RUN/users.txt          training users (models with user embeddings)
+RUN/metrics.json, log.csv, curves.png, checkpoint.pt (resume state)
 """
 
 from __future__ import annotations
@@ -42,7 +42,12 @@ def split_news(*splits: Split) -> tuple[list[str], list[str]]:
 
 
 def store_for(
-    cfg: RunConfig, encoder: BertNewsEncoder, tokenizer, splits: list[Split], progress: bool, fp: str | None = None
+    cfg: RunConfig,
+    encoder: BertNewsEncoder,
+    tokenizer,
+    splits: list[Split],
+    progress: bool,
+    fp: str | None = None,
 ) -> NewsStore:
     ids, titles = split_news(*splits)
     kind = STORE_KIND[cfg.encoder.mode]
@@ -50,7 +55,9 @@ def store_for(
     return cached_store(ids, titles, encoder, tokenizer, kind, k, progress=progress, fingerprint=fp)
 
 
-def build_model(cfg: RunConfig, encoder: BertNewsEncoder, store: NewsStore | None, num_users: int) -> NewsRecModel:
+def build_model(
+    cfg: RunConfig, encoder: BertNewsEncoder, store: NewsStore | None, num_users: int
+) -> NewsRecModel:
     news = NewsSide(cfg.encoder.mode, encoder, store, cfg.encoder.top_k, cfg.encoder.dedup)  # type: ignore[arg-type]
     return NewsRecModel(news, build_recommender(cfg, num_users))
 
@@ -110,4 +117,6 @@ def load_run(path: str | Path, device: torch.device | None = None) -> LoadedRun:
     model.eval()
     if device is not None:
         model.to(device)
-    return LoadedRun(path, cfg, model, encoder, tokenizer, user_index, encoder_fingerprint(encoder, tokenizer))
+    return LoadedRun(
+        path, cfg, model, encoder, tokenizer, user_index, encoder_fingerprint(encoder, tokenizer)
+    )

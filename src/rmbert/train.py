@@ -29,7 +29,17 @@ from rmbert.models.base import NEG
 from rmbert.models.registry import NewsRecModel, resolve
 from rmbert.run import build_model, load_encoder, load_weights, save_weights, store_for, weights
 
-LOG_FIELDS = ["step", "epoch", "loss", "valid_auc", "valid_mrr", "valid_ndcg5", "valid_ndcg10", "samples_per_s", "time_s"]
+LOG_FIELDS = [
+    "step",
+    "epoch",
+    "loss",
+    "valid_auc",
+    "valid_mrr",
+    "valid_ndcg5",
+    "valid_ndcg10",
+    "samples_per_s",
+    "time_s",
+]
 
 
 @dataclass
@@ -76,7 +86,12 @@ def batch_loss(logits: torch.Tensor, batch: Batch, cfg: RunConfig, denom: float)
     logits = logits.float()
     if cfg.train.loss == "softmax":
         masked = logits.masked_fill(~batch.cand_mask, NEG)
-        return F.cross_entropy(masked, torch.zeros(len(logits), dtype=torch.long, device=logits.device), reduction="sum") / denom
+        return (
+            F.cross_entropy(
+                masked, torch.zeros(len(logits), dtype=torch.long, device=logits.device), reduction="sum"
+            )
+            / denom
+        )
     per = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
     return (per * batch.cand_mask).sum() / denom
 
@@ -85,7 +100,9 @@ def _rows_in(batch: Batch, cfg: RunConfig) -> float:
     return float(len(batch.rows)) if cfg.train.loss == "softmax" else float(batch.cand_mask.sum())
 
 
-def save_checkpoint(path: Path, model: NewsRecModel, opt: torch.optim.Optimizer, prog: Progress, cfg: RunConfig) -> None:
+def save_checkpoint(
+    path: Path, model: NewsRecModel, opt: torch.optim.Optimizer, prog: Progress, cfg: RunConfig
+) -> None:
     state = {
         "model": weights(model, cfg),
         "optimizer": opt.state_dict(),
@@ -135,7 +152,9 @@ def split_validation(split: Split, fraction: float, seed: int) -> tuple[Split, S
     n_valid = max(1, int(round(n * fraction)))
     valid_rows, train_rows = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
     imps = split.impressions
-    return Split(split.path, split.news, imps.subset(train_rows)), Split(split.path, split.news, imps.subset(valid_rows))
+    return Split(split.path, split.news, imps.subset(train_rows)), Split(
+        split.path, split.news, imps.subset(valid_rows)
+    )
 
 
 def train(
@@ -158,7 +177,9 @@ def train(
         budget = {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps}
         cfg = replace(saved, train=replace(saved.train, **budget))
     elif (out / "config.json").exists() or ckpt_path.exists():
-        raise FileExistsError(f"{out} already holds a run: pass --resume to continue it, or choose another --out")
+        raise FileExistsError(
+            f"{out} already holds a run: pass --resume to continue it, or choose another --out"
+        )
 
     torch.manual_seed(cfg.train.seed)
     device = pick_device(cfg.train.device)
@@ -181,7 +202,9 @@ def train(
     model = build_model(cfg, encoder, store, len(user_index)).to(device)
     rows = store.rows(train_split.news.ids)
     train_b = ImpressionBatcher(train_split.impressions, rows, cfg.train.max_history, user_index)
-    valid_b = ImpressionBatcher(valid_split.impressions, store.rows(valid_split.news.ids), cfg.train.max_history, user_index)
+    valid_b = ImpressionBatcher(
+        valid_split.impressions, store.rows(valid_split.news.ids), cfg.train.max_history, user_index
+    )
 
     enc_params = [p for p in model.news.parameters() if p.requires_grad]
     rec_params = [p for p in model.rec.parameters() if p.requires_grad]
@@ -207,15 +230,22 @@ def train(
 
     net: torch.nn.Module = model
     if world > 1:
-        net = torch.nn.parallel.DistributedDataParallel(model, device_ids=[device.index] if device.type == "cuda" else None)
+        net = torch.nn.parallel.DistributedDataParallel(
+            model, device_ids=[device.index] if device.type == "cuda" else None
+        )
 
     tc = cfg.train
     t_start = time.time() - prog.train_time
     while prog.epoch < tc.epochs and not prog.stopped:
         plan = train_b.epoch_plan(prog.epoch, tc.seed, tc.negatives)
         n_steps = (len(plan) + tc.batch_size - 1) // tc.batch_size
-        bar = tqdm(total=n_steps, initial=prog.step_in_epoch, desc=f"epoch {prog.epoch + 1}/{tc.epochs}",
-                   unit="step", disable=not (progress and rank == 0))
+        bar = tqdm(
+            total=n_steps,
+            initial=prog.step_in_epoch,
+            desc=f"epoch {prog.epoch + 1}/{tc.epochs}",
+            unit="step",
+            disable=not (progress and rank == 0),
+        )
         model.train()
         run_loss, run_n, t0, s0 = 0.0, 0, time.time(), prog.samples
         while prog.step_in_epoch < n_steps:
@@ -226,7 +256,13 @@ def train(
             full = train_b.train_batch(units, tc.negatives, rng)
             denom = _rows_in(full, cfg)
             mine = units[rank::world]
-            batch = (full if world == 1 else train_b.train_batch(mine, tc.negatives, np.random.default_rng([tc.seed, prog.epoch, prog.step_in_epoch, rank]))).to(device)
+            batch = (
+                full
+                if world == 1
+                else train_b.train_batch(
+                    mine, tc.negatives, np.random.default_rng([tc.seed, prog.epoch, prog.step_in_epoch, rank])
+                )
+            ).to(device)
             with autocast(cfg, device):
                 logits = net(batch)
             loss = batch_loss(logits, batch, cfg, denom / world)
@@ -244,9 +280,13 @@ def train(
             if prog.global_step % tc.log_every == 0 or prog.step_in_epoch == n_steps:
                 elapsed = time.time() - t0
                 sps = (prog.samples - s0) / max(elapsed, 1e-9)
-                row = {"step": prog.global_step, "epoch": prog.epoch + prog.step_in_epoch / n_steps,
-                       "loss": round(run_loss / run_n, 5), "samples_per_s": round(sps, 1),
-                       "time_s": round(time.time() - t_start, 1)}
+                row = {
+                    "step": prog.global_step,
+                    "epoch": prog.epoch + prog.step_in_epoch / n_steps,
+                    "loss": round(run_loss / run_n, 5),
+                    "samples_per_s": round(sps, 1),
+                    "time_s": round(time.time() - t_start, 1),
+                }
                 prog.log.append(row)
                 bar.set_postfix(loss=f"{row['loss']:.4f}", samples_s=f"{sps:.0f}")
                 run_loss, run_n = 0.0, 0
@@ -259,20 +299,37 @@ def train(
         # End of epoch: validate (rank 0 scores; the others wait), early stopping on AUC.
         prog.train_time = time.time() - t_start
         if rank == 0:
-            scores = score_impressions(model, valid_b, tc.eval_batch_size, device, progress, desc="validating")
+            scores = score_impressions(
+                model, valid_b, tc.eval_batch_size, device, progress, desc="validating"
+            )
             m = evaluate_scores(valid_b, scores)
-            prog.log.append({"step": prog.global_step, "epoch": prog.epoch + 1, "valid_auc": round(m["auc"], 5),
-                             "valid_mrr": round(m["mrr"], 5), "valid_ndcg5": round(m["ndcg@5"], 5),
-                             "valid_ndcg10": round(m["ndcg@10"], 5), "time_s": round(time.time() - t_start, 1)})
+            prog.log.append(
+                {
+                    "step": prog.global_step,
+                    "epoch": prog.epoch + 1,
+                    "valid_auc": round(m["auc"], 5),
+                    "valid_mrr": round(m["mrr"], 5),
+                    "valid_ndcg5": round(m["ndcg@5"], 5),
+                    "valid_ndcg10": round(m["ndcg@10"], 5),
+                    "time_s": round(time.time() - t_start, 1),
+                }
+            )
             if m["auc"] > prog.best_auc:
-                prog.best_auc, prog.best_epoch, prog.bad_epochs, prog.best_valid = m["auc"], prog.epoch + 1, 0, m
+                prog.best_auc, prog.best_epoch, prog.bad_epochs, prog.best_valid = (
+                    m["auc"],
+                    prog.epoch + 1,
+                    0,
+                    m,
+                )
                 save_weights(model, cfg, out / "model.safetensors")
             else:
                 prog.bad_epochs += 1
                 prog.stopped = prog.bad_epochs >= tc.patience
             if progress:
-                tqdm.write(f"epoch {prog.epoch + 1}: valid auc {m['auc']:.4f} mrr {m['mrr']:.4f} "
-                           f"ndcg@5 {m['ndcg@5']:.4f} ndcg@10 {m['ndcg@10']:.4f}")
+                tqdm.write(
+                    f"epoch {prog.epoch + 1}: valid auc {m['auc']:.4f} mrr {m['mrr']:.4f} "
+                    f"ndcg@5 {m['ndcg@5']:.4f} ndcg@10 {m['ndcg@10']:.4f}"
+                )
         if world > 1:
             flag = torch.tensor([float(prog.stopped)])
             dist.broadcast(flag, 0)

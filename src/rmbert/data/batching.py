@@ -26,11 +26,17 @@ class Batch:
     rows: np.ndarray  # [B] impression rows in the split
 
     def to(self, device: torch.device) -> Batch:
-        t = {k: v.to(device, non_blocking=True) for k, v in self.__dict__.items() if isinstance(v, torch.Tensor)}
+        t = {
+            k: v.to(device, non_blocking=True)
+            for k, v in self.__dict__.items()
+            if isinstance(v, torch.Tensor)
+        }
         return Batch(**t, rows=self.rows)
 
 
-def pad_rows(ptr: np.ndarray, values: np.ndarray, rows: np.ndarray, max_len: int = 0, keep_last: bool = False):
+def pad_rows(
+    ptr: np.ndarray, values: np.ndarray, rows: np.ndarray, max_len: int = 0, keep_last: bool = False
+):
     """Rows of a CSR array as a padded [B, W] matrix and mask (W = longest, capped at max_len)."""
     starts, ends = ptr[rows], ptr[rows + 1]
     lengths = ends - starts
@@ -50,13 +56,17 @@ def pad_rows(ptr: np.ndarray, values: np.ndarray, rows: np.ndarray, max_len: int
 class ImpressionBatcher:
     """Turns a split's impressions into batches of store rows."""
 
-    def __init__(self, imps: Impressions, news_rows: np.ndarray, max_history: int, user_index: dict[str, int]):
+    def __init__(
+        self, imps: Impressions, news_rows: np.ndarray, max_history: int, user_index: dict[str, int]
+    ):
         self.imps = imps
         # news row -> store row; missing news (-1) -> 0
         self.hist_rows = news_rows[imps.hist] if len(imps.hist) else np.zeros(0, np.int64)
         self.cand_rows = np.where(imps.cand >= 0, news_rows[np.maximum(imps.cand, 0)], 0)
         self.max_history = max_history
-        self.users = np.array([user_index.get(imps.users[u], 0) for u in range(len(imps.users))], dtype=np.int64)
+        self.users = np.array(
+            [user_index.get(imps.users[u], 0) for u in range(len(imps.users))], dtype=np.int64
+        )
 
     def _history(self, rows: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
         return pad_rows(self.imps.hist_ptr, self.hist_rows, rows, self.max_history, keep_last=True)

@@ -60,7 +60,9 @@ def _fetch(url: str, part: Path, timeout: float, progress: bool) -> None:
         got = have
         with (
             open(part, mode) as f,
-            tqdm(total=total, initial=have, unit="B", unit_scale=True, desc=part.name, disable=not progress) as bar,
+            tqdm(
+                total=total, initial=have, unit="B", unit_scale=True, desc=part.name, disable=not progress
+            ) as bar,
         ):
             while True:
                 try:

@@ -80,7 +80,9 @@ def load_news(path: str | Path) -> News:
             continue
         cols = line.split("\t")
         if len(cols) != NEWS_COLUMNS:
-            raise MindFormatError(path, lineno, f"expected {NEWS_COLUMNS} tab-separated columns, got {len(cols)}")
+            raise MindFormatError(
+                path, lineno, f"expected {NEWS_COLUMNS} tab-separated columns, got {len(cols)}"
+            )
         nid = cols[0].strip()
         if not nid:
             raise MindFormatError(path, lineno, "empty news id")
@@ -217,7 +219,9 @@ def load_impressions(path: str | Path, news: News) -> Impressions:
         except ValueError:
             raise MindFormatError(path, lineno, f"impression id {cols[0]!r} is not an integer") from None
         if imp_id in seen_imp:
-            raise MindFormatError(path, lineno, f"duplicate impression id {imp_id} (first on line {seen_imp[imp_id]})")
+            raise MindFormatError(
+                path, lineno, f"duplicate impression id {imp_id} (first on line {seen_imp[imp_id]})"
+            )
         seen_imp[imp_id] = lineno
         ts = parse_time(cols[2])
         if ts is None:
@@ -245,7 +249,9 @@ def load_impressions(path: str | Path, news: News) -> Impressions:
         if labeled:
             if not all(len(t) > 2 and t[-2] == "-" and t[-1] in "01" for t in toks):
                 bad = next(t for t in toks if not (len(t) > 2 and t[-2] == "-" and t[-1] in "01"))
-                raise MindFormatError(path, lineno, f"candidate {bad!r} is not of the form NewsId-0 or NewsId-1")
+                raise MindFormatError(
+                    path, lineno, f"candidate {bad!r} is not of the form NewsId-0 or NewsId-1"
+                )
             ids = [t[:-2] for t in toks]
             labels.extend([t[-1] == "1" for t in toks])
         else:
@@ -333,9 +339,11 @@ def summarize(split: Split, tokenizer=None, max_title_tokens: int = 30) -> dict:
         out["candidates_per_impression"] = _percentiles(cl)
         out["time_range"] = [format_time(int(imps.times.min())), format_time(int(imps.times.max()))]
     if tokenizer is not None and len(split.news):
-        lengths = np.array([len(x) for x in tokenizer(split.news.title, add_special_tokens=False)["input_ids"]])
+        lengths = np.array(
+            [len(x) for x in tokenizer(split.news.title, add_special_tokens=False)["input_ids"]]
+        )
         out["title_tokens"] = _percentiles(lengths)
-        out["titles_truncated_at_%d" % max_title_tokens] = int((lengths > max_title_tokens).sum())
+        out[f"titles_truncated_at_{max_title_tokens}"] = int((lengths > max_title_tokens).sum())
     warnings = []
     if imps.missing_history_refs:
         warnings.append(

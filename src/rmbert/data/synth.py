@@ -131,7 +131,9 @@ def synth(out: str | Path, cfg: SynthConfig = SynthConfig()) -> dict:
                 c = int(rng.integers(5, 21))
                 n_mine = min(len(fresh_mine), int(rng.binomial(c, cfg.interest_share)))
                 mine = rng.choice(fresh_mine, n_mine, replace=False) if n_mine else np.array([], int)
-                rest = rng.choice(np.setdiff1d(fresh, mine), min(c - n_mine, len(fresh) - n_mine), replace=False)
+                rest = rng.choice(
+                    np.setdiff1d(fresh, mine), min(c - n_mine, len(fresh) - n_mine), replace=False
+                )
                 cands = rng.permutation(np.concatenate([mine, rest]).astype(np.int64))
                 p = click_prob(u, cands)
                 y = (rng.random(len(cands)) < p).astype(np.int8)
@@ -148,7 +150,9 @@ def synth(out: str | Path, cfg: SynthConfig = SynthConfig()) -> dict:
         with open(d / "news.tsv", "w", encoding="utf-8") as f:
             for i in range(n_news):
                 c, s, _ = topics[int(n_sub_of[i])]
-                f.write(f"{news_ids[i]}\t{c}\t{s}\t{titles[i]}\t{abstracts[i]}\thttps://example.org/{news_ids[i]}\t[]\t[]\n")
+                f.write(
+                    f"{news_ids[i]}\t{c}\t{s}\t{titles[i]}\t{abstracts[i]}\thttps://example.org/{news_ids[i]}\t[]\t[]\n"
+                )
         with open(d / "behaviors.tsv", "w", encoding="utf-8") as f:
             for iid, u, t, cands, y, _ in rows:
                 hist = " ".join(news_ids[j] for j in histories[u])

@@ -151,7 +151,9 @@ def tiny_bert(vocab_size: int = 64, hidden: int = 32, layers: int = 2, seed: int
     return BertModel(cfg, add_pooling_layer=False)
 
 
-def save_tiny_encoder(path: str | Path, words: list[str], hidden: int = 32, layers: int = 2, seed: int = 0) -> Path:
+def save_tiny_encoder(
+    path: str | Path, words: list[str], hidden: int = 32, layers: int = 2, seed: int = 0
+) -> Path:
     """Write a tiny random BERT + WordPiece vocab to `path`, loadable by name like any checkpoint."""
     from transformers import BertTokenizer
 

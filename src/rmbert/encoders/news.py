@@ -25,7 +25,9 @@ def _gather(a: np.ndarray, rows: torch.Tensor, dtype=torch.float32) -> torch.Ten
 
 
 class NewsSide(nn.Module):
-    def __init__(self, mode: str, encoder: BertNewsEncoder, store: NewsStore, top_k: int = 1, dedup: bool = True):
+    def __init__(
+        self, mode: str, encoder: BertNewsEncoder, store: NewsStore, top_k: int = 1, dedup: bool = True
+    ):
         super().__init__()
         if mode not in STORE_KIND:
             raise ValueError(f"encoder mode must be one of {', '.join(STORE_KIND)}, not {mode!r}")

@@ -1,13 +1,19 @@
-"""The news store: every news encoded once, fp16 on disk, memory-mapped.
+"""The news store: every news encoded once, fp16 on disk, memory-mapped, appendable.
 
-A store is a folder:
-    meta.json    kind, encoder fingerprint, L, D, count (written last: its presence = complete)
-    ids.txt      one news id per line; store row = line number (row 0 is the null news)
-    arrays       kind "vectors": cls [N+1, D], tokens [N+1, L, D] (fp16), mask [N+1, L] (bool)
-                 kind "lower":   hidden [N+1, S, D] (fp16) = states below the top k layers
-                 both:           input_ids [N+1, S] (int32), attn [N+1, S] (bool)
-Row 0 holds zeros and an all-false mask: padding and news missing from news.tsv map there.
-Stores are keyed by encoder + tokenizer + L + the news themselves, so a rerun reuses one.
+A store is a folder of segments; `meta.json` lists the complete ones and is replaced
+atomically, so a crash while appending leaves the store readable with its previous contents:
+
+    meta.json            kind, encoder fingerprint, L, D, segments (written last)
+    seg-00000/           ids.txt, news.jsonl (category, subcategory, title, added time) and arrays:
+      kind "vectors":    cls [n, D], tokens [n, L, D] (fp16), mask [n, L] (bool)
+      kind "lower":      hidden [n, S, D] (fp16) = states below the top k layers
+      kind "tokens":     nothing more (full fine-tuning encodes during training)
+      every kind:        input_ids [n, S] (int32), attn [n, S] (bool)
+    seg-00001/ ...       later appends; an id appended again supersedes its earlier row
+
+Global row 0 (the first row of seg-00000) is the null news: zeros and an all-false mask, for
+padding and ids missing from news.tsv. Stores built for training are keyed by encoder +
+tokenizer + L + the news themselves, so a rerun reuses one.
 """
 
 from __future__ import annotations
@@ -16,6 +22,7 @@ import hashlib
 import json
 import os
 import shutil
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -25,7 +32,8 @@ from tqdm import tqdm
 
 from rmbert.encoders.bert import BertNewsEncoder, tokenize_titles
 
-STORE_VERSION = 1
+STORE_VERSION = 2
+KIND_ARRAYS = {"vectors": ["cls", "tokens", "mask"], "lower": ["hidden"], "tokens": []}
 
 
 def cache_dir() -> Path:
@@ -42,24 +50,129 @@ def encoder_fingerprint(encoder: BertNewsEncoder, tokenizer) -> str:
     return h.hexdigest()[:20]
 
 
-def store_key(fingerprint: str, kind: str, k: int, max_title_len: int, ids: list[str], titles: list[str]) -> str:
+def store_key(
+    fingerprint: str, kind: str, k: int, max_title_len: int, ids: list[str], titles: list[str]
+) -> str:
     h = hashlib.sha256(f"{STORE_VERSION}|{fingerprint}|{kind}|{k}|{max_title_len}".encode())
     for nid, t in zip(ids, titles):
         h.update(f"{nid}\t{t}\n".encode())
     return h.hexdigest()[:24]
 
 
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w") as f:
+        json.dump(obj, f, indent=2)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    _fsync_dir(path.parent)
+
+
+def _crash_point(name: str) -> None:
+    """Test hook: exit abruptly at a named point of an append (RMBERT_CRASH_AT=name)."""
+    if os.environ.get("RMBERT_CRASH_AT") == name:
+        os._exit(86)
+
+
+@torch.no_grad()
+def _write_segment(
+    folder: Path,
+    ids: list[str],
+    titles: list[str],
+    info: list[dict],
+    encoder: BertNewsEncoder,
+    tokenizer,
+    kind: str,
+    k: int,
+    null_row: bool,
+    batch_size: int,
+    progress: bool,
+) -> None:
+    if kind not in KIND_ARRAYS:
+        raise ValueError(f"unknown store kind {kind!r}")
+    if folder.exists():
+        shutil.rmtree(folder)
+    folder.mkdir(parents=True)
+    L = encoder.max_title_len
+    S, D = L + 2, encoder.dim
+    pre = [""] if null_row else []
+    input_ids, attn = tokenize_titles(tokenizer, pre + list(titles), L)  # [n, S]
+    if null_row:
+        input_ids[0], attn[0] = 0, False
+    n = len(input_ids)
+    mm = {
+        "input_ids": _open(folder, "input_ids", (n, S), np.int32),
+        "attn": _open(folder, "attn", (n, S), np.bool_),
+    }
+    mm["input_ids"][:] = input_ids.numpy()
+    mm["attn"][:] = attn.numpy()
+    if kind == "vectors":
+        mm["cls"] = _open(folder, "cls", (n, D), np.float16)
+        mm["tokens"] = _open(folder, "tokens", (n, L, D), np.float16)
+        mm["mask"] = _open(folder, "mask", (n, L), np.bool_)
+    elif kind == "lower":
+        mm["hidden"] = _open(folder, "hidden", (n, S, D), np.float16)
+    first = 1 if null_row else 0
+    # Encode in order of length so each batch pads only to its own longest title.
+    order = np.argsort(attn[first:].sum(1).numpy(), kind="stable") + first
+    if kind == "tokens":
+        order = order[:0]
+    was_training = encoder.training
+    encoder.eval()
+    dev = next(encoder.parameters()).device
+    for start in tqdm(
+        range(0, len(order), batch_size), desc="encoding news", unit="batch", disable=not progress
+    ):
+        rows = order[start : start + batch_size]
+        b_ids, b_attn = input_ids[rows].to(dev), attn[rows].to(dev)
+        if kind == "vectors":
+            r = encoder(b_ids, b_attn)
+            mm["cls"][rows] = r.cls.float().cpu().numpy().astype(np.float16)
+            mm["tokens"][rows] = r.tokens.float().cpu().numpy().astype(np.float16)
+            mm["mask"][rows] = r.mask.cpu().numpy()
+        else:
+            s = int(b_attn.sum(1).max())
+            h = encoder.lower(b_ids[:, :s], b_attn[:, :s], k)
+            mm["hidden"][rows, :s] = h.float().cpu().numpy().astype(np.float16)
+    encoder.train(was_training)
+    for a in mm.values():
+        a.flush()
+    (folder / "ids.txt").write_text("\n".join(ids), encoding="utf-8")
+    now = time.time()
+    with open(folder / "news.jsonl", "w", encoding="utf-8") as f:
+        for nid, t, extra in zip(ids, titles, info):
+            f.write(json.dumps({"id": nid, "title": t, "added": now, **extra}) + "\n")
+    for p in folder.iterdir():
+        with open(p, "rb") as fh:
+            os.fsync(fh.fileno())
+    _fsync_dir(folder)
+
+
+def _open(folder: Path, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
+    return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+
 @dataclass
 class NewsStore:
     path: Path
     meta: dict
-    ids: list[str]
+    ids: list[str]  # global row r + 1 holds ids[r] (row 0 is the null news)
     arrays: dict[str, np.ndarray]
+    info: list[dict] = field(default_factory=list)  # per id: title, category, subcategory, added
     index: dict[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not self.index:
-            self.index = {nid: i + 1 for i, nid in enumerate(self.ids)}
+            self.index = {nid: i + 1 for i, nid in enumerate(self.ids)}  # later rows supersede
 
     @classmethod
     def open(cls, path: str | Path) -> NewsStore:
@@ -67,19 +180,75 @@ class NewsStore:
         if not (path / "meta.json").is_file():
             raise FileNotFoundError(f"{path}: not a news store (no meta.json)")
         meta = json.loads((path / "meta.json").read_text())
-        ids = (path / "ids.txt").read_text(encoding="utf-8").split("\n")[: meta["count"]]
-        arrays = {name: np.load(path / f"{name}.npy", mmap_mode="r") for name in meta["arrays"]}
-        return cls(path, meta, ids, arrays)
+        if meta.get("version") != STORE_VERSION:
+            raise ValueError(
+                f"{path}: store version {meta.get('version')} (this rmbert reads {STORE_VERSION}); re-encode"
+            )
+        ids: list[str] = []
+        info: list[dict] = []
+        parts: dict[str, list[np.ndarray]] = {name: [] for name in meta["arrays"]}
+        for seg in meta["segments"]:
+            d = path / seg
+            seg_ids = (
+                (d / "ids.txt").read_text(encoding="utf-8").split("\n")
+                if (d / "ids.txt").stat().st_size
+                else []
+            )
+            ids += seg_ids
+            with open(d / "news.jsonl", encoding="utf-8") as f:
+                info += [json.loads(line) for line in f]
+            for name in parts:
+                parts[name].append(np.load(d / f"{name}.npy", mmap_mode="r"))
+        arrays = {n: (p[0] if len(p) == 1 else np.concatenate(p)) for n, p in parts.items()}
+        return cls(path, meta, ids, arrays, info)
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    @property
+    def live_ids(self) -> list[str]:
+        """Distinct ids, each at its latest row."""
+        return [nid for nid, r in self.index.items()]
 
     def rows(self, news_ids: list[str]) -> np.ndarray:
         """Store rows of news ids (0 for ids the store lacks)."""
         return np.array([self.index.get(n, 0) for n in news_ids], dtype=np.int64)
 
+    def append(
+        self,
+        ids: list[str],
+        titles: list[str],
+        encoder: BertNewsEncoder,
+        tokenizer,
+        info: list[dict] | None = None,
+        progress: bool = False,
+    ) -> NewsStore:
+        """Encode and append news durably; returns the reopened store (self is unchanged)."""
+        if self.meta.get("encoder") and self.meta["encoder"] != encoder_fingerprint(encoder, tokenizer):
+            raise ValueError(f"{self.path}: built with another encoder; appending would mix vector spaces")
+        segs = self.meta["segments"]
+        name = f"seg-{len(segs):05d}"
+        for stale in self.path.glob("seg-*"):  # segments a crashed append left behind
+            if stale.name not in segs:
+                shutil.rmtree(stale, ignore_errors=True)
+        _write_segment(
+            self.path / name,
+            ids,
+            titles,
+            info or [{} for _ in ids],
+            encoder,
+            tokenizer,
+            self.meta["kind"],
+            self.meta.get("k", 0),
+            False,
+            64,
+            progress,
+        )
+        _crash_point("before_meta")
+        _write_json_atomic(self.path / "meta.json", {**self.meta, "segments": [*segs, name]})
+        return NewsStore.open(self.path)
 
-@torch.no_grad()
+
 def build_store(
     out: str | Path,
     ids: list[str],
@@ -90,75 +259,42 @@ def build_store(
     k: int = 0,
     batch_size: int = 128,
     progress: bool = True,
-    extra_meta: dict | None = None,
+    info: list[dict] | None = None,
+    fingerprint: str | None = None,
 ) -> NewsStore:
-    """Encode `titles` into a store at `out` (written beside it, then renamed into place)."""
+    """Encode `titles` into a new store at `out` (built beside it, then renamed into place)."""
     out = Path(out)
-    L = encoder.max_title_len
-    S, D, N = L + 2, encoder.dim, len(ids) + 1
     tmp = out.with_name(out.name + ".building")
     if tmp.exists():
         shutil.rmtree(tmp)
-    tmp.mkdir(parents=True)
-    input_ids, attn = tokenize_titles(tokenizer, [""] + list(titles), L)  # [N, S]
-    input_ids[0] = 0
-    attn[0] = False
-    if kind not in ("vectors", "lower", "tokens"):
-        raise ValueError(f"unknown store kind {kind!r}")
-    names = ["input_ids", "attn"] + {"vectors": ["cls", "tokens", "mask"], "lower": ["hidden"], "tokens": []}[kind]
-    mm = {
-        "input_ids": _open(tmp, "input_ids", (N, S), np.int32),
-        "attn": _open(tmp, "attn", (N, S), np.bool_),
-    }
-    mm["input_ids"][:] = input_ids.numpy()
-    mm["attn"][:] = attn.numpy()
-    if kind == "vectors":
-        mm["cls"] = _open(tmp, "cls", (N, D), np.float16)
-        mm["tokens"] = _open(tmp, "tokens", (N, L, D), np.float16)
-        mm["mask"] = _open(tmp, "mask", (N, L), np.bool_)
-    elif kind == "lower":
-        mm["hidden"] = _open(tmp, "hidden", (N, S, D), np.float16)
-    was_training = encoder.training
-    encoder.eval()
-    # Encode in order of length so each batch pads only to its own longest title.
-    order = np.argsort(attn[1:].sum(1).numpy(), kind="stable") + 1
-    if kind == "tokens":  # token ids only: the encoder runs during training
-        order = order[:0]
-    for start in tqdm(range(0, len(order), batch_size), desc="encoding news", unit="batch", disable=not progress):
-        rows = order[start : start + batch_size]
-        b_ids, b_attn = input_ids[rows], attn[rows]
-        if kind == "vectors":
-            r = encoder(b_ids, b_attn)
-            mm["cls"][rows] = r.cls.numpy().astype(np.float16)
-            mm["tokens"][rows] = r.tokens.numpy().astype(np.float16)
-            mm["mask"][rows] = r.mask.numpy()
-        else:
-            s = int(b_attn.sum(1).max())
-            h = encoder.lower(b_ids[:, :s], b_attn[:, :s], k)
-            mm["hidden"][rows, :s] = h.numpy().astype(np.float16)
-    encoder.train(was_training)
-    for a in mm.values():
-        a.flush()
-    (tmp / "ids.txt").write_text("\n".join(ids), encoding="utf-8")
+    _write_segment(
+        tmp / "seg-00000",
+        ids,
+        titles,
+        info or [{} for _ in ids],
+        encoder,
+        tokenizer,
+        kind,
+        k,
+        True,
+        batch_size,
+        progress,
+    )
     meta = {
         "version": STORE_VERSION,
         "kind": kind,
         "k": k,
-        "max_title_len": L,
-        "dim": D,
-        "count": len(ids),
-        "arrays": names,
-        **(extra_meta or {}),
+        "max_title_len": encoder.max_title_len,
+        "dim": encoder.dim,
+        "arrays": ["input_ids", "attn", *KIND_ARRAYS[kind]],
+        "segments": ["seg-00000"],
+        "encoder": fingerprint or encoder_fingerprint(encoder, tokenizer),
     }
-    (tmp / "meta.json").write_text(json.dumps(meta, indent=2))
+    _write_json_atomic(tmp / "meta.json", meta)
     if out.exists():
         shutil.rmtree(out)
     tmp.rename(out)
     return NewsStore.open(out)
-
-
-def _open(folder: Path, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
-    return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
 
 
 def cached_store(
@@ -178,4 +314,4 @@ def cached_store(
     path = (root or cache_dir() / "stores") / key
     if (path / "meta.json").is_file():
         return NewsStore.open(path)
-    return build_store(path, ids, titles, encoder, tokenizer, kind, k, progress=progress, extra_meta={"encoder": fp})
+    return build_store(path, ids, titles, encoder, tokenizer, kind, k, progress=progress, fingerprint=fp)

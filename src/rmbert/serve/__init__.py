@@ -1,0 +1,1 @@
+"""HTTP serving: FastAPI app factory, schemas, in-memory store view and the explanation page."""

@@ -1,0 +1,344 @@
+"""The HTTP service: rank news for a user, explain why, take fresh news without a restart.
+
+News are encoded offline into the store; per request only the reasoning cells run: the user
+side (H and its projections) once, then every candidate in one batch through the fast path.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from contextlib import asynccontextmanager
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
+
+from rmbert.encoders.bert import NewsRepr
+from rmbert.encoders.store import NewsStore
+from rmbert.run import LoadedRun, load_run
+from rmbert.serve.index import ServingIndex, Snapshot
+from rmbert.serve.schemas import (
+    NewsAdded,
+    NewsBatch,
+    NewsInfo,
+    NewsItem,
+    Ranked,
+    RankRequest,
+    RankResponse,
+    Step,
+)
+
+STATIC = Path(__file__).parent / "static"
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_history: int = 500  # ids per request (the model reads the most recent train.max_history)
+    max_candidates: int = 2000
+    fresh_candidates: int = 100  # candidates when the request gives none
+    max_news_per_post: int = 2000
+
+
+class Metrics:
+    """Prometheus counters and a latency histogram, kept by hand (text exposition format)."""
+
+    BUCKETS = (0.005, 0.01, 0.015, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+
+    def __init__(self) -> None:
+        self.lock = threading.Lock()
+        self.requests: dict[tuple[str, int], int] = {}
+        self.hist: dict[str, list[int]] = {}
+        self.sums: dict[str, float] = {}
+
+    def observe(self, path: str, status: int, seconds: float) -> None:
+        with self.lock:
+            self.requests[(path, status)] = self.requests.get((path, status), 0) + 1
+            h = self.hist.setdefault(path, [0] * (len(self.BUCKETS) + 1))
+            for i, b in enumerate(self.BUCKETS):
+                if seconds <= b:
+                    h[i] += 1
+            h[-1] += 1
+            self.sums[path] = self.sums.get(path, 0.0) + seconds
+
+    def render(self, store_size: int) -> str:
+        out = [
+            "# HELP rmbert_requests_total HTTP requests by path and status.",
+            "# TYPE rmbert_requests_total counter",
+        ]
+        with self.lock:
+            for (path, status), n in sorted(self.requests.items()):
+                out.append(f'rmbert_requests_total{{path="{path}",status="{status}"}} {n}')
+            out += [
+                "# HELP rmbert_errors_total HTTP responses with status >= 400.",
+                "# TYPE rmbert_errors_total counter",
+            ]
+            for (path, status), n in sorted(self.requests.items()):
+                if status >= 400:
+                    out.append(f'rmbert_errors_total{{path="{path}",status="{status}"}} {n}')
+            out += [
+                "# HELP rmbert_request_seconds Request latency.",
+                "# TYPE rmbert_request_seconds histogram",
+            ]
+            for path, h in sorted(self.hist.items()):
+                for b, c in zip(self.BUCKETS, h):
+                    out.append(f'rmbert_request_seconds_bucket{{path="{path}",le="{b}"}} {c}')
+                out.append(f'rmbert_request_seconds_bucket{{path="{path}",le="+Inf"}} {h[-1]}')
+                out.append(f'rmbert_request_seconds_sum{{path="{path}"}} {self.sums[path]:.6f}')
+                out.append(f'rmbert_request_seconds_count{{path="{path}"}} {h[-1]}')
+        out += [
+            "# HELP rmbert_store_news News in the store.",
+            "# TYPE rmbert_store_news gauge",
+            f"rmbert_store_news {store_size}",
+        ]
+        return "\n".join(out) + "\n"
+
+
+def _dedupe(ids: list[str]) -> list[str]:
+    return list(dict.fromkeys(ids))
+
+
+def _words(tokenizer, ids: np.ndarray, weights: np.ndarray) -> list[tuple[str, float]]:
+    """WordPiece tokens -> words, with the weights of a word's pieces summed."""
+    words: list[tuple[str, float]] = []
+    for tok, w in zip(tokenizer.convert_ids_to_tokens(ids.tolist()), weights.tolist()):
+        if tok.startswith("##") and words:
+            words[-1] = (words[-1][0] + tok[2:], words[-1][1] + w)
+        else:
+            words.append((tok, w))
+    return words
+
+
+class Ranker:
+    """Scores candidates for one history through the run's recommender."""
+
+    def __init__(self, run: LoadedRun, index: ServingIndex) -> None:
+        self.run, self.index = run, index
+        self.rec = run.model.rec
+        self.max_history = run.cfg.train.max_history
+        self.can_explain = hasattr(self.rec, "reason")
+        self.infer_lock = threading.Lock()  # one forward at a time: the cores are shared anyway
+
+    @torch.inference_mode()
+    def rank(self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, explain: bool):
+        a = snap.arrays
+        h = hist_rows[-self.max_history :]
+        H = torch.from_numpy(a["cls"][h].astype(np.float32))[None]  # [1, M, D]
+        hmask = torch.ones(1, len(h), dtype=torch.bool)
+        if len(h) == 0:
+            H = torch.zeros(1, 1, a["cls"].shape[1])
+            hmask = torch.zeros(1, 1, dtype=torch.bool)
+        cmask = a["mask"][cand_rows]  # [C, L]
+        Lb = int(cmask.any(0).nonzero()[0].max()) + 1 if cmask.any() else 1
+        cand = NewsRepr(
+            cls=torch.from_numpy(a["cls"][cand_rows].astype(np.float32))[None],  # [1, C, D]
+            tokens=torch.from_numpy(a["tokens"][cand_rows, :Lb].astype(np.float32))[None],  # [1, C, L, D]
+            mask=torch.from_numpy(cmask[:, :Lb])[None],
+        )
+        with self.infer_lock:
+            state = self.rec.user_state(H, hmask, None)
+            if explain and self.can_explain:
+                logits, att = self.rec.reason(state, cand, record=True)
+                return logits[0].numpy(), {k: v[0].numpy() for k, v in att.items()}, Lb
+            return self.rec.score_candidates(state, cand)[0].numpy(), None, Lb
+
+
+def create_app(
+    run_dir: str | Path, store_dir: str | Path, behaviors: str | Path | None = None, limits: Limits = Limits()
+) -> FastAPI:
+    """The app factory: the model and the store load in the lifespan hook."""
+    state: dict = {}
+
+    @asynccontextmanager
+    async def lifespan(app: FastAPI):
+        torch.set_grad_enabled(False)
+        run = load_run(run_dir)
+        store = NewsStore.open(store_dir)
+        if store.meta["kind"] != "vectors":
+            raise ValueError(f"{store_dir}: serving needs a 'vectors' store (made by `rmbert encode`)")
+        if store.meta.get("encoder") != run.fingerprint:
+            raise ValueError(
+                f"{store_dir}: encoded with another encoder than {run_dir}; run `rmbert encode` again"
+            )
+        index = ServingIndex(store)
+        state.update(run=run, index=index, ranker=Ranker(run, index), users=_load_users(behaviors, run))
+        yield
+        state.clear()
+
+    app = FastAPI(title="rmbert", description="RMBERT news ranking with explanations", lifespan=lifespan)
+    metrics = Metrics()
+
+    @app.middleware("http")
+    async def count(request: Request, call_next):
+        t0 = time.perf_counter()
+        path = (
+            request.url.path
+            if request.url.path in {"/rank", "/news", "/health", "/metrics", "/", "/users"}
+            else "other"
+        )
+        try:
+            response = await call_next(request)
+        except Exception:  # last resort: never a bare 500 page, always counted
+            metrics.observe(path, 500, time.perf_counter() - t0)
+            raise
+        metrics.observe(path, response.status_code, time.perf_counter() - t0)
+        return response
+
+    @app.get("/health")
+    def health() -> dict:
+        idx: ServingIndex = state["index"]
+        return {"status": "ok", "news": len(idx.snapshot.index), "model": state["run"].cfg.model}
+
+    @app.get("/metrics", response_class=PlainTextResponse)
+    def prom() -> str:
+        return metrics.render(len(state["index"].snapshot.index))
+
+    @app.post("/rank", response_model=RankResponse, response_model_exclude_none=True)
+    def rank(req: RankRequest) -> RankResponse:
+        snap: Snapshot = state["index"].snapshot
+        if len(req.history) > limits.max_history:
+            raise HTTPException(413, f"history has {len(req.history)} ids; the limit is {limits.max_history}")
+        if req.candidates is not None and len(req.candidates) > limits.max_candidates:
+            raise HTTPException(
+                413, f"{len(req.candidates)} candidates; the limit is {limits.max_candidates}"
+            )
+        history = _dedupe(req.history)
+        unknown = [i for i in history + (req.candidates or []) if i not in snap.index]
+        if unknown:
+            raise HTTPException(404, {"message": "unknown news ids", "unknown_ids": _dedupe(unknown)})
+        hist_rows = np.array([snap.index[i] for i in history], dtype=np.int64)
+        dropped = 0
+        if req.candidates is None:
+            seen = set(hist_rows.tolist())
+            cand_rows = np.array(
+                [r for r in snap.fresh[: limits.fresh_candidates + len(seen)] if r not in seen][
+                    : limits.fresh_candidates
+                ],
+                dtype=np.int64,
+            )
+        else:
+            cands = _dedupe(req.candidates)
+            dropped = len(req.candidates) - len(cands)
+            cand_rows = np.array([snap.index[i] for i in cands], dtype=np.int64)
+        if len(cand_rows) == 0:
+            return RankResponse(ranked=[], history_used=0, candidates=0, note="no candidates")
+        scores, att, Lb = state["ranker"].rank(snap, hist_rows, cand_rows, req.explain)
+        order = np.argsort(-scores, kind="stable")[: req.top_k]
+        used = hist_rows[-state["ranker"].max_history :]
+        tok = state["run"].tokenizer
+        ranked = []
+        for j in order:
+            r = int(cand_rows[j])
+            info = snap.info[r]
+            item = Ranked(
+                id=_id_of(snap, r),
+                score=float(scores[j]),
+                title=info.get("title", ""),
+                category=info.get("category", ""),
+            )
+            if att is not None:
+                ids = snap.arrays["input_ids"][r, 1 : Lb + 1]
+                m = snap.arrays["mask"][r, :Lb]
+                item.steps = [
+                    Step(
+                        history=[
+                            {"id": _id_of(snap, int(hr)), "weight": float(w)}
+                            for hr, w in zip(used, att["history"][j, s])
+                        ],
+                        title=[
+                            {"word": wd, "weight": float(w)}
+                            for wd, w in _words(tok, ids[m], att["title"][j, s, :Lb][m])
+                        ],
+                    )
+                    for s in range(att["title"].shape[1])
+                ]
+            ranked.append(item)
+        note = "empty history: scores are a candidate-only prior" if len(used) == 0 else None
+        return RankResponse(
+            ranked=ranked,
+            history_used=len(used),
+            candidates=len(cand_rows),
+            duplicates_dropped=dropped,
+            note=note,
+        )
+
+    @app.post("/news", response_model=NewsAdded)
+    def add_news(batch: NewsBatch | list[NewsItem]) -> NewsAdded:
+        items = batch.news if isinstance(batch, NewsBatch) else batch
+        if len(items) > limits.max_news_per_post:
+            raise HTTPException(
+                413, f"{len(items)} news in one request; the limit is {limits.max_news_per_post}"
+            )
+        latest = {it.id: it for it in items}  # a repeated id: the last one wins
+        items = list(latest.values())
+        if not items:
+            return NewsAdded(added=0, updated=0, store_size=len(state["index"].snapshot.index))
+        index: ServingIndex = state["index"]
+        run: LoadedRun = state["run"]
+        with index.lock:
+            known = sum(1 for it in items if it.id in index.index)
+            first_new = len(index.store)
+            info = [{"category": it.category, "subcategory": it.subcategory} for it in items]
+            store = index.store.append(
+                [it.id for it in items], [it.title for it in items], run.encoder, run.tokenizer, info
+            )
+            index.add(store, first_new)
+        return NewsAdded(added=len(items) - known, updated=known, store_size=len(index.snapshot.index))
+
+    @app.get("/news", response_model=list[NewsInfo])
+    def get_news(ids: str) -> list[NewsInfo]:
+        snap: Snapshot = state["index"].snapshot
+        out = []
+        for nid in _dedupe([i for i in ids.split(",") if i]):
+            r = snap.index.get(nid)
+            if r is not None:
+                info = snap.info[r]
+                out.append(
+                    NewsInfo(
+                        id=nid,
+                        title=info.get("title", ""),
+                        category=info.get("category", ""),
+                        subcategory=info.get("subcategory", ""),
+                    )
+                )
+        return out
+
+    @app.get("/users")
+    def users(limit: int = 200) -> list[dict]:
+        return state["users"][: max(0, limit)]
+
+    @app.get("/")
+    def page() -> FileResponse:
+        return FileResponse(STATIC / "index.html")
+
+    @app.exception_handler(ValueError)
+    async def value_error(request: Request, exc: ValueError):
+        return JSONResponse(status_code=422, content={"detail": str(exc)})
+
+    return app
+
+
+def _id_of(snap: Snapshot, row: int) -> str:
+    return snap.info[row].get("id", "")
+
+
+def _load_users(behaviors: str | Path | None, run: LoadedRun) -> list[dict]:
+    """Users of a behaviors file (first impression each) for the page's picker."""
+    if behaviors is None:
+        return []
+    from rmbert.data.mind import read_lines
+
+    out, seen = [], set()
+    for line in read_lines(behaviors):
+        cols = line.split("\t")
+        if len(cols) != 5 or cols[1] in seen:
+            continue
+        seen.add(cols[1])
+        cands = [c.rsplit("-", 1)[0] for c in cols[4].split()]
+        out.append({"user": cols[1], "history": cols[3].split(), "candidates": cands})
+        if len(out) >= 1000:
+            break
+    return out

@@ -1,0 +1,74 @@
+"""In-memory view of a news store for serving: immutable snapshots, cheap appends.
+
+Rows live in growable arrays (capacity doubles), so appending n news costs O(n) amortised.
+Each request reads one `Snapshot` (an atomic reference), so a concurrent append never
+shows it a half-updated index: rows below a snapshot's `n` are never modified.
+"""
+
+from __future__ import annotations
+
+import threading
+from dataclasses import dataclass
+
+import numpy as np
+
+from rmbert.encoders.store import NewsStore
+
+
+class Rows:
+    """Arrays that grow along axis 0 (capacity doubling)."""
+
+    def __init__(self, arrays: dict[str, np.ndarray]) -> None:
+        n = len(next(iter(arrays.values())))
+        self.n = n
+        self.data = {k: np.array(v) for k, v in arrays.items()}  # in memory, writable
+
+    def append(self, new: dict[str, np.ndarray]) -> None:
+        m = len(next(iter(new.values())))
+        cap = len(next(iter(self.data.values())))
+        if self.n + m > cap:
+            size = max(self.n + m, 2 * cap)
+            grown = {}
+            for k, v in self.data.items():
+                g = np.zeros((size, *v.shape[1:]), dtype=v.dtype)
+                g[: self.n] = v[: self.n]
+                grown[k] = g
+            self.data = grown  # readers holding the old dict keep reading the old arrays
+        for k, v in new.items():
+            self.data[k][self.n : self.n + m] = v
+        self.n += m
+
+
+@dataclass(frozen=True)
+class Snapshot:
+    n: int
+    arrays: dict[str, np.ndarray]
+    index: dict[str, int]  # id -> latest row
+    info: list[dict]  # per row (row 0 = null)
+    fresh: np.ndarray  # live rows, most recently added first
+
+
+class ServingIndex:
+    def __init__(self, store: NewsStore) -> None:
+        self.store = store
+        self.rows = Rows({k: store.arrays[k] for k in ("cls", "tokens", "mask", "input_ids")})
+        self.info = [{}] + list(store.info)
+        self.index = dict(store.index)
+        self.lock = threading.Lock()  # serialises appends; reads never wait
+        self.snapshot = self._snap()
+
+    def _snap(self) -> Snapshot:
+        live = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
+        added = np.array([self.info[r].get("added", 0.0) for r in live])
+        fresh = live[np.lexsort((-live, -added))]
+        return Snapshot(self.rows.n, dict(self.rows.data), dict(self.index), list(self.info), fresh)
+
+    def add(self, store: NewsStore, first_new: int) -> None:
+        """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""
+        new = {k: np.asarray(store.arrays[k][first_new + 1 :]) for k in self.rows.data}
+        self.rows.append(new)
+        for r, nid in enumerate(store.ids[first_new:], start=first_new + 1):
+            self.index[nid] = r
+        self.info += store.info[first_new:]
+        self.store = store
+        self.snapshot = self._snap()

@@ -1,0 +1,75 @@
+"""Typed request and response bodies of the HTTP service."""
+
+from __future__ import annotations
+
+from pydantic import BaseModel, Field, field_validator
+
+
+class RankRequest(BaseModel):
+    history: list[str] = Field(default_factory=list, description="clicked news ids, oldest first")
+    candidates: list[str] | None = Field(
+        None, description="news ids to rank; null = the freshest news in the store"
+    )
+    top_k: int = Field(10, ge=1, description="how many ranked news to return")
+    explain: bool = Field(
+        False, description="add each reasoning step's attention over history and title words"
+    )
+
+
+class Weighted(BaseModel):
+    id: str | None = None
+    word: str | None = None
+    weight: float
+
+
+class Step(BaseModel):
+    history: list[Weighted]
+    title: list[Weighted]
+
+
+class Ranked(BaseModel):
+    id: str
+    score: float
+    title: str = ""
+    category: str = ""
+    steps: list[Step] | None = None
+
+
+class RankResponse(BaseModel):
+    ranked: list[Ranked]
+    history_used: int
+    candidates: int
+    duplicates_dropped: int = 0
+    note: str | None = None
+
+
+class NewsItem(BaseModel):
+    id: str = Field(min_length=1, max_length=64)
+    title: str = Field(min_length=1)
+    category: str = ""
+    subcategory: str = ""
+    abstract: str = ""
+
+    @field_validator("id")
+    @classmethod
+    def _no_space(cls, v: str) -> str:
+        if any(c.isspace() for c in v):
+            raise ValueError("news id must not contain whitespace")
+        return v
+
+
+class NewsBatch(BaseModel):
+    news: list[NewsItem]
+
+
+class NewsAdded(BaseModel):
+    added: int
+    updated: int
+    store_size: int
+
+
+class NewsInfo(BaseModel):
+    id: str
+    title: str
+    category: str = ""
+    subcategory: str = ""

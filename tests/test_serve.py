@@ -1,0 +1,227 @@
+"""The HTTP service on a tiny random model: ranking, explanations, fresh news, bad input, durability."""
+
+import dataclasses
+import json
+import os
+import subprocess
+import sys
+import threading
+
+import numpy as np
+import pytest
+from fastapi.testclient import TestClient
+
+from rmbert.cli import main
+from rmbert.config import RunConfig
+from rmbert.data.mind import load_split
+from rmbert.encoders.store import NewsStore
+from rmbert.evaluate import score_impressions
+from rmbert.run import load_run
+from rmbert.serve.app import Limits, create_app
+from rmbert.train import train
+
+
+@pytest.fixture(scope="module")
+def served(tiny_encoder, planted, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = RunConfig()
+    cfg = dataclasses.replace(
+        cfg,
+        encoder=dataclasses.replace(cfg.encoder, name=str(tiny_encoder), max_title_len=12),
+        train=dataclasses.replace(cfg.train, epochs=1, batch_size=8, checkpoint_every=0),
+        rmbert=dataclasses.replace(cfg.rmbert, steps=3),
+    )
+    train(cfg, planted / "train", tmp / "run", planted / "dev", progress=False)
+    assert (
+        main(
+            [
+                "--quiet",
+                "encode",
+                str(tmp / "run"),
+                "--news",
+                str(planted / "dev" / "news.tsv"),
+                "--out",
+                str(tmp / "store"),
+            ]
+        )
+        == 0
+    )
+    return tmp
+
+
+@pytest.fixture
+def client(served, tmp_path, planted):
+    import shutil
+
+    store = tmp_path / "store"
+    shutil.copytree(served / "store", store)  # each test may append to its own copy
+    app = create_app(
+        served / "run",
+        store,
+        behaviors=planted / "dev" / "behaviors.tsv",
+        limits=Limits(max_history=60, max_candidates=30, fresh_candidates=5, max_news_per_post=3),
+    )
+    with TestClient(app) as c:
+        c.store_path = store
+        yield c
+
+
+def test_rank_equals_evaluate(client, served, planted):
+    split = load_split(planted / "dev")
+    imps = split.impressions
+    run = load_run(served / "run")
+    batcher = run.batcher(split, run.store([split], progress=False))
+    scores = score_impressions(run.model, batcher)
+    for i in range(5):
+        hist = [split.news.ids[j] for j in imps.hist[imps.hist_ptr[i] : imps.hist_ptr[i + 1]]]
+        cands = [split.news.ids[j] for j in imps.cand[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]]
+        r = client.post("/rank", json={"history": hist, "candidates": cands, "top_k": 100})
+        assert r.status_code == 200, r.text
+        got = {x["id"]: x["score"] for x in r.json()["ranked"]}
+        want = dict(zip(cands, scores[imps.cand_ptr[i] : imps.cand_ptr[i + 1]].tolist()))
+        assert got.keys() == want.keys()
+        assert np.allclose([got[k] for k in cands], [want[k] for k in cands], atol=2e-3)
+        ranked = [x["score"] for x in r.json()["ranked"]]
+        assert ranked == sorted(ranked, reverse=True)
+
+
+def test_explain_gives_each_step(client, planted):
+    split = load_split(planted / "dev")
+    hist = split.news.ids[:4]
+    cands = split.news.ids[10:16]
+    r = client.post("/rank", json={"history": hist, "candidates": cands, "top_k": 2, "explain": True})
+    body = r.json()
+    assert r.status_code == 200 and len(body["ranked"]) == 2
+    for item in body["ranked"]:
+        steps = item["steps"]
+        assert len(steps) == 3
+        title_words = item["title"].lower().split()
+        for s in steps:
+            assert [h["id"] for h in s["history"]] == hist
+            assert sum(h["weight"] for h in s["history"]) == pytest.approx(1.0, abs=1e-5)
+            assert [w["word"] for w in s["title"]] == title_words
+            assert sum(w["weight"] for w in s["title"]) == pytest.approx(1.0, abs=1e-5)
+
+
+def test_bad_input_is_never_a_500(client, planted):
+    ids = load_split(planted / "dev").news.ids
+    r = client.post("/rank", json={"history": ["NOPE", ids[0]], "candidates": [ids[1], "ALSO"]})
+    assert r.status_code == 404 and r.json()["detail"]["unknown_ids"] == ["NOPE", "ALSO"]
+    assert client.post("/rank", json={"history": ids[:61], "candidates": ids[:2]}).status_code == 413
+    assert client.post("/rank", json={"history": [], "candidates": ids[:31]}).status_code == 413
+    assert (
+        client.post("/rank", content=b"{not json", headers={"content-type": "application/json"}).status_code
+        == 422
+    )
+    assert client.post("/rank", json={"history": "N1", "candidates": [1, 2]}).status_code == 422
+    assert client.post("/rank", json={"history": [], "candidates": ids[:2], "top_k": 0}).status_code == 422
+    r = client.post("/rank", json={"history": [], "candidates": ids[:3]})
+    assert r.status_code == 200 and r.json()["history_used"] == 0 and "prior" in r.json()["note"]
+    r = client.post(
+        "/rank", json={"history": [ids[0], ids[0]], "candidates": [ids[1], ids[1], ids[2]], "top_k": 9}
+    )
+    assert r.status_code == 200 and r.json()["duplicates_dropped"] == 1 and len(r.json()["ranked"]) == 2
+    assert client.post("/news", json={"news": [{"id": "X 1", "title": "t"}]}).status_code == 422
+    assert client.post("/news", json={"news": [{"id": "X1", "title": ""}]}).status_code == 422
+    too_many = [{"id": f"Z{i}", "title": "storm"} for i in range(4)]
+    assert client.post("/news", json=too_many).status_code == 413
+    m = client.get("/metrics").text
+    assert 'rmbert_requests_total{path="/rank",status="404"} 1' in m
+    assert 'rmbert_errors_total{path="/rank",status="413"} 2' in m
+    assert "rmbert_request_seconds_bucket" in m and "rmbert_store_news" in m
+
+
+def test_fresh_news_rank_at_once_and_persist(client):
+    before = client.get("/health").json()["news"]
+    r = client.post(
+        "/news",
+        json={
+            "news": [
+                {"id": "FRESH1", "title": "hurricane storm flooding coast", "category": "weather"},
+                {"id": "FRESH2", "title": "quarterback touchdown playoffs"},
+            ]
+        },
+    )
+    assert r.status_code == 200 and r.json() == {"added": 2, "updated": 0, "store_size": before + 2}
+    r = client.post("/rank", json={"history": ["FRESH2"], "candidates": None, "top_k": 10})
+    ids = [x["id"] for x in r.json()["ranked"]]
+    assert ids and "FRESH1" in ids and "FRESH2" not in ids  # freshest first, history excluded
+    assert len(ids) == 5
+    # an update replaces the title; the store on disk has both changes after a reopen
+    r = client.post("/news", json=[{"id": "FRESH1", "title": "blizzard snow freezing"}])
+    assert r.json()["updated"] == 1
+    got = client.get("/news", params={"ids": "FRESH1,FRESH2"}).json()
+    assert got[0]["title"] == "blizzard snow freezing" and got[1]["title"] == "quarterback touchdown playoffs"
+    store = NewsStore.open(client.store_path)
+    assert store.info[store.index["FRESH1"] - 1]["title"] == "blizzard snow freezing"
+    assert len(store.live_ids) == before + 2
+
+
+def test_concurrent_news_and_rank_stay_consistent(client, planted):
+    ids = load_split(planted / "dev").news.ids
+    errors = []
+
+    def adder(k):
+        for j in range(3):
+            r = client.post("/news", json=[{"id": f"C{k}_{j}", "title": "snow storm"}])
+            if r.status_code != 200:
+                errors.append(r.text)
+
+    def ranker():
+        for _ in range(8):
+            r = client.post("/rank", json={"history": ids[:5], "candidates": None, "top_k": 5})
+            if r.status_code != 200 or len(r.json()["ranked"]) != 5:
+                errors.append(r.text)
+
+    threads = [threading.Thread(target=adder, args=(k,)) for k in range(3)] + [
+        threading.Thread(target=ranker) for _ in range(3)
+    ]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert errors == []
+    got = client.get(
+        "/news", params={"ids": ",".join(f"C{k}_{j}" for k in range(3) for j in range(3))}
+    ).json()
+    assert len(got) == 9
+
+
+def test_page_and_users(client):
+    r = client.get("/")
+    assert r.status_code == 200 and "heat-history" in r.text and "/rank" in r.text
+    users = client.get("/users").json()
+    assert users and {"user", "history", "candidates"} <= set(users[0])
+
+
+CRASH = """
+import sys
+from rmbert.encoders.store import NewsStore
+from rmbert.run import load_run
+run = load_run(sys.argv[1])
+NewsStore.open(sys.argv[2]).append(["CRASHED"], ["storm"], run.encoder, run.tokenizer)
+"""
+
+
+def test_store_survives_a_crash_mid_append(served, tmp_path):
+    import shutil
+
+    store_dir = tmp_path / "store"
+    shutil.copytree(served / "store", store_dir)
+    before = NewsStore.open(store_dir)
+    env = dict(os.environ, RMBERT_CRASH_AT="before_meta")
+    p = subprocess.run(
+        [sys.executable, "-c", CRASH, str(served / "run"), str(store_dir)], env=env, capture_output=True
+    )
+    assert p.returncode == 86, p.stderr.decode()[-2000:]
+    assert any(d.name == "seg-00001" for d in store_dir.iterdir())  # the half-finished segment is there
+    after = NewsStore.open(store_dir)
+    assert after.ids == before.ids and "CRASHED" not in after.index
+    assert np.array_equal(after.arrays["cls"], before.arrays["cls"])
+    # the next append replaces the stale segment and succeeds
+    run = load_run(served / "run")
+    again = after.append(["N_NEW"], ["snow"], run.encoder, run.tokenizer)
+    assert (
+        "N_NEW" in again.index
+        and json.loads((store_dir / "meta.json").read_text())["segments"][-1] == "seg-00001"
+    )
