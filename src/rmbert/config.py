@@ -15,6 +15,9 @@ from pathlib import Path
 from typing import Any
 
 from rmbert.encoders.bert import EncoderConfig
+from rmbert.models.lstur import LSTURConfig
+from rmbert.models.npa import NPAConfig
+from rmbert.models.nrms import NRMSConfig
 from rmbert.models.rmbert import RMBERTConfig
 
 
@@ -48,10 +51,13 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = "rmbert"
+    model: str = "rmbert"  # rmbert | nrms | lstur | npa (each reads its own section below)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rmbert: RMBERTConfig = field(default_factory=RMBERTConfig)
+    nrms: NRMSConfig = field(default_factory=NRMSConfig)
+    lstur: LSTURConfig = field(default_factory=LSTURConfig)
+    npa: NPAConfig = field(default_factory=NPAConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)

@@ -19,7 +19,7 @@ from rmbert.config import RunConfig
 from rmbert.data.batching import ImpressionBatcher
 from rmbert.data.mind import Split
 from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer
-from rmbert.encoders.news import STORE_KIND, NewsSide
+from rmbert.encoders.news import STORE_KIND, NewsSide, make_encoder
 from rmbert.encoders.store import NewsStore, cached_store, encoder_fingerprint
 from rmbert.models.registry import NewsRecModel, build_recommender
 
@@ -55,11 +55,10 @@ def store_for(
     return cached_store(ids, titles, encoder, tokenizer, kind, k, progress=progress, fingerprint=fp)
 
 
-def build_model(
-    cfg: RunConfig, encoder: BertNewsEncoder, store: NewsStore | None, num_users: int
-) -> NewsRecModel:
-    news = NewsSide(cfg.encoder.mode, encoder, store, cfg.encoder.top_k, cfg.encoder.dedup)  # type: ignore[arg-type]
-    return NewsRecModel(news, build_recommender(cfg, num_users))
+def build_model(cfg: RunConfig, encoder: BertNewsEncoder, store: NewsStore | None) -> NewsRecModel:
+    enc = make_encoder(cfg.encoder.mode, encoder)
+    news = NewsSide(cfg.encoder.mode, enc, store, cfg.encoder.top_k, cfg.encoder.dedup)  # type: ignore[arg-type]
+    return NewsRecModel(news, build_recommender(cfg))
 
 
 def weights(model: NewsRecModel, cfg: RunConfig) -> dict[str, torch.Tensor]:
@@ -112,7 +111,7 @@ def load_run(path: str | Path, device: torch.device | None = None) -> LoadedRun:
     encoder, tokenizer = load_encoder(cfg, path / "tokenizer")
     users = (path / "users.txt").read_text().split("\n") if (path / "users.txt").is_file() else []
     user_index = {u: i + 1 for i, u in enumerate(users) if u}
-    model = build_model(cfg, encoder, None, len(user_index))
+    model = build_model(cfg, encoder, None)
     load_weights(model, load_file(str(path / "model.safetensors")))
     model.eval()
     if device is not None:

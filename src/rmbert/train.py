@@ -194,12 +194,12 @@ def train(
         train_split, valid_split = split_validation(train_split, cfg.train.valid_fraction, cfg.train.seed)
 
     encoder, tokenizer = load_encoder(cfg)
-    cfg = resolve(cfg, encoder.dim)
-    store = store_for(cfg, encoder, tokenizer, [train_split, valid_split], progress and rank == 0)
     users = train_split.impressions.users
     user_index = {u: i + 1 for i, u in enumerate(users)}
+    cfg = resolve(cfg, encoder.dim, len(users))
+    store = store_for(cfg, encoder, tokenizer, [train_split, valid_split], progress and rank == 0)
     torch.manual_seed(cfg.train.seed)  # the recommender's initial weights depend on the seed only
-    model = build_model(cfg, encoder, store, len(user_index)).to(device)
+    model = build_model(cfg, encoder, store).to(device)
     rows = store.rows(train_split.news.ids)
     train_b = ImpressionBatcher(train_split.impressions, rows, cfg.train.max_history, user_index)
     valid_b = ImpressionBatcher(

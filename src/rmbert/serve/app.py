@@ -139,7 +139,7 @@ class Ranker:
             mask=torch.from_numpy(cmask[:, :Lb])[None],
         )
         with self.infer_lock:
-            state = self.rec.user_state(H, hmask, None)
+            state = self.rec.user_state(NewsRepr(cls=H, tokens=None, mask=None), hmask, None)
             if explain and self.can_explain:
                 logits, att = self.rec.reason(state, cand, record=True)
                 return logits[0].numpy(), {k: v[0].numpy() for k, v in att.items()}, Lb
@@ -163,6 +163,8 @@ def create_app(
             raise ValueError(
                 f"{store_dir}: encoded with another encoder than {run_dir}; run `rmbert encode` again"
             )
+        if run.cfg.encoder.mode not in ("frozen", "top-k", "full") or run.model.rec.needs_history_tokens:
+            raise ValueError(f"{run_dir}: serving needs a model over BERT news vectors (encoder mode frozen, top-k or full)")
         index = ServingIndex(store)
         state.update(run=run, index=index, ranker=Ranker(run, index), users=_load_users(behaviors, run))
         yield

@@ -1,0 +1,99 @@
+"""NRMS, LSTUR, NPA and the w/o BERT encoder in the shared interface."""
+
+import dataclasses
+
+import numpy as np
+import pytest
+import torch
+from test_train import tiny_cfg
+
+from rmbert.encoders.bert import NewsRepr
+from rmbert.models.lstur import LSTUR, LSTURConfig
+from rmbert.models.npa import NPA, NPAConfig
+from rmbert.models.nrms import NRMS, NRMSConfig
+from rmbert.train import train
+
+B, C, M, L, E = 3, 4, 6, 5, 16
+
+
+def inputs(seed=0, words=True):
+    g = torch.Generator().manual_seed(seed)
+    hm = torch.rand(B, M, generator=g) > 0.3
+    hm[:, 0] = True
+    hm[2] = False  # an empty history
+    tm = torch.rand(B, M, L, generator=g) > 0.3
+    tm[..., 0] = True
+    hist = NewsRepr(torch.randn(B, M, E, generator=g), torch.randn(B, M, L, E, generator=g) if words else None,
+                    tm if words else None)
+    cm = torch.rand(B, C, L, generator=g) > 0.3
+    cm[..., 0] = True
+    cand = NewsRepr(torch.randn(B, C, E, generator=g), torch.randn(B, C, L, E, generator=g), cm)
+    return hist, hm, cand
+
+
+def models(words):
+    small = dict(dim=E, word_encoder=words)
+    return [
+        NRMS(NRMSConfig(heads=2, head_dim=4, query_dim=8, **small)),
+        LSTUR(LSTURConfig(filters=8, query_dim=8, num_users=5, **small)),
+        LSTUR(LSTURConfig(filters=8, query_dim=8, num_users=5, combine="con", **small)),
+        NPA(NPAConfig(filters=8, user_dim=4, query_dim=8, num_users=5, **small)),
+    ]
+
+
+@pytest.mark.parametrize("words", [False, True])
+def test_shapes_masks_empty_history_and_unknown_users(words):
+    torch.manual_seed(0)
+    hist, hm, cand = inputs(words=words)
+    users = torch.tensor([1, 0, 7])  # 0 = unknown; 7 is beyond the table and treated as unknown-safe
+    for m in models(words):
+        m.eval()
+        y = m(hist, hm, cand, users)
+        assert y.shape == (B, C) and torch.isfinite(y).all(), m.name
+        # padded history slots and padded title tokens never matter
+        noisy = NewsRepr(torch.where(hm[..., None], hist.cls, 99.0), None, None)
+        if words:
+            noisy = NewsRepr(noisy.cls, torch.where(hist.mask[..., None] & hm[..., None, None], hist.tokens, 99.0), hist.mask)
+        cand2 = NewsRepr(cand.cls, torch.where(cand.mask[..., None], cand.tokens, -99.0), cand.mask)
+        assert torch.allclose(m(noisy, hm, cand2, users), y, atol=1e-5), m.name
+
+
+def test_lstur_unknown_user_has_no_long_term_vector():
+    m = LSTUR(LSTURConfig(dim=E, filters=8, query_dim=8, num_users=5)).eval()
+    assert torch.equal(m.long_term(torch.tensor([0]), 1, "cpu"), torch.zeros(1, 8))
+    assert m.long_term(torch.tensor([3]), 1, "cpu").abs().sum() > 0
+
+
+@pytest.mark.parametrize("words", [False, True])
+def test_each_baseline_overfits_a_batch(words):
+    hist, hm, cand = inputs(1, words=words)
+    y = (torch.rand(B, C, generator=torch.Generator().manual_seed(2)) > 0.5).float()
+    y[2] = 0  # the empty-history user scores only through the candidate side
+    users = torch.tensor([1, 2, 3])
+    for m in models(words):
+        torch.manual_seed(0)
+        no_noise = {"lstur": {"user_mask_prob": 0.0}, "npa": {"user_dropout": 0.0}}.get(m.name, {})
+        m = type(m)(dataclasses.replace(m.cfg, dropout=0.0, **no_noise))
+        opt = torch.optim.Adam(m.parameters(), lr=1e-2)
+        for _ in range(400):
+            loss = torch.nn.functional.binary_cross_entropy_with_logits(m(hist, hm, cand, users)[:2], y[:2])
+            opt.zero_grad()
+            loss.backward()
+            opt.step()
+        assert loss.item() < 0.05, m.name
+
+
+@pytest.mark.parametrize(
+    "model,mode", [("nrms", "frozen"), ("lstur", "words"), ("npa", "words"), ("rmbert", "lstm")]
+)
+def test_trains_end_to_end(tiny_encoder, planted, tmp_path, model, mode):
+    cfg = dataclasses.replace(tiny_cfg(tiny_encoder, mode=mode, batch_size=32), model=model)
+    r = train(cfg, planted / "train", tmp_path / "r", planted / "dev", progress=False)
+    assert r["finished"] and 0.0 <= r["valid"]["auc"] <= 1.0
+    assert not np.isnan(r["valid"]["mrr"])
+
+
+def test_words_mode_is_not_for_rmbert(tiny_encoder, planted, tmp_path):
+    cfg = tiny_cfg(tiny_encoder, mode="words")
+    with pytest.raises(ValueError, match="lstm"):
+        train(cfg, planted / "train", tmp_path / "r", planted / "dev", progress=False)
