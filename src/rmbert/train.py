@@ -10,6 +10,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import sys
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, field, replace
@@ -94,10 +95,6 @@ def batch_loss(logits: torch.Tensor, batch: Batch, cfg: RunConfig, denom: float)
         )
     per = F.binary_cross_entropy_with_logits(logits, batch.labels, reduction="none")
     return (per * batch.cand_mask).sum() / denom
-
-
-def _rows_in(batch: Batch, cfg: RunConfig) -> float:
-    return float(len(batch.rows)) if cfg.train.loss == "softmax" else float(batch.cand_mask.sum())
 
 
 def save_checkpoint(
@@ -197,7 +194,11 @@ def train(
     users = train_split.impressions.users
     user_index = {u: i + 1 for i, u in enumerate(users)}
     cfg = resolve(cfg, encoder.dim, len(users))
+    if rank != 0:
+        dist.barrier()  # rank 0 builds the news store first; the others then open it
     store = store_for(cfg, encoder, tokenizer, [train_split, valid_split], progress and rank == 0)
+    if world > 1 and rank == 0:
+        dist.barrier()
     torch.manual_seed(cfg.train.seed)  # the recommender's initial weights depend on the seed only
     model = build_model(cfg, encoder, store).to(device)
     rows = store.rows(train_split.news.ids)
@@ -231,7 +232,7 @@ def train(
     net: torch.nn.Module = model
     if world > 1:
         net = torch.nn.parallel.DistributedDataParallel(
-            model, device_ids=[device.index] if device.type == "cuda" else None
+            model, device_ids=[device.index] if device.type == "cuda" else None, find_unused_parameters=True
         )
 
     tc = cfg.train
@@ -252,17 +253,12 @@ def train(
             if tc.max_steps and prog.global_step >= tc.max_steps:
                 break
             units = plan[prog.step_in_epoch * tc.batch_size : (prog.step_in_epoch + 1) * tc.batch_size]
-            rng = np.random.default_rng([tc.seed, prog.epoch, prog.step_in_epoch])
-            full = train_b.train_batch(units, tc.negatives, rng)
-            denom = _rows_in(full, cfg)
+            # Each rank takes every world-th unit of the global batch; the loss is divided by the
+            # global row count, so the summed DDP gradient equals the single-process one.
             mine = units[rank::world]
-            batch = (
-                full
-                if world == 1
-                else train_b.train_batch(
-                    mine, tc.negatives, np.random.default_rng([tc.seed, prog.epoch, prog.step_in_epoch, rank])
-                )
-            ).to(device)
+            rng = np.random.default_rng([tc.seed, prog.epoch, prog.step_in_epoch, rank])
+            batch = train_b.train_batch(mine, tc.negatives, rng).to(device)
+            denom = train_b.rows_in(units, tc.negatives) if tc.loss == "bce" else float(len(units))
             with autocast(cfg, device):
                 logits = net(batch)
             loss = batch_loss(logits, batch, cfg, denom / world)
@@ -273,7 +269,7 @@ def train(
             opt.step()
             prog.step_in_epoch += 1
             prog.global_step += 1
-            prog.samples += int(denom) if cfg.train.loss == "bce" else int(full.cand_mask.sum())
+            prog.samples += int(train_b.rows_in(units, tc.negatives))
             run_loss += loss.item() * world
             run_n += 1
             bar.update(1)
@@ -328,7 +324,8 @@ def train(
             if progress:
                 tqdm.write(
                     f"epoch {prog.epoch + 1}: valid auc {m['auc']:.4f} mrr {m['mrr']:.4f} "
-                    f"ndcg@5 {m['ndcg@5']:.4f} ndcg@10 {m['ndcg@10']:.4f}"
+                    f"ndcg@5 {m['ndcg@5']:.4f} ndcg@10 {m['ndcg@10']:.4f}",
+                    file=sys.stderr,
                 )
         if world > 1:
             flag = torch.tensor([float(prog.stopped)])

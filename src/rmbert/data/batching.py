@@ -64,6 +64,12 @@ class ImpressionBatcher:
         self.hist_rows = news_rows[imps.hist] if len(imps.hist) else np.zeros(0, np.int64)
         self.cand_rows = np.where(imps.cand >= 0, news_rows[np.maximum(imps.cand, 0)], 0)
         self.max_history = max_history
+        ptr = imps.cand_ptr
+        self.clicks = (
+            np.add.reduceat((imps.labels == 1).astype(np.int64), ptr[:-1])
+            if len(imps)
+            else np.zeros(0, np.int64)
+        )
         self.users = np.array(
             [user_index.get(imps.users[u], 0) for u in range(len(imps.users))], dtype=np.int64
         )
@@ -105,6 +111,15 @@ class ImpressionBatcher:
         group = np.searchsorted(self.imps.cand_ptr, clicks, side="right") - 1
         units = np.stack([group, clicks], axis=1)
         return units[rng.permutation(len(units))]
+
+    def rows_in(self, units: np.ndarray, negatives: int) -> float:
+        """Candidate rows (unpadded) that `train_batch(units, negatives)` scores."""
+        ptr = self.imps.cand_ptr
+        if negatives <= 0:
+            return float((ptr[units + 1] - ptr[units]).sum())
+        rows = units[:, 0]
+        has_neg = (ptr[rows + 1] - ptr[rows]) > self.clicks[rows]
+        return float(len(rows) + negatives * has_neg.sum())
 
     def train_batch(self, units: np.ndarray, negatives: int, rng: np.random.Generator) -> Batch:
         if negatives <= 0:

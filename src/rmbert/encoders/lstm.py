@@ -14,7 +14,9 @@ from torch import nn
 from rmbert.encoders.bert import NewsRepr
 
 
-def title_part(ids: torch.Tensor, attn: torch.Tensor, L: int, sep_token_id: int) -> tuple[torch.Tensor, torch.Tensor]:
+def title_part(
+    ids: torch.Tensor, attn: torch.Tensor, L: int, sep_token_id: int
+) -> tuple[torch.Tensor, torch.Tensor]:
     """ids, attn [N, S] -> title token ids [N, L], mask [N, L] (no [CLS], no [SEP])."""
     tok = ids[:, 1 : L + 1].long()
     mask = attn[:, 1 : L + 1] & (tok != sep_token_id)
@@ -44,7 +46,9 @@ class WordNewsEncoder(nn.Module):
 
 
 class LSTMNewsEncoder(nn.Module):
-    def __init__(self, embeddings: torch.Tensor, sep_token_id: int, max_title_len: int, dim: int, dropout: float = 0.2):
+    def __init__(
+        self, embeddings: torch.Tensor, sep_token_id: int, max_title_len: int, dim: int, dropout: float = 0.2
+    ):
         super().__init__()
         self.words = WordNewsEncoder(embeddings, sep_token_id, max_title_len, dropout)
         self.lstm = nn.LSTM(embeddings.shape[1], dim // 2, batch_first=True, bidirectional=True)
@@ -60,6 +64,8 @@ class LSTMNewsEncoder(nn.Module):
         lengths = w.mask.sum(1).clamp(min=1).cpu()
         packed = nn.utils.rnn.pack_padded_sequence(w.tokens, lengths, batch_first=True, enforce_sorted=False)
         out, (h, _) = self.lstm(packed)
-        X, _ = nn.utils.rnn.pad_packed_sequence(out, batch_first=True, total_length=self.max_title_len)  # [N, L, D]
+        X, _ = nn.utils.rnn.pad_packed_sequence(
+            out, batch_first=True, total_length=self.max_title_len
+        )  # [N, L, D]
         x = torch.cat([h[0], h[1]], dim=-1)  # [N, D]: forward and backward final states
         return NewsRepr(cls=x, tokens=X * w.mask[..., None], mask=w.mask)

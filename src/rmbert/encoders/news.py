@@ -78,7 +78,9 @@ class NewsSide(nn.Module):
         tok = torch.from_numpy(np.ascontiguousarray(a["tokens"][rows.cpu().numpy(), :Lb])).float().to(dev)
         return NewsRepr(cls=cls, tokens=tok, mask=mask[:, :, :Lb].to(dev))
 
-    def forward(self, hist: torch.Tensor, cand: torch.Tensor, hist_tokens: bool = False) -> tuple[NewsRepr, NewsRepr]:
+    def forward(
+        self, hist: torch.Tensor, cand: torch.Tensor, hist_tokens: bool = False
+    ) -> tuple[NewsRepr, NewsRepr]:
         """hist [B, M], cand [B, C] store rows -> history NewsRepr [B, M, ...], candidates [B, C, ...].
 
         History token states are gathered only when `hist_tokens` (models with their own news encoder).
@@ -105,4 +107,6 @@ class NewsSide(nn.Module):
             tokens=r.tokens[hi].view(B, M, L, -1) if hist_tokens else None,
             mask=r.mask[hi].view(B, M, L) if hist_tokens else None,
         )
-        return h, NewsRepr(cls=r.cls[ci].view(B, C, -1), tokens=r.tokens[ci].view(B, C, L, -1), mask=r.mask[ci].view(B, C, L))
+        return h, NewsRepr(
+            cls=r.cls[ci].view(B, C, -1), tokens=r.tokens[ci].view(B, C, L, -1), mask=r.mask[ci].view(B, C, L)
+        )

@@ -35,7 +35,11 @@ class Recommender(nn.Module, metaclass=ABCMeta):
         """Click logits [B, C]."""
 
     def forward(
-        self, hist: NewsRepr | torch.Tensor, hist_mask: torch.Tensor, cand: NewsRepr, users: torch.Tensor | None = None
+        self,
+        hist: NewsRepr | torch.Tensor,
+        hist_mask: torch.Tensor,
+        cand: NewsRepr,
+        users: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Logits [B, C]; `hist` may be the [CLS] vectors alone ([B, M, D])."""
         if isinstance(hist, torch.Tensor):

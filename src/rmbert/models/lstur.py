@@ -73,7 +73,9 @@ class LSTUR(Recommender):
             u = u * keep
         return u
 
-    def user_state(self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+    def user_state(
+        self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.news_vectors(hist)  # [B, M, F]
         B = h.shape[0]
         long = self.long_term(users, B, h.device)  # [B, F]
@@ -82,7 +84,9 @@ class LSTUR(Recommender):
         order = torch.sort((~hist_mask).to(torch.int8), dim=1, stable=True).indices
         h = torch.gather(h, 1, order[..., None].expand_as(h))
         h0 = long[None] if self.cfg.combine == "ini" else torch.zeros_like(long)[None]
-        packed = nn.utils.rnn.pack_padded_sequence(h, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False)
+        packed = nn.utils.rnn.pack_padded_sequence(
+            h, lengths.clamp(min=1).cpu(), batch_first=True, enforce_sorted=False
+        )
         _, hT = self.gru(packed, h0.contiguous())
         short = torch.where((lengths > 0)[:, None], hT[0], h0[0])  # an empty history keeps the initial state
         if self.cfg.combine == "con":

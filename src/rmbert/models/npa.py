@@ -67,7 +67,9 @@ class NPA(Recommender):
         q = q_w.repeat_interleave(lead[1], dim=0)  # one query per news, from its user
         return self.word_pool(self.cnn(self.drop(x), m), m, query=q).view(*lead, -1)
 
-    def user_state(self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None = None) -> NPAState:
+    def user_state(
+        self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None = None
+    ) -> NPAState:
         B = hist_mask.shape[0]
         if users is None:
             users = torch.zeros(B, dtype=torch.long, device=hist_mask.device)

@@ -60,7 +60,9 @@ class NRMS(Recommender):
         h = self.drop(self_attend(self.word_attn, self.in_proj(self.drop(x)), m))
         return self.word_pool(h, m).view(*lead, -1)
 
-    def user_state(self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None = None) -> torch.Tensor:
+    def user_state(
+        self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None = None
+    ) -> torch.Tensor:
         h = self.news_vectors(hist)  # [B, M, F]
         h = self.drop(self_attend(self.news_attn, h, hist_mask))
         return self.news_pool(h, hist_mask)  # [B, F]; zeros for an empty history

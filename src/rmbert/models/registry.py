@@ -24,7 +24,9 @@ def resolve(cfg: RunConfig, dim: int, num_users: int) -> RunConfig:
     if cfg.model not in MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
     if cfg.encoder.mode == "words" and cfg.model == "rmbert":
-        raise ValueError("encoder mode 'words' is for baselines' own news encoders; RMBERT w/o BERT is mode 'lstm'")
+        raise ValueError(
+            "encoder mode 'words' is for baselines' own news encoders; RMBERT w/o BERT is mode 'lstm'"
+        )
     words = cfg.encoder.mode == "words"
     return dataclasses.replace(
         cfg,

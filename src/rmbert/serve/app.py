@@ -164,7 +164,9 @@ def create_app(
                 f"{store_dir}: encoded with another encoder than {run_dir}; run `rmbert encode` again"
             )
         if run.cfg.encoder.mode not in ("frozen", "top-k", "full") or run.model.rec.needs_history_tokens:
-            raise ValueError(f"{run_dir}: serving needs a model over BERT news vectors (encoder mode frozen, top-k or full)")
+            raise ValueError(
+                f"{run_dir}: serving needs a model over BERT news vectors (encoder mode frozen, top-k or full)"
+            )
         index = ServingIndex(store)
         state.update(run=run, index=index, ranker=Ranker(run, index), users=_load_users(behaviors, run))
         yield
