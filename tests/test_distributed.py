@@ -9,7 +9,6 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-
 # Biases that add the same constant to every logit of a softmax get an analytic gradient of zero;
 # Adam turns their float noise into steps, so they may differ between runs without changing any score.
 SHIFT_ONLY = {"rec.W_alpha.bias", "rec.W_beta.bias", "rec.W_I.bias"}
