@@ -19,6 +19,7 @@ from fastapi.responses import FileResponse, JSONResponse, PlainTextResponse
 
 from rmbert.encoders.bert import NewsRepr
 from rmbert.encoders.store import NewsStore
+from rmbert.models.rmbert import RMBERT, NewsTerms
 from rmbert.run import LoadedRun, load_run
 from rmbert.serve.index import ServingIndex, Snapshot
 from rmbert.serve.schemas import (
@@ -113,14 +114,24 @@ def _words(tokenizer, ids: np.ndarray, weights: np.ndarray) -> list[tuple[str, f
 
 
 class Ranker:
-    """Scores candidates for one history through the run's recommender."""
+    """Scores candidates for one history through the run's recommender.
 
-    def __init__(self, run: LoadedRun, index: ServingIndex) -> None:
-        self.run, self.index = run, index
+    RMBERT runs in its folded inference form with each news's user-independent terms
+    precomputed in the serving index (`news_terms`); other models run as trained.
+    """
+
+    def __init__(self, run: LoadedRun) -> None:
+        self.run = run
         self.rec = run.model.rec
+        self.folded = self.rec.fold() if isinstance(self.rec, RMBERT) else None
         self.max_history = run.cfg.train.max_history
-        self.can_explain = hasattr(self.rec, "reason")
         self.infer_lock = threading.Lock()  # one forward at a time: the cores are shared anyway
+
+    def news_terms(self, cls: np.ndarray) -> dict[str, np.ndarray]:
+        if self.folded is None:
+            return {}
+        t = self.folded.news_terms(torch.from_numpy(np.asarray(cls, dtype=np.float32)))
+        return {"kq": t.kq.numpy(), "click": t.click.numpy()}
 
     @torch.inference_mode()
     def rank(self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, explain: bool):
@@ -139,10 +150,15 @@ class Ranker:
             mask=torch.from_numpy(cmask[:, :Lb])[None],
         )
         with self.infer_lock:
+            if self.folded is not None:
+                terms = NewsTerms(kq=torch.from_numpy(a["kq"][cand_rows])[None],
+                                  click=torch.from_numpy(a["click"][cand_rows])[None])
+                state = self.folded.user_state(H, hmask)
+                if explain:
+                    logits, att = self.folded.score(state, cand, terms, record=True)
+                    return logits[0].numpy(), {k: v[0].numpy() for k, v in att.items()}, Lb
+                return self.folded.score(state, cand, terms)[0].numpy(), None, Lb
             state = self.rec.user_state(NewsRepr(cls=H, tokens=None, mask=None), hmask, None)
-            if explain and self.can_explain:
-                logits, att = self.rec.reason(state, cand, record=True)
-                return logits[0].numpy(), {k: v[0].numpy() for k, v in att.items()}, Lb
             return self.rec.score_candidates(state, cand)[0].numpy(), None, Lb
 
 
@@ -167,8 +183,9 @@ def create_app(
             raise ValueError(
                 f"{run_dir}: serving needs a model over BERT news vectors (encoder mode frozen, top-k or full)"
             )
-        index = ServingIndex(store)
-        state.update(run=run, index=index, ranker=Ranker(run, index), users=_load_users(behaviors, run))
+        ranker = Ranker(run)
+        index = ServingIndex(store, ranker.news_terms)
+        state.update(run=run, index=index, ranker=ranker, users=_load_users(behaviors, run))
         yield
         state.clear()
 

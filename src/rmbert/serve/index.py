@@ -49,9 +49,13 @@ class Snapshot:
 
 
 class ServingIndex:
-    def __init__(self, store: NewsStore) -> None:
+    """`extra(cls [n, D]) -> {name: [n, ...]}` adds per-news arrays (a model's precomputed news terms)."""
+
+    def __init__(self, store: NewsStore, extra=None) -> None:
         self.store = store
-        self.rows = Rows({k: store.arrays[k] for k in ("cls", "tokens", "mask", "input_ids")})
+        self.extra = extra or (lambda cls: {})
+        base = {k: store.arrays[k] for k in ("cls", "tokens", "mask", "input_ids")}
+        self.rows = Rows({**base, **self.extra(np.asarray(store.arrays["cls"]))})
         self.info = [{}] + list(store.info)
         self.index = dict(store.index)
         self.lock = threading.Lock()  # serialises appends; reads never wait
@@ -65,7 +69,8 @@ class ServingIndex:
 
     def add(self, store: NewsStore, first_new: int) -> None:
         """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""
-        new = {k: np.asarray(store.arrays[k][first_new + 1 :]) for k in self.rows.data}
+        new = {k: np.asarray(store.arrays[k][first_new + 1 :]) for k in ("cls", "tokens", "mask", "input_ids")}
+        new.update(self.extra(new["cls"]))
         self.rows.append(new)
         for r, nid in enumerate(store.ids[first_new:], start=first_new + 1):
             self.index[nid] = r

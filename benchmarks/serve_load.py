@@ -1,0 +1,133 @@
+"""Load test of `rmbert serve` on 127.0.0.1: 100 candidates x 50 history per request, p=4, D=384.
+
+Starts the server in a subprocess, measures one client's latency, then drives it with a bounded
+number of concurrent clients for a bounded time (loopback only), and prints one JSON object
+(last line): req/s, p50 and p99 latency. Usage: python benchmarks/serve_load.py [--clients 16]
+"""
+
+from __future__ import annotations
+
+import argparse
+import http.client
+import json
+import random
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+from _common import planted, quick_run
+from rmbert.encoders.store import build_store
+from rmbert.run import load_run
+
+HOST = "127.0.0.1"
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind((HOST, 0))
+        return s.getsockname()[1]
+
+
+def post(conn: http.client.HTTPConnection, body: bytes) -> float:
+    t0 = time.perf_counter()
+    conn.request("POST", "/rank", body, {"Content-Type": "application/json"})
+    r = conn.getresponse()
+    r.read()
+    if r.status != 200:
+        raise RuntimeError(f"HTTP {r.status}")
+    return time.perf_counter() - t0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--clients", type=int, default=16)
+    ap.add_argument("--seconds", type=float, default=15.0)
+    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "rmbert-bench")
+    a = ap.parse_args()
+    data = planted(a.out, 2000)
+    run_dir = quick_run(data, a.out / "serve-run", steps=30)
+    store_dir = a.out / "serve-store"
+    if not (store_dir / "meta.json").is_file():
+        from rmbert.data.mind import load_news
+
+        run = load_run(run_dir)
+        news = load_news(data / "dev" / "news.tsv")
+        build_store(store_dir, news.ids, news.title, run.encoder, run.tokenizer, progress=False,
+                    fingerprint=run.fingerprint)
+        ids = news.ids
+    else:
+        ids = (store_dir / "seg-00000" / "ids.txt").read_text().split("\n")
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-m", "rmbert", "serve", str(run_dir), "--store", str(store_dir), "--host", HOST,
+         "--port", str(port), "--quiet"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+    )
+    try:
+        for _ in range(600):
+            try:
+                c = http.client.HTTPConnection(HOST, port, timeout=2)
+                c.request("GET", "/health")
+                if c.getresponse().status == 200:
+                    break
+            except OSError:
+                time.sleep(0.1)
+        else:
+            raise RuntimeError("server did not start: " + server.stderr.read().decode()[-2000:])
+        rng = random.Random(0)
+        bodies = [json.dumps({"history": rng.sample(ids, 50), "candidates": rng.sample(ids, 100), "top_k": 10}).encode()
+                  for _ in range(64)]
+        conn = http.client.HTTPConnection(HOST, port, timeout=30)
+        for b in bodies[:5]:
+            post(conn, b)  # warm-up
+        single = [post(conn, bodies[i % len(bodies)]) for i in range(100)]
+        lat: list[float] = []
+        errors = [0]
+        stop = time.perf_counter() + a.seconds
+        lock = threading.Lock()
+
+        def client(k: int) -> None:
+            cn = http.client.HTTPConnection(HOST, port, timeout=30)
+            i = k
+            while time.perf_counter() < stop:
+                try:
+                    t = post(cn, bodies[i % len(bodies)])
+                    with lock:
+                        lat.append(t)
+                except Exception:
+                    with lock:
+                        errors[0] += 1
+                    cn = http.client.HTTPConnection(HOST, port, timeout=30)
+                i += 1
+
+        t0 = time.perf_counter()
+        threads = [threading.Thread(target=client, args=(k,)) for k in range(a.clients)]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join()
+        wall = time.perf_counter() - t0
+        lat.sort()
+        print(json.dumps({
+            "candidates": 100, "history": 50,
+            "single_client_p50_ms": round(statistics.median(single) * 1e3, 2),
+            "single_client_p99_ms": round(sorted(single)[98] * 1e3, 2),
+            "clients": a.clients,
+            "requests": len(lat),
+            "errors": errors[0],
+            "req_per_s": round(len(lat) / wall, 1),
+            "p50_ms": round(lat[len(lat) // 2] * 1e3, 2),
+            "p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2),
+        }))
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+
+
+if __name__ == "__main__":
+    main()
