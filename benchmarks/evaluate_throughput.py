@@ -14,6 +14,7 @@ import time
 from pathlib import Path
 
 from _common import peak_rss_gib, planted, quick_run
+
 from rmbert.data.mind import load_split
 from rmbert.evaluate import evaluate_scores, score_impressions
 from rmbert.run import load_run
@@ -42,18 +43,22 @@ def main() -> None:
     t_eval = time.time() - t0
     m = evaluate_scores(batcher, scores)
     n = len(split.impressions)
-    print(json.dumps({
-        "impressions": n,
-        "candidate_rows": int(len(split.impressions.cand)),
-        "news": len(split.news),
-        "planting_s": round(t_data, 1),
-        "load_split_s": round(t_load, 1),
-        "encode_store_s": round(t_encode, 1),
-        "evaluate_s": round(t_eval, 1),
-        "impressions_per_s": round(n / t_eval, 1),
-        "peak_rss_gib": round(peak_rss_gib(), 2),
-        "auc_untrained_run": round(m["auc"], 4),
-    }))
+    print(
+        json.dumps(
+            {
+                "impressions": n,
+                "candidate_rows": int(len(split.impressions.cand)),
+                "news": len(split.news),
+                "planting_s": round(t_data, 1),
+                "load_split_s": round(t_load, 1),
+                "encode_store_s": round(t_encode, 1),
+                "evaluate_s": round(t_eval, 1),
+                "impressions_per_s": round(n / t_eval, 1),
+                "peak_rss_gib": round(peak_rss_gib(), 2),
+                "auc_untrained_run": round(m["auc"], 4),
+            }
+        )
+    )
 
 
 if __name__ == "__main__":

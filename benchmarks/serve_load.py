@@ -21,6 +21,7 @@ import time
 from pathlib import Path
 
 from _common import planted, quick_run
+
 from rmbert.encoders.store import build_store
 from rmbert.run import load_run
 
@@ -57,16 +58,36 @@ def main() -> None:
 
         run = load_run(run_dir)
         news = load_news(data / "dev" / "news.tsv")
-        build_store(store_dir, news.ids, news.title, run.encoder, run.tokenizer, progress=False,
-                    fingerprint=run.fingerprint)
+        build_store(
+            store_dir,
+            news.ids,
+            news.title,
+            run.encoder,
+            run.tokenizer,
+            progress=False,
+            fingerprint=run.fingerprint,
+        )
         ids = news.ids
     else:
         ids = (store_dir / "seg-00000" / "ids.txt").read_text().split("\n")
     port = free_port()
     server = subprocess.Popen(
-        [sys.executable, "-m", "rmbert", "serve", str(run_dir), "--store", str(store_dir), "--host", HOST,
-         "--port", str(port), "--quiet"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+        [
+            sys.executable,
+            "-m",
+            "rmbert",
+            "serve",
+            str(run_dir),
+            "--store",
+            str(store_dir),
+            "--host",
+            HOST,
+            "--port",
+            str(port),
+            "--quiet",
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
     )
     try:
         for _ in range(600):
@@ -80,8 +101,12 @@ def main() -> None:
         else:
             raise RuntimeError("server did not start: " + server.stderr.read().decode()[-2000:])
         rng = random.Random(0)
-        bodies = [json.dumps({"history": rng.sample(ids, 50), "candidates": rng.sample(ids, 100), "top_k": 10}).encode()
-                  for _ in range(64)]
+        bodies = [
+            json.dumps(
+                {"history": rng.sample(ids, 50), "candidates": rng.sample(ids, 100), "top_k": 10}
+            ).encode()
+            for _ in range(64)
+        ]
         conn = http.client.HTTPConnection(HOST, port, timeout=30)
         for b in bodies[:5]:
             post(conn, b)  # warm-up
@@ -113,17 +138,22 @@ def main() -> None:
             t.join()
         wall = time.perf_counter() - t0
         lat.sort()
-        print(json.dumps({
-            "candidates": 100, "history": 50,
-            "single_client_p50_ms": round(statistics.median(single) * 1e3, 2),
-            "single_client_p99_ms": round(sorted(single)[98] * 1e3, 2),
-            "clients": a.clients,
-            "requests": len(lat),
-            "errors": errors[0],
-            "req_per_s": round(len(lat) / wall, 1),
-            "p50_ms": round(lat[len(lat) // 2] * 1e3, 2),
-            "p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2),
-        }))
+        print(
+            json.dumps(
+                {
+                    "candidates": 100,
+                    "history": 50,
+                    "single_client_p50_ms": round(statistics.median(single) * 1e3, 2),
+                    "single_client_p99_ms": round(sorted(single)[98] * 1e3, 2),
+                    "clients": a.clients,
+                    "requests": len(lat),
+                    "errors": errors[0],
+                    "req_per_s": round(len(lat) / wall, 1),
+                    "p50_ms": round(lat[len(lat) // 2] * 1e3, 2),
+                    "p99_ms": round(lat[int(len(lat) * 0.99)] * 1e3, 2),
+                }
+            )
+        )
     finally:
         server.terminate()
         server.wait(timeout=10)

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import torch
-
 from _common import planted
+
 from rmbert.config import RunConfig
 from rmbert.data.batching import ImpressionBatcher
 from rmbert.data.mind import load_split
@@ -47,10 +47,14 @@ def main() -> None:
     a = ap.parse_args()
     data = planted(a.out, a.users)
     base = RunConfig()
-    out: dict = {"users": a.users, "batch_impressions": base.train.batch_size, "threads": torch.get_num_threads()}
+    out: dict = {
+        "users": a.users,
+        "batch_impressions": base.train.batch_size,
+        "threads": torch.get_num_threads(),
+    }
     for spec in a.modes.split(","):
         mode, _, k = spec.partition(":")
-        for dedup in ([True] if mode == "frozen" else [True, False]):
+        for dedup in [True] if mode == "frozen" else [True, False]:
             steps = a.steps if mode == "frozen" else a.trainable_steps
             cfg = dataclasses.replace(
                 base,

@@ -115,6 +115,7 @@ def synth(out: str | Path, cfg: SynthConfig = SynthConfig()) -> dict:
         logit = cfg.base_logit + cfg.match_weight * best + cat_bias[n_cat[cands]]
         return 1.0 / (1.0 + np.exp(-logit))
 
+    sub_rows = [np.flatnonzero(n_sub_of == s) for s in range(n_sub)]  # each sorted by time
     splits: dict[str, list] = {"train": [], "dev": []}
     imp_id = 0
     for u in range(cfg.users):
@@ -123,17 +124,19 @@ def synth(out: str | Path, cfg: SynthConfig = SynthConfig()) -> dict:
         when.append(("dev", START + cfg.train_days * DAY + int(rng.integers(0, DAY))))
         for split, t in when:
             lo, hi = np.searchsorted(n_time, [t - 2 * DAY, t])
-            fresh = np.arange(lo, hi)
-            if len(fresh) < 5:
+            if hi - lo < 5:
                 continue
-            fresh_mine = fresh[np.isin(n_sub_of[fresh], interests[u])]
+            # news of the user's interests published in the window, without scanning the window
+            fresh_mine = np.concatenate(
+                [r[np.searchsorted(r, lo) : np.searchsorted(r, hi)] for r in (sub_rows[int(s)] for s in interests[u])]
+            )
             for _attempt in range(3):
                 c = int(rng.integers(5, 21))
                 n_mine = min(len(fresh_mine), int(rng.binomial(c, cfg.interest_share)))
                 mine = rng.choice(fresh_mine, n_mine, replace=False) if n_mine else np.array([], int)
-                rest = rng.choice(
-                    np.setdiff1d(fresh, mine), min(c - n_mine, len(fresh) - n_mine), replace=False
-                )
+                n_rest = min(c - n_mine, hi - lo - n_mine)
+                draw = lo + rng.choice(hi - lo, min(n_rest + n_mine, hi - lo), replace=False)
+                rest = draw[~np.isin(draw, mine)][:n_rest]
                 cands = rng.permutation(np.concatenate([mine, rest]).astype(np.int64))
                 p = click_prob(u, cands)
                 y = (rng.random(len(cands)) < p).astype(np.int8)

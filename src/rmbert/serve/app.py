@@ -151,8 +151,10 @@ class Ranker:
         )
         with self.infer_lock:
             if self.folded is not None:
-                terms = NewsTerms(kq=torch.from_numpy(a["kq"][cand_rows])[None],
-                                  click=torch.from_numpy(a["click"][cand_rows])[None])
+                terms = NewsTerms(
+                    kq=torch.from_numpy(a["kq"][cand_rows])[None],
+                    click=torch.from_numpy(a["click"][cand_rows])[None],
+                )
                 state = self.folded.user_state(H, hmask)
                 if explain:
                     logits, att = self.folded.score(state, cand, terms, record=True)

@@ -69,7 +69,9 @@ class ServingIndex:
 
     def add(self, store: NewsStore, first_new: int) -> None:
         """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""
-        new = {k: np.asarray(store.arrays[k][first_new + 1 :]) for k in ("cls", "tokens", "mask", "input_ids")}
+        new = {
+            k: np.asarray(store.arrays[k][first_new + 1 :]) for k in ("cls", "tokens", "mask", "input_ids")
+        }
         new.update(self.extra(new["cls"]))
         self.rows.append(new)
         for r, nid in enumerate(store.ids[first_new:], start=first_new + 1):
