@@ -225,3 +225,31 @@ def test_store_survives_a_crash_mid_append(served, tmp_path):
         "N_NEW" in again.index
         and json.loads((store_dir / "meta.json").read_text())["segments"][-1] == "seg-00001"
     )
+
+
+def test_batched_requests_score_as_single_ones(client, planted):
+    """The worker pads concurrent requests into one batch; each still gets its own scores."""
+    ids = load_split(planted / "dev").news.ids
+    rng = np.random.default_rng(0)
+    bodies = [
+        {
+            "history": list(rng.choice(ids, k, replace=False)),
+            "candidates": list(rng.choice(ids, c, replace=False)),
+            "top_k": 50,
+        }
+        for k, c in [(0, 3), (7, 12), (30, 5), (2, 20)]
+    ]
+    single = [client.post("/rank", json=b).json()["ranked"] for b in bodies]
+    results: list = [None] * len(bodies)
+
+    def go(i):
+        results[i] = client.post("/rank", json=bodies[i]).json()["ranked"]
+
+    threads = [threading.Thread(target=go, args=(i,)) for i in range(len(bodies)) for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for s, r in zip(single, results):
+        assert [x["id"] for x in s] == [x["id"] for x in r]
+        assert np.allclose([x["score"] for x in s], [x["score"] for x in r], atol=1e-5)

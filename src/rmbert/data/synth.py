@@ -128,7 +128,10 @@ def synth(out: str | Path, cfg: SynthConfig = SynthConfig()) -> dict:
                 continue
             # news of the user's interests published in the window, without scanning the window
             fresh_mine = np.concatenate(
-                [r[np.searchsorted(r, lo) : np.searchsorted(r, hi)] for r in (sub_rows[int(s)] for s in interests[u])]
+                [
+                    r[np.searchsorted(r, lo) : np.searchsorted(r, hi)]
+                    for r in (sub_rows[int(s)] for s in interests[u])
+                ]
             )
             for _attempt in range(3):
                 c = int(rng.integers(5, 21))

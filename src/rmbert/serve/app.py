@@ -6,10 +6,11 @@ side (H and its projections) once, then every candidate in one batch through the
 
 from __future__ import annotations
 
+import queue
 import threading
 import time
 from contextlib import asynccontextmanager
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -113,19 +114,41 @@ def _words(tokenizer, ids: np.ndarray, weights: np.ndarray) -> list[tuple[str, f
     return words
 
 
-class Ranker:
-    """Scores candidates for one history through the run's recommender.
+@dataclass
+class Job:
+    """One /rank request waiting for the inference worker."""
 
-    RMBERT runs in its folded inference form with each news's user-independent terms
-    precomputed in the serving index (`news_terms`); other models run as trained.
+    snap: Snapshot
+    hist_rows: np.ndarray
+    cand_rows: np.ndarray
+    explain: bool
+    done: threading.Event = field(default_factory=threading.Event)
+    result: tuple | None = None
+    error: BaseException | None = None
+
+
+class Ranker:
+    """Scores candidates for histories through the run's recommender, batching concurrent requests.
+
+    One worker thread takes every request waiting in the queue (up to `max_batch`), pads them
+    into one [B, C, ...] batch and runs a single forward: under load the matrix products grow
+    instead of queueing. RMBERT runs in its folded inference form with each news's
+    user-independent terms precomputed in the serving index (`news_terms`).
     """
 
-    def __init__(self, run: LoadedRun) -> None:
+    def __init__(self, run: LoadedRun, max_batch: int = 32) -> None:
         self.run = run
         self.rec = run.model.rec
         self.folded = self.rec.fold() if isinstance(self.rec, RMBERT) else None
         self.max_history = run.cfg.train.max_history
-        self.infer_lock = threading.Lock()  # one forward at a time: the cores are shared anyway
+        self.max_batch = max_batch
+        self.queue: queue.Queue[Job | None] = queue.Queue()
+        self.worker = threading.Thread(target=self._loop, name="rmbert-ranker", daemon=True)
+        self.worker.start()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.worker.join(timeout=10)
 
     def news_terms(self, cls: np.ndarray) -> dict[str, np.ndarray]:
         if self.folded is None:
@@ -133,35 +156,80 @@ class Ranker:
         t = self.folded.news_terms(torch.from_numpy(np.asarray(cls, dtype=np.float32)))
         return {"kq": t.kq.numpy(), "click": t.click.numpy()}
 
-    @torch.inference_mode()
     def rank(self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, explain: bool):
-        a = snap.arrays
-        h = hist_rows[-self.max_history :]
-        H = torch.from_numpy(a["cls"][h].astype(np.float32))[None]  # [1, M, D]
-        hmask = torch.ones(1, len(h), dtype=torch.bool)
-        if len(h) == 0:
-            H = torch.zeros(1, 1, a["cls"].shape[1])
-            hmask = torch.zeros(1, 1, dtype=torch.bool)
-        cmask = a["mask"][cand_rows]  # [C, L]
-        Lb = int(cmask.any(0).nonzero()[0].max()) + 1 if cmask.any() else 1
-        cand = NewsRepr(
-            cls=torch.from_numpy(a["cls"][cand_rows].astype(np.float32))[None],  # [1, C, D]
-            tokens=torch.from_numpy(a["tokens"][cand_rows, :Lb].astype(np.float32))[None],  # [1, C, L, D]
-            mask=torch.from_numpy(cmask[:, :Lb])[None],
-        )
-        with self.infer_lock:
-            if self.folded is not None:
-                terms = NewsTerms(
-                    kq=torch.from_numpy(a["kq"][cand_rows])[None],
-                    click=torch.from_numpy(a["click"][cand_rows])[None],
-                )
-                state = self.folded.user_state(H, hmask)
-                if explain:
-                    logits, att = self.folded.score(state, cand, terms, record=True)
-                    return logits[0].numpy(), {k: v[0].numpy() for k, v in att.items()}, Lb
-                return self.folded.score(state, cand, terms)[0].numpy(), None, Lb
-            state = self.rec.user_state(NewsRepr(cls=H, tokens=None, mask=None), hmask, None)
-            return self.rec.score_candidates(state, cand)[0].numpy(), None, Lb
+        """-> scores [C], attention {title [C, p, L], history [C, p, M]} or None, L used."""
+        job = Job(snap, hist_rows[-self.max_history :], cand_rows, explain)
+        self.queue.put(job)
+        job.done.wait()
+        if job.error is not None:
+            raise job.error
+        return job.result
+
+    def _loop(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            jobs = [job]
+            while len(jobs) < self.max_batch:
+                try:
+                    nxt = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.queue.put(None)
+                    break
+                jobs.append(nxt)
+            try:
+                for j, r in zip(jobs, self._score(jobs)):
+                    j.result = r
+            except BaseException as e:  # handed to every waiting request
+                for j in jobs:
+                    j.error = e
+            for j in jobs:
+                j.done.set()
+
+    @torch.inference_mode()
+    def _score(self, jobs: list[Job]) -> list[tuple]:
+        B = len(jobs)
+        a0 = jobs[0].snap.arrays
+        D = a0["cls"].shape[1]
+        M = max(1, max(len(j.hist_rows) for j in jobs))
+        C = max(len(j.cand_rows) for j in jobs)
+        masks = [j.snap.arrays["mask"][j.cand_rows] for j in jobs]  # [C_b, L]
+        Lb = max((int(m.any(0).nonzero()[0].max()) + 1 for m in masks if m.any()), default=1)
+        H = np.zeros((B, M, D), np.float32)
+        hmask = np.zeros((B, M), bool)
+        x = np.zeros((B, C, D), np.float32)
+        X = np.zeros((B, C, Lb, D), np.float32)
+        xmask = np.zeros((B, C, Lb), bool)
+        extra = {k: np.zeros((B, C, *a0[k].shape[1:]), np.float32) for k in ("kq", "click") if k in a0}
+        for b, (j, m) in enumerate(zip(jobs, masks)):
+            a, h, c = j.snap.arrays, j.hist_rows, j.cand_rows
+            H[b, : len(h)] = a["cls"][h]
+            hmask[b, : len(h)] = True
+            x[b, : len(c)] = a["cls"][c]
+            X[b, : len(c)] = a["tokens"][c, :Lb]
+            xmask[b, : len(c)] = m[:, :Lb]
+            for k in extra:
+                extra[k][b, : len(c)] = a[k][c]
+        Ht, hm = torch.from_numpy(H), torch.from_numpy(hmask)
+        cand = NewsRepr(cls=torch.from_numpy(x), tokens=torch.from_numpy(X), mask=torch.from_numpy(xmask))
+        record = any(j.explain for j in jobs)
+        att = None
+        if self.folded is not None:
+            terms = NewsTerms(kq=torch.from_numpy(extra["kq"]), click=torch.from_numpy(extra["click"]))
+            out = self.folded.score(self.folded.user_state(Ht, hm), cand, terms, record=record)
+            logits, att = out if record else (out, None)
+        else:
+            state = self.rec.user_state(NewsRepr(cls=Ht, tokens=None, mask=None), hm, None)
+            logits = self.rec.score_candidates(state, cand)
+        results = []
+        for b, j in enumerate(jobs):
+            n = len(j.cand_rows)
+            a_b = {k: v[b, :n].numpy() for k, v in att.items()} if (att is not None and j.explain) else None
+            results.append((logits[b, :n].numpy(), a_b, Lb))
+        return results
 
 
 def create_app(
@@ -189,6 +257,7 @@ def create_app(
         index = ServingIndex(store, ranker.news_terms)
         state.update(run=run, index=index, ranker=ranker, users=_load_users(behaviors, run))
         yield
+        ranker.close()
         state.clear()
 
     app = FastAPI(title="rmbert", description="RMBERT news ranking with explanations", lifespan=lifespan)
