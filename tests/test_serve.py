@@ -27,7 +27,8 @@ def served(tiny_encoder, planted, tmp_path_factory):
     cfg = RunConfig()
     cfg = dataclasses.replace(
         cfg,
-        encoder=dataclasses.replace(cfg.encoder, name=str(tiny_encoder), max_title_len=12),
+        # standardised vectors: serving must apply the run's statistics exactly as evaluation does
+        encoder=dataclasses.replace(cfg.encoder, name=str(tiny_encoder), max_title_len=12, standardize=True),
         train=dataclasses.replace(cfg.train, epochs=1, batch_size=8, checkpoint_every=0),
         rmbert=dataclasses.replace(cfg.rmbert, steps=3),
     )

@@ -192,3 +192,19 @@ def test_config_roundtrip(tmp_path):
     cfg = apply_overrides(RunConfig(), ["rmbert.query_attention=sigmoid", "encoder.top_k=2"])
     cfg.save(tmp_path / "c.json")
     assert RunConfig.load(tmp_path / "c.json") == cfg
+
+
+def test_standardizer_centres_and_scales(tiny_encoder, planted):
+    split = load_split(planted / "dev")
+    enc = BertNewsEncoder.from_pretrained(str(tiny_encoder), max_title_len=12)
+    tok = load_tokenizer(str(tiny_encoder))
+    store = cached_store(split.news.ids, split.news.title, enc, tok, progress=False)
+    side = NewsSide("frozen", enc, store)
+    rows = torch.arange(1, len(store) + 1)[None]
+    raw = side._frozen(rows, tokens=False).cls[0]
+    side.fit_standardizer()
+    std = side._frozen(rows, tokens=True)
+    assert torch.allclose(std.cls[0].mean(0), torch.zeros(32), atol=1e-3)
+    assert torch.allclose(std.cls[0].std(0), torch.ones(32), atol=1e-2)
+    assert not torch.allclose(raw, std.cls[0])
+    assert (std.tokens[~std.mask] == 0).all()  # padding stays zero

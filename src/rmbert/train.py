@@ -201,6 +201,8 @@ def train(
         dist.barrier()
     torch.manual_seed(cfg.train.seed)  # the recommender's initial weights depend on the seed only
     model = build_model(cfg, encoder, store).to(device)
+    if cfg.encoder.mode == "frozen" and cfg.encoder.standardize:
+        model.news.fit_standardizer(seed=cfg.train.seed)
     rows = store.rows(train_split.news.ids)
     train_b = ImpressionBatcher(train_split.impressions, rows, cfg.train.max_history, user_index)
     valid_b = ImpressionBatcher(

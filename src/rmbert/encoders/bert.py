@@ -27,6 +27,7 @@ class EncoderConfig:
     top_k: int = 1  # layers trained in top-k mode
     max_title_len: int = 30  # L
     dedup: bool = True  # encode each unique news of a batch once (top-k, full)
+    standardize: bool = False  # frozen mode: standardise stored vectors per dimension (training news stats)
 
 
 @dataclass

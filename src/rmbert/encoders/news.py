@@ -52,6 +52,12 @@ class NewsSide(nn.Module):
             encoder.requires_grad_(True)
         self.store = store
         self.stats = {"news_total": 0, "news_unique": 0}
+        # Frozen vectors are standardised per dimension with statistics of the training news
+        # (`fit_standardizer`): an affine reparametrisation the cells absorb exactly, which
+        # removes BERT's large shared direction and eases optimisation. Identity until fitted.
+        D = getattr(encoder, "dim", 0)
+        for name, value in (("cls_mean", 0.0), ("cls_std", 1.0), ("tok_mean", 0.0), ("tok_std", 1.0)):
+            self.register_buffer(name, torch.full((D,), value))
 
     def set_store(self, store: NewsStore) -> None:
         self.store = store
@@ -66,17 +72,41 @@ class NewsSide(nn.Module):
             return self.encoder.upper(_gather(a["hidden"], rows).to(dev), ids, attn, self.top_k)
         return self.encoder(ids, attn)
 
+    @torch.no_grad()
+    def fit_standardizer(self, sample: int = 20000, seed: int = 0) -> None:
+        """Per-dimension mean and std of the store's [CLS] and title-token vectors (frozen mode)."""
+        a = self.store.arrays
+        n = len(a["cls"]) - 1
+        rows = np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False) + 1)
+        cls = torch.from_numpy(np.asarray(a["cls"][rows], dtype=np.float32))
+        tok = torch.from_numpy(np.asarray(a["tokens"][rows], dtype=np.float32))[
+            torch.from_numpy(a["mask"][rows])
+        ]
+        self.cls_mean.copy_(cls.mean(0))
+        self.cls_std.copy_(cls.std(0).clamp(min=1e-4))
+        self.tok_mean.copy_(tok.mean(0))
+        self.tok_std.copy_(tok.std(0).clamp(min=1e-4))
+
+    def standardize(self, cls: torch.Tensor, tokens: torch.Tensor | None, mask: torch.Tensor | None):
+        """Apply the fitted standardisation (padding stays zero)."""
+        cls = (cls - self.cls_mean) / self.cls_std
+        if tokens is not None:
+            tokens = (tokens - self.tok_mean) / self.tok_std * mask[..., None]
+        return cls, tokens
+
     def _frozen(self, rows: torch.Tensor, tokens: bool) -> NewsRepr:
         """Gather stored vectors for rows [B, K]; title tokens trimmed to the batch's longest title."""
         a = self.store.arrays
         dev = rows.device
         cls = _gather(a["cls"], rows).to(dev)
         if not tokens:
-            return NewsRepr(cls=cls, tokens=None, mask=None)
-        mask = _gather(a["mask"], rows, torch.bool)  # [B, K, L]
+            return NewsRepr(cls=self.standardize(cls, None, None)[0], tokens=None, mask=None)
+        mask = _gather(a["mask"], rows, torch.bool)[:, :, :]  # [B, K, L]
         Lb = int(mask.any(dim=(0, 1)).nonzero().max()) + 1 if mask.any() else 1
+        mask = mask[:, :, :Lb].to(dev)
         tok = torch.from_numpy(np.ascontiguousarray(a["tokens"][rows.cpu().numpy(), :Lb])).float().to(dev)
-        return NewsRepr(cls=cls, tokens=tok, mask=mask[:, :, :Lb].to(dev))
+        cls, tok = self.standardize(cls, tok, mask)
+        return NewsRepr(cls=cls, tokens=tok, mask=mask)
 
     def forward(
         self, hist: torch.Tensor, cand: torch.Tensor, hist_tokens: bool = False

@@ -153,7 +153,10 @@ class Ranker:
     def news_terms(self, cls: np.ndarray) -> dict[str, np.ndarray]:
         if self.folded is None:
             return {}
-        t = self.folded.news_terms(torch.from_numpy(np.asarray(cls, dtype=np.float32)))
+        x = self.run.model.news.standardize(torch.from_numpy(np.asarray(cls, dtype=np.float32)), None, None)[
+            0
+        ]
+        t = self.folded.news_terms(x)
         return {"kq": t.kq.numpy(), "click": t.click.numpy()}
 
     def rank(self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, explain: bool):
@@ -213,8 +216,10 @@ class Ranker:
             xmask[b, : len(c)] = m[:, :Lb]
             for k in extra:
                 extra[k][b, : len(c)] = a[k][c]
-        Ht, hm = torch.from_numpy(H), torch.from_numpy(hmask)
-        cand = NewsRepr(cls=torch.from_numpy(x), tokens=torch.from_numpy(X), mask=torch.from_numpy(xmask))
+        side = self.run.model.news
+        Ht, hm = side.standardize(torch.from_numpy(H), None, None)[0], torch.from_numpy(hmask)
+        xs, Xs = side.standardize(torch.from_numpy(x), torch.from_numpy(X), torch.from_numpy(xmask))
+        cand = NewsRepr(cls=xs, tokens=Xs, mask=torch.from_numpy(xmask))
         record = any(j.explain for j in jobs)
         att = None
         if self.folded is not None:
