@@ -42,11 +42,17 @@ def per_impression(labels: np.ndarray, scores: np.ndarray, ptr: np.ndarray) -> d
     neg_count = sizes - pos_count
     valid = (pos_count > 0) & (neg_count > 0)
 
+    # One float sort gives dense score ranks (ties equal); the orders within impressions are
+    # then single sorts of integer keys (impressions are contiguous: group-major keys).
+    _, dense = np.unique(s, return_inverse=True)
+    dense = dense.reshape(-1).astype(np.int64)
+    K = int(dense.max()) + 1 if n else 1
+
     # AUC = (sum of positive ranks - P(P+1)/2) / (P N), with tied scores sharing their average rank.
-    order = np.lexsort((s, group))
-    gs, ss, ys = group[order], s[order], y[order]
+    order = np.argsort(group * K + dense, kind="stable")
+    gs, ds, ys = group[order], dense[order], y[order]
     new_run = np.ones(n, dtype=bool)
-    new_run[1:] = (gs[1:] != gs[:-1]) | (ss[1:] != ss[:-1])
+    new_run[1:] = (gs[1:] != gs[:-1]) | (ds[1:] != ds[:-1])
     run_start = np.flatnonzero(new_run)
     run_len = np.diff(np.append(run_start, n))
     pos_in_group = np.arange(n) - ptr[gs] + 1  # 1-based rank, ascending score
@@ -57,19 +63,19 @@ def per_impression(labels: np.ndarray, scores: np.ndarray, ptr: np.ndarray) -> d
 
     # MRR and DCG: descending score, ties -> later candidate first (stable argsort reversed).
     pos = np.arange(n) - ptr[group]
-    order = np.lexsort((-pos, -s, group))
+    width = int(sizes.max()) if G else 1
+    order = np.argsort((group * K + (K - 1 - dense)) * width + (width - 1 - pos))
     gs, ys = group[order], y[order]
     rank0 = np.arange(n) - ptr[gs]
     with np.errstate(divide="ignore", invalid="ignore"):
         mrr = np.bincount(gs, weights=ys / (rank0 + 1), minlength=G) / pos_count
-    gain = (2.0**ys - 1.0) / np.log2(rank0 + 2.0)
-    ideal_order = np.lexsort((-y, group))
-    yi = y[ideal_order]
-    ideal_gain = (2.0**yi - 1.0) / np.log2(rank0 + 2.0)  # rank0 depends on group layout only
+    gain = ys / np.log2(rank0 + 2.0)  # 2^y - 1 = y for clicks
+    # ideal DCG@k of binary labels: the clicks first -> sum over the first min(P, k) positions
+    ideal = np.concatenate([[0.0], np.cumsum(1.0 / np.log2(np.arange(10) + 2.0))])
     out = {"auc": auc, "mrr": mrr, "valid": valid}
     for k in (5, 10):
         dcg = np.bincount(gs, weights=gain * (rank0 < k), minlength=G)
-        idcg = np.bincount(gs, weights=ideal_gain * (rank0 < k), minlength=G)
+        idcg = ideal[np.minimum(pos_count, k).astype(np.int64)]
         with np.errstate(divide="ignore", invalid="ignore"):
             out[f"ndcg@{k}"] = dcg / idcg
     return out
@@ -130,7 +136,8 @@ class SubmissionError(ValueError):
     """A malformed submission; the message names prediction.txt and the line."""
 
 
-_LINE = re.compile(r"^\s*(\S+)\s+\[([0-9,\s]*)\]\s*$")
+_LINE = re.compile(r"^\s*(\S+)\s+\[([^\]]*)\]\s*$")
+_RANKS = re.compile(r"^-?[0-9]+(,-?[0-9]+)*$")
 
 
 def read_prediction_lines(path: str | Path) -> list[str]:
@@ -162,6 +169,8 @@ def score_submission(pred_lines: list[str], imp_ids: np.ndarray, ptr: np.ndarray
     ptr = np.asarray(ptr, dtype=np.int64)
     scores = np.ones(int(ptr[-1]), dtype=np.float64)
     missing = 0
+    texts: list[str] = []  # validated rank lists, parsed in one numpy call at the end
+    starts: list[int] = []
     for i, imp in enumerate(imp_ids):
         n = int(ptr[i + 1] - ptr[i])
         if i >= len(pred_lines) or not pred_lines[i].strip():
@@ -174,15 +183,24 @@ def score_submission(pred_lines: list[str], imp_ids: np.ndarray, ptr: np.ndarray
             raise SubmissionError(
                 f"prediction.txt:{i + 1}: impression id {m.group(1)} does not match the truth's {int(imp)}"
             )
-        try:
-            ranks = [int(r) for r in m.group(2).split(",")] if m.group(2).strip() else []
-        except ValueError:
-            raise SubmissionError(f"prediction.txt:{i + 1}: ranks must be integers") from None
-        if len(ranks) != n:
-            raise SubmissionError(f"prediction.txt:{i + 1}: {len(ranks)} ranks for {n} candidates")
-        if min(ranks) < 1:
-            raise SubmissionError(f"prediction.txt:{i + 1}: ranks must be 1 or more")
-        scores[ptr[i] : ptr[i + 1]] = 1.0 / np.asarray(ranks, dtype=np.float64)
+        text = m.group(2).replace(" ", "")
+        if not _RANKS.match(text):
+            raise SubmissionError(f"prediction.txt:{i + 1}: ranks must be integers separated by commas")
+        count = text.count(",") + 1
+        if count != n:
+            raise SubmissionError(f"prediction.txt:{i + 1}: {count} ranks for {n} candidates")
+        texts.append(text)
+        starts.append(i)
+    if texts:
+        ranks = np.array(",".join(texts).split(","), dtype=np.int64)
+        rows = np.asarray(starts)
+        lengths = ptr[rows + 1] - ptr[rows]
+        offsets = np.repeat(ptr[rows] - np.concatenate([[0], np.cumsum(lengths)[:-1]]), lengths)
+        if (ranks < 1).any():
+            first = int(np.flatnonzero(ranks < 1)[0])
+            line = starts[int(np.searchsorted(np.cumsum(lengths), first, side="right"))] + 1
+            raise SubmissionError(f"prediction.txt:{line}: ranks must be 1 or more")
+        scores[offsets + np.arange(len(ranks))] = 1.0 / ranks
     out = mind_metrics(labels, scores, ptr)
     out["missing_lines"] = missing
     return out
