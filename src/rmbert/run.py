@@ -77,7 +77,9 @@ def save_weights(model: NewsRecModel, cfg: RunConfig, path: Path) -> None:
 
 def load_weights(model: NewsRecModel, state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not k.startswith("news.encoder.")]
+    # the encoder is the named base when frozen; runs from before standardisation existed load as identity
+    identity = {"news.cls_mean", "news.cls_std", "news.tok_mean", "news.tok_std"}
+    missing = [k for k in missing if not k.startswith("news.encoder.") and k not in identity]
     if missing or unexpected:
         raise ValueError(f"weights do not fit the model: missing {missing[:5]}, unexpected {unexpected[:5]}")
 
