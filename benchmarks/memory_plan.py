@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -57,8 +58,6 @@ def main() -> None:
     )
     run = a.out / "memory-run"
     if run.exists():
-        import shutil
-
         shutil.rmtree(run)
     r = train(cfg, data / "train", run, data / "dev", progress=False)
     large_data_gib = (

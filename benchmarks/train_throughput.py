@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
+import shutil
 import tempfile
 from pathlib import Path
 
@@ -63,8 +64,6 @@ def main() -> None:
             )
             run = a.out / f"run-{spec.replace(':', '')}-{'dedup' if dedup else 'nodedup'}"
             if run.exists():
-                import shutil
-
                 shutil.rmtree(run)
             r = train(cfg, data / "train", run, data / "dev", progress=False)
             key = spec + ("" if mode == "frozen" else (" dedup" if dedup else " no dedup"))
