@@ -47,12 +47,17 @@ def flops(D: int) -> dict[str, float]:
     tail = C * P * (D * D + 2 * D * D + M * D + 2 * D * D) + C * (2 * D * D + D)  # W_r, W_m, U, click
     direct = C * P * (M * D + M * 2 * D * D + M * D)  # I, W_I over [I;H], logits
     fast = C * P * (2 * D * D + 2 * M * D + D)  # v W_I1, v W_I2, one [C, 2D] x [2D, M] product
-    folded_query = C * P * (2 * L * D + 3 * D * D)  # precomputed W_k1 q_i; one stacked (3D) x D map
-    folded_tail = C * P * (D * D + 2 * M * D + M * D + D * D) + C * (2 * D * D + D)  # W_r, logits, b.HW, W_m1
+    # folded (FoldedRMBERT): per user one stacked map of H (G, Z, p-1 P_k, p Q_k) and Z0; per
+    # candidate title pooling, K a_(t-1), s R_2 after step 1, history logits, r_t from the
+    # earlier steps' weights and the click layer from all of them (per-news terms are offline)
+    folded_user = M * D * D * (2 * P + 2)
+    folded_cand = C * (
+        P * L * D + (P - 1) * (L * L + D * D) + M * D * (1 + 2 * (P - 1) + P * (P - 1) // 2 + P)
+    )
     return {
         "direct": 2.0 * (user + query + tail + direct),
         "fast": 2.0 * (user + query + tail + fast),
-        "folded": 2.0 * (user + M * D * D + folded_query + folded_tail),
+        "folded": 2.0 * (folded_user + folded_cand),
     }
 
 
@@ -67,7 +72,7 @@ def bench(D: int, repeats: int) -> dict:
     cand = NewsRepr(torch.randn(1, C, D), torch.randn(1, C, L, D), torch.ones(1, C, L, dtype=torch.bool))
     hist = NewsRepr(H, None, None)
     folded = fast.fold()
-    news_terms = folded.news_terms(cand.cls)  # computed once per news, stored beside its vectors
+    news_terms = folded.news_terms(cand)  # computed once per news, stored beside its vectors
     with torch.inference_mode():
         y_fast = fast(hist, hm, cand)
         y_direct = direct(hist, hm, cand)

@@ -29,7 +29,7 @@ def inputs(seed=0, empty_history_row=None):
 
 def model(seed=0, **kw):
     torch.manual_seed(seed)
-    return RMBERT(RMBERTConfig(dim=D, steps=3, **kw)).double()
+    return RMBERT(RMBERTConfig(dim=D, **{"steps": 3, **kw})).double()
 
 
 def dbl(H, hmask, cand):
@@ -169,14 +169,22 @@ def test_overfits_one_batch():
 
 @pytest.mark.parametrize(
     "change",
-    [{}, {"prev_query": False}, {"prev_memory": False}, {"attention": False}, {"query_attention": "sigmoid"}],
+    [
+        {},
+        {"prev_query": False},
+        {"prev_memory": False},
+        {"attention": False},
+        {"query_attention": "sigmoid"},
+        {"steps": 1},
+        {"steps": 5, "memory_dim": 9, "click_hidden": 11},
+    ],
 )
 def test_folded_inference_equals_the_model(change):
     m = model(**change).eval()
     H, hmask, cand = dbl(*inputs(8, empty_history_row=1))
     f = m.fold()
     want, att = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True)
-    got, att2 = f.score(f.user_state(H, hmask), cand, f.news_terms(cand.cls), record=True)
+    got, att2 = f.score(f.user_state(H, hmask), cand, f.news_terms(cand), record=True)
     assert torch.allclose(got, want, atol=1e-9)
     assert torch.allclose(att2["title"], att["title"], atol=1e-9)
     assert torch.allclose(att2["history"], att["history"], atol=1e-9)

@@ -81,7 +81,7 @@ def test_rank_equals_evaluate(client, served, planted):
         got = {x["id"]: x["score"] for x in r.json()["ranked"]}
         want = dict(zip(cands, scores[imps.cand_ptr[i] : imps.cand_ptr[i + 1]].tolist()))
         assert got.keys() == want.keys()
-        assert np.allclose([got[k] for k in cands], [want[k] for k in cands], atol=2e-3)
+        assert np.allclose([got[k] for k in cands], [want[k] for k in cands], rtol=0, atol=1e-5)
         ranked = [x["score"] for x in r.json()["ranked"]]
         assert ranked == sorted(ranked, reverse=True)
 
@@ -254,3 +254,30 @@ def test_batched_requests_score_as_single_ones(client, planted):
     for s, r in zip(single, results):
         assert [x["id"] for x in s] == [x["id"] for x in r]
         assert np.allclose([x["score"] for x in s], [x["score"] for x in r], atol=1e-5)
+
+
+def test_one_padded_batch_scores_each_request_as_alone(served):
+    """The worker's padding (history, candidates, title length) never changes a request's scores."""
+    from rmbert.serve.app import Job, Ranker
+    from rmbert.serve.index import ServingIndex
+
+    ranker = Ranker(load_run(served / "run"))
+    try:
+        snap = ServingIndex(NewsStore.open(served / "store"), ranker.prepare).snapshot
+        rng = np.random.default_rng(1)
+        rows = np.arange(1, snap.n)
+        jobs = [
+            Job(snap, rng.choice(rows, m, replace=False), rng.choice(rows, c, replace=False), e, None)
+            for m, c in [(0, 4), (9, 1), (40, 17), (3, 8)]
+            for e in (False, True)
+        ]
+        together = ranker._score(jobs)
+        for job, (scores, att, _) in zip(jobs, together):
+            alone, att1, _ = ranker._score([job])[0]
+            assert np.allclose(scores, alone, rtol=0, atol=1e-5)
+            if job.explain:
+                L = att1["title"].shape[-1]
+                assert np.allclose(att["title"][..., :L], att1["title"], atol=1e-6)
+                assert np.allclose(att["history"][..., : len(job.hist_rows)], att1["history"], atol=1e-6)
+    finally:
+        ranker.close()

@@ -6,11 +6,13 @@ side (H and its projections) once, then every candidate in one batch through the
 
 from __future__ import annotations
 
+import asyncio
 import queue
 import threading
 import time
+from collections.abc import Callable
 from contextlib import asynccontextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -43,6 +45,7 @@ class Limits:
     max_candidates: int = 2000
     fresh_candidates: int = 100  # candidates when the request gives none
     max_news_per_post: int = 2000
+    max_batch: int = 8  # /rank requests scored in one forward; small keeps the latency tail short
 
 
 class Metrics:
@@ -116,32 +119,33 @@ def _words(tokenizer, ids: np.ndarray, weights: np.ndarray) -> list[tuple[str, f
 
 @dataclass
 class Job:
-    """One /rank request waiting for the inference worker."""
+    """One /rank request waiting for the inference worker; `settle(result, error)` is called once."""
 
     snap: Snapshot
     hist_rows: np.ndarray
     cand_rows: np.ndarray
     explain: bool
-    done: threading.Event = field(default_factory=threading.Event)
-    result: tuple | None = None
-    error: BaseException | None = None
+    settle: Callable[[tuple | None, BaseException | None], None]
 
 
 class Ranker:
     """Scores candidates for histories through the run's recommender, batching concurrent requests.
 
-    One worker thread takes every request waiting in the queue (up to `max_batch`), pads them
-    into one [B, C, ...] batch and runs a single forward: under load the matrix products grow
-    instead of queueing. RMBERT runs in its folded inference form with each news's
-    user-independent terms precomputed in the serving index (`news_terms`).
+    One worker thread takes the requests waiting in the queue (up to `max_batch`, in arrival
+    order), pads them into one [B, C, ...] batch and runs a single forward: under load the
+    matrix products grow instead of queueing. Per-request cost is flat from B = 4 up, so a small
+    `max_batch` costs no throughput and bounds how long a request can wait behind one batch.
+    RMBERT runs in its folded inference form (`FoldedRMBERT`), with each news's terms
+    precomputed in the serving index (`prepare`) and each user's once per request.
     """
 
-    def __init__(self, run: LoadedRun, max_batch: int = 32) -> None:
+    def __init__(self, run: LoadedRun, max_batch: int = 8) -> None:
         self.run = run
         self.rec = run.model.rec
         self.folded = self.rec.fold() if isinstance(self.rec, RMBERT) else None
         self.max_history = run.cfg.train.max_history
         self.max_batch = max_batch
+        self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # worker thread only
         self.queue: queue.Queue[Job | None] = queue.Queue()
         self.worker = threading.Thread(target=self._loop, name="rmbert-ranker", daemon=True)
         self.worker.start()
@@ -150,23 +154,41 @@ class Ranker:
         self.queue.put(None)
         self.worker.join(timeout=10)
 
-    def news_terms(self, cls: np.ndarray) -> dict[str, np.ndarray]:
-        if self.folded is None:
-            return {}
-        x = self.run.model.news.standardize(torch.from_numpy(np.asarray(cls, dtype=np.float32)), None, None)[
-            0
-        ]
-        t = self.folded.news_terms(x)
-        return {"kq": t.kq.numpy(), "click": t.click.numpy()}
+    @torch.inference_mode()
+    def prepare(self, arrays: dict[str, np.ndarray], chunk: int = 2048) -> dict[str, np.ndarray]:
+        """Per-news arrays for the serving index: standardised vectors (if the run standardises)
+        and, for RMBERT, the folded form's news terms. Runs once per news, in chunks."""
+        side, out = self.run.model.news, {}
+        if self.run.cfg.encoder.standardize:
+            cls, tok = side.standardize(
+                torch.from_numpy(np.array(arrays["cls"], dtype=np.float32)),
+                torch.from_numpy(np.array(arrays["tokens"], dtype=np.float32)),
+                torch.from_numpy(np.array(arrays["mask"])),
+            )
+            out.update(cls=cls.numpy(), tokens=tok.numpy())
+        if self.folded is not None:
+            cls, tok = out.get("cls", arrays["cls"]), out.get("tokens", arrays["tokens"])
+            parts = []
+            for i in range(0, len(cls), chunk):
+                x = torch.from_numpy(np.asarray(cls[i : i + chunk], dtype=np.float32))
+                X = torch.from_numpy(np.asarray(tok[i : i + chunk], dtype=np.float32))
+                parts.append(self.folded.news_terms(NewsRepr(x, X, None)))
+            for k in ("base", "K", "click"):
+                out[k] = torch.cat([getattr(t, k) for t in parts]).numpy() if parts else np.zeros((0,))
+        return out
 
-    def rank(self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, explain: bool):
-        """-> scores [C], attention {title [C, p, L], history [C, p, M]} or None, L used."""
-        job = Job(snap, hist_rows[-self.max_history :], cand_rows, explain)
-        self.queue.put(job)
-        job.done.wait()
-        if job.error is not None:
-            raise job.error
-        return job.result
+    async def rank_async(self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, explain: bool):
+        """-> scores [C], attention {title [C, p, L], history [C, p, M]} or None, L used.
+
+        Awaits the worker thread; the event loop stays free for other requests meanwhile."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def settle(result, error) -> None:
+            loop.call_soon_threadsafe(_resolve, fut, result, error)
+
+        self.queue.put(Job(snap, hist_rows[-self.max_history :], cand_rows, explain, settle))
+        return await fut
 
     def _loop(self) -> None:
         while True:
@@ -184,57 +206,104 @@ class Ranker:
                     break
                 jobs.append(nxt)
             try:
-                for j, r in zip(jobs, self._score(jobs)):
-                    j.result = r
+                results = self._score(jobs)
             except BaseException as e:  # handed to every waiting request
                 for j in jobs:
-                    j.error = e
-            for j in jobs:
-                j.done.set()
+                    j.settle(None, e)
+                continue
+            for j, r in zip(jobs, results):
+                j.settle(r, None)
+
+    def _take(self, name: str, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """src[rows] as float32, gathered into buffers the worker reuses: a fresh [B C, L, D]
+        tensor per batch would be a fresh mmap, and its page faults cost more than the gather."""
+        n = len(rows)
+        if name not in self.buffers or len(self.buffers[name][0]) < n:
+            size = (max(n, 2 * len(self.buffers[name][0])) if name in self.buffers else n, *src.shape[1:])
+            self.buffers[name] = (torch.empty(size, dtype=src.dtype), torch.empty(size))
+        raw, f32 = self.buffers[name]
+        torch.index_select(src, 0, rows, out=raw[:n])
+        return f32[:n].copy_(raw[:n]) if src.dtype != torch.float32 else raw[:n]
 
     @torch.inference_mode()
     def _score(self, jobs: list[Job]) -> list[tuple]:
+        """Pad the jobs into one batch (row 0, the null news, fills) and run one forward."""
+        snap = max((j.snap for j in jobs), key=lambda sn: sn.n)  # rows only ever get appended
+        T = snap.tensors
         B = len(jobs)
-        a0 = jobs[0].snap.arrays
-        D = a0["cls"].shape[1]
         M = max(1, max(len(j.hist_rows) for j in jobs))
         C = max(len(j.cand_rows) for j in jobs)
-        masks = [j.snap.arrays["mask"][j.cand_rows] for j in jobs]  # [C_b, L]
-        Lb = max((int(m.any(0).nonzero()[0].max()) + 1 for m in masks if m.any()), default=1)
-        H = np.zeros((B, M, D), np.float32)
-        hmask = np.zeros((B, M), bool)
-        x = np.zeros((B, C, D), np.float32)
-        X = np.zeros((B, C, Lb, D), np.float32)
-        xmask = np.zeros((B, C, Lb), bool)
-        extra = {k: np.zeros((B, C, *a0[k].shape[1:]), np.float32) for k in ("kq", "click") if k in a0}
-        for b, (j, m) in enumerate(zip(jobs, masks)):
-            a, h, c = j.snap.arrays, j.hist_rows, j.cand_rows
-            H[b, : len(h)] = a["cls"][h]
-            hmask[b, : len(h)] = True
-            x[b, : len(c)] = a["cls"][c]
-            X[b, : len(c)] = a["tokens"][c, :Lb]
-            xmask[b, : len(c)] = m[:, :Lb]
-            for k in extra:
-                extra[k][b, : len(c)] = a[k][c]
-        side = self.run.model.news
-        Ht, hm = side.standardize(torch.from_numpy(H), None, None)[0], torch.from_numpy(hmask)
-        xs, Xs = side.standardize(torch.from_numpy(x), torch.from_numpy(X), torch.from_numpy(xmask))
-        cand = NewsRepr(cls=xs, tokens=Xs, mask=torch.from_numpy(xmask))
+        hist, cand = np.zeros((B, M), np.int64), np.zeros((B, C), np.int64)
+        for b, j in enumerate(jobs):
+            hist[b, : len(j.hist_rows)] = j.hist_rows
+            cand[b, : len(j.cand_rows)] = j.cand_rows
+        hist_t, cand_t = torch.from_numpy(hist), torch.from_numpy(cand).flatten()
+        hm = hist_t > 0
+        xmask = T["mask"].index_select(0, cand_t)  # [B C, L]
+        Lb = int(xmask.any(0).nonzero().max()) + 1 if xmask.any() else 1  # the batch's longest title
+
+        D = T["cls"].shape[1]
+        H = T["cls"].index_select(0, hist_t.flatten()).float().view(B, M, D)
+        X = self._take("tokens", T["tokens"], cand_t)[:, :Lb].view(B, C, Lb, D)
+        xmask = xmask[:, :Lb].reshape(B, C, Lb)
         record = any(j.explain for j in jobs)
         att = None
         if self.folded is not None:
-            terms = NewsTerms(kq=torch.from_numpy(extra["kq"]), click=torch.from_numpy(extra["click"]))
-            out = self.folded.score(self.folded.user_state(Ht, hm), cand, terms, record=record)
+            terms = NewsTerms(
+                base=T["base"].index_select(0, cand_t)[..., :Lb].view(B, C, -1, Lb),
+                K=self._take("K", T["K"], cand_t)[:, :Lb, :Lb].view(B, C, Lb, Lb),
+                click=T["click"].index_select(0, cand_t).view(B, C, -1),
+            )
+            out = self.folded.score(
+                self.folded.user_state(H, hm), NewsRepr(None, X, xmask), terms, record=record
+            )
             logits, att = out if record else (out, None)
         else:
-            state = self.rec.user_state(NewsRepr(cls=Ht, tokens=None, mask=None), hm, None)
-            logits = self.rec.score_candidates(state, cand)
+            x = T["cls"].index_select(0, cand_t).float().view(B, C, D)
+            state = self.rec.user_state(NewsRepr(cls=H, tokens=None, mask=None), hm, None)
+            logits = self.rec.score_candidates(state, NewsRepr(cls=x, tokens=X, mask=xmask))
         results = []
         for b, j in enumerate(jobs):
             n = len(j.cand_rows)
             a_b = {k: v[b, :n].numpy() for k, v in att.items()} if (att is not None and j.explain) else None
             results.append((logits[b, :n].numpy(), a_b, Lb))
         return results
+
+
+def _resolve(fut: asyncio.Future, result, error: BaseException | None) -> None:
+    if fut.cancelled():  # the client went away
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)
+
+
+class MetricsMiddleware:
+    """Counts every HTTP request by path and status, with its latency (plain ASGI: no per-request
+    task group or body streams, unlike `@app.middleware`)."""
+
+    PATHS = frozenset({"/rank", "/news", "/health", "/metrics", "/", "/users"})
+
+    def __init__(self, app, metrics: Metrics) -> None:
+        self.app, self.metrics = app, metrics
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        t0, status = time.perf_counter(), [500]  # an exception that escapes counts as 500
+
+        async def send_status(message) -> None:
+            if message["type"] == "http.response.start":
+                status[0] = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, send_status)
+        finally:
+            path = scope["path"] if scope["path"] in self.PATHS else "other"
+            self.metrics.observe(path, status[0], time.perf_counter() - t0)
 
 
 def create_app(
@@ -258,8 +327,8 @@ def create_app(
             raise ValueError(
                 f"{run_dir}: serving needs a model over BERT news vectors (encoder mode frozen, top-k or full)"
             )
-        ranker = Ranker(run)
-        index = ServingIndex(store, ranker.news_terms)
+        ranker = Ranker(run, limits.max_batch)
+        index = ServingIndex(store, ranker.prepare)
         state.update(run=run, index=index, ranker=ranker, users=_load_users(behaviors, run))
         yield
         ranker.close()
@@ -268,21 +337,7 @@ def create_app(
     app = FastAPI(title="rmbert", description="RMBERT news ranking with explanations", lifespan=lifespan)
     metrics = Metrics()
 
-    @app.middleware("http")
-    async def count(request: Request, call_next):
-        t0 = time.perf_counter()
-        path = (
-            request.url.path
-            if request.url.path in {"/rank", "/news", "/health", "/metrics", "/", "/users"}
-            else "other"
-        )
-        try:
-            response = await call_next(request)
-        except Exception:  # last resort: never a bare 500 page, always counted
-            metrics.observe(path, 500, time.perf_counter() - t0)
-            raise
-        metrics.observe(path, response.status_code, time.perf_counter() - t0)
-        return response
+    app.add_middleware(MetricsMiddleware, metrics=metrics)
 
     @app.get("/health")
     def health() -> dict:
@@ -294,7 +349,7 @@ def create_app(
         return metrics.render(len(state["index"].snapshot.index))
 
     @app.post("/rank", response_model=RankResponse, response_model_exclude_none=True)
-    def rank(req: RankRequest) -> RankResponse:
+    async def rank(req: RankRequest) -> RankResponse:
         snap: Snapshot = state["index"].snapshot
         if len(req.history) > limits.max_history:
             raise HTTPException(413, f"history has {len(req.history)} ids; the limit is {limits.max_history}")
@@ -322,7 +377,7 @@ def create_app(
             cand_rows = np.array([snap.index[i] for i in cands], dtype=np.int64)
         if len(cand_rows) == 0:
             return RankResponse(ranked=[], history_used=0, candidates=0, note="no candidates")
-        scores, att, Lb = state["ranker"].rank(snap, hist_rows, cand_rows, req.explain)
+        scores, att, Lb = await state["ranker"].rank_async(snap, hist_rows, cand_rows, req.explain)
         order = np.argsort(-scores, kind="stable")[: req.top_k]
         used = hist_rows[-state["ranker"].max_history :]
         tok = state["run"].tokenizer

@@ -2,7 +2,8 @@
 
 Rows live in growable arrays (capacity doubles), so appending n news costs O(n) amortised.
 Each request reads one `Snapshot` (an atomic reference), so a concurrent append never
-shows it a half-updated index: rows below a snapshot's `n` are never modified.
+shows it a half-updated index: rows below a snapshot's `n` are never modified. A snapshot
+also views its arrays as torch tensors, so a batch is gathered with one `index_select`.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ import threading
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from rmbert.encoders.store import NewsStore
 
@@ -46,16 +48,21 @@ class Snapshot:
     index: dict[str, int]  # id -> latest row
     info: list[dict]  # per row (row 0 = null)
     fresh: np.ndarray  # live rows, most recently added first
+    tensors: dict[str, torch.Tensor]  # the arrays, viewed (not copied) as tensors
+
+
+BASE = ("cls", "tokens", "mask", "input_ids")
 
 
 class ServingIndex:
-    """`extra(cls [n, D]) -> {name: [n, ...]}` adds per-news arrays (a model's precomputed news terms)."""
+    """`prepare({cls, tokens, mask, input_ids} of n news) -> {name: [n, ...]}` adds per-news arrays
+    (a model's precomputed news terms) or replaces some (standardised vectors)."""
 
-    def __init__(self, store: NewsStore, extra=None) -> None:
+    def __init__(self, store: NewsStore, prepare=None) -> None:
         self.store = store
-        self.extra = extra or (lambda cls: {})
-        base = {k: store.arrays[k] for k in ("cls", "tokens", "mask", "input_ids")}
-        self.rows = Rows({**base, **self.extra(np.asarray(store.arrays["cls"]))})
+        self.prepare = prepare or (lambda arrays: {})
+        base = {k: np.asarray(store.arrays[k]) for k in BASE}
+        self.rows = Rows({**base, **self.prepare(base)})
         self.info = [{}] + list(store.info)
         self.index = dict(store.index)
         self.lock = threading.Lock()  # serialises appends; reads never wait
@@ -65,14 +72,14 @@ class ServingIndex:
         live = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
         added = np.array([self.info[r].get("added", 0.0) for r in live])
         fresh = live[np.lexsort((-live, -added))]
-        return Snapshot(self.rows.n, dict(self.rows.data), dict(self.index), list(self.info), fresh)
+        arrays = dict(self.rows.data)
+        tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
+        return Snapshot(self.rows.n, arrays, dict(self.index), list(self.info), fresh, tensors)
 
     def add(self, store: NewsStore, first_new: int) -> None:
         """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""
-        new = {
-            k: np.asarray(store.arrays[k][first_new + 1 :]) for k in ("cls", "tokens", "mask", "input_ids")
-        }
-        new.update(self.extra(new["cls"]))
+        new = {k: np.asarray(store.arrays[k][first_new + 1 :]) for k in BASE}
+        new.update(self.prepare(new))
         self.rows.append(new)
         for r, nid in enumerate(store.ids[first_new:], start=first_new + 1):
             self.index[nid] = r
