@@ -281,3 +281,31 @@ def test_one_padded_batch_scores_each_request_as_alone(served):
                 assert np.allclose(att["history"][..., : len(job.hist_rows)], att1["history"], atol=1e-6)
     finally:
         ranker.close()
+
+
+def test_a_baseline_serves_what_it_evaluates(tiny_encoder, planted, tmp_path):
+    """NRMS over the same store, without standardisation: the generic (unfolded) scoring path."""
+    cfg = RunConfig()
+    cfg = dataclasses.replace(
+        cfg,
+        model="nrms",
+        encoder=dataclasses.replace(cfg.encoder, name=str(tiny_encoder), max_title_len=12),
+        train=dataclasses.replace(cfg.train, epochs=1, batch_size=8, checkpoint_every=0, max_steps=5),
+    )
+    train(cfg, planted / "train", tmp_path / "run", planted / "dev", progress=False)
+    news = str(planted / "dev" / "news.tsv")
+    assert (
+        main(["--quiet", "encode", str(tmp_path / "run"), "--news", news, "--out", str(tmp_path / "s")]) == 0
+    )
+    split = load_split(planted / "dev")
+    imps = split.impressions
+    run = load_run(tmp_path / "run")
+    scores = score_impressions(run.model, run.batcher(split, run.store([split], progress=False)))
+    with TestClient(create_app(tmp_path / "run", tmp_path / "s")) as c:
+        for i in range(3):
+            hist = [split.news.ids[j] for j in imps.hist[imps.hist_ptr[i] : imps.hist_ptr[i + 1]]]
+            cands = [split.news.ids[j] for j in imps.cand[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]]
+            r = c.post("/rank", json={"history": hist, "candidates": cands, "top_k": 100})
+            got = {x["id"]: x["score"] for x in r.json()["ranked"]}
+            want = scores[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]
+            assert np.allclose([got[k] for k in cands], want, rtol=0, atol=1e-5)
