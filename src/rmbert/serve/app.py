@@ -157,25 +157,22 @@ class Ranker:
     @torch.inference_mode()
     def prepare(self, arrays: dict[str, np.ndarray], chunk: int = 2048) -> dict[str, np.ndarray]:
         """Per-news arrays for the serving index: standardised vectors (if the run standardises)
-        and, for RMBERT, the folded form's news terms. Runs once per news, in chunks."""
-        side, out = self.run.model.news, {}
-        if self.run.cfg.encoder.standardize:
-            cls, tok = side.standardize(
-                torch.from_numpy(np.array(arrays["cls"], dtype=np.float32)),
-                torch.from_numpy(np.array(arrays["tokens"], dtype=np.float32)),
-                torch.from_numpy(np.array(arrays["mask"])),
-            )
-            out.update(cls=cls.numpy(), tokens=tok.numpy())
-        if self.folded is not None:
-            cls, tok = out.get("cls", arrays["cls"]), out.get("tokens", arrays["tokens"])
-            parts = []
-            for i in range(0, len(cls), chunk):
-                x = torch.from_numpy(np.asarray(cls[i : i + chunk], dtype=np.float32))
-                X = torch.from_numpy(np.asarray(tok[i : i + chunk], dtype=np.float32))
-                parts.append(self.folded.news_terms(NewsRepr(x, X, None)))
-            for k in ("base", "K", "click"):
-                out[k] = torch.cat([getattr(t, k) for t in parts]).numpy() if parts else np.zeros((0,))
-        return out
+        and, for RMBERT, the folded form's news terms. Runs once per news, `chunk` news at a time."""
+        side, standardize = self.run.model.news, self.run.cfg.encoder.standardize
+        parts: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(arrays["cls"]), chunk):
+            x = torch.from_numpy(np.array(arrays["cls"][i : i + chunk], dtype=np.float32))
+            X = torch.from_numpy(np.array(arrays["tokens"][i : i + chunk], dtype=np.float32))
+            got = {}
+            if standardize:
+                x, X = side.standardize(x, X, torch.from_numpy(np.array(arrays["mask"][i : i + chunk])))
+                got.update(cls=x, tokens=X)
+            if self.folded is not None:
+                t = self.folded.news_terms(NewsRepr(x, X, None))
+                got.update(base=t.base, K=t.K, click=t.click)
+            for k, v in got.items():
+                parts.setdefault(k, []).append(v)
+        return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
     async def rank_async(self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, explain: bool):
         """-> scores [C], attention {title [C, p, L], history [C, p, M]} or None, L used.
