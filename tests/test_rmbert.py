@@ -9,6 +9,12 @@ from rmbert.encoders.bert import NewsRepr
 from rmbert.models.rmbert import RMBERT, RMBERTConfig
 
 B, C, M, L, D = 3, 5, 7, 6, 16
+ABLATIONS = [
+    {"prev_query": False},
+    {"prev_memory": False},
+    {"attention": False},
+    {"query_attention": "sigmoid"},
+]
 
 
 def inputs(seed=0, empty_history_row=None):
@@ -94,15 +100,7 @@ def test_empty_history_is_a_candidate_only_prior():
     assert torch.isfinite(Hg.grad).all()
 
 
-@pytest.mark.parametrize(
-    "change",
-    [
-        {"prev_query": False},
-        {"prev_memory": False},
-        {"attention": False},
-        {"query_attention": "sigmoid"},
-    ],
-)
+@pytest.mark.parametrize("change", ABLATIONS)
 def test_each_ablation_changes_the_computation(change):
     full = model()
     ablated = model(**change)
@@ -168,16 +166,7 @@ def test_overfits_one_batch():
 
 
 @pytest.mark.parametrize(
-    "change",
-    [
-        {},
-        {"prev_query": False},
-        {"prev_memory": False},
-        {"attention": False},
-        {"query_attention": "sigmoid"},
-        {"steps": 1},
-        {"steps": 5, "memory_dim": 9, "click_hidden": 11},
-    ],
+    "change", [{}, *ABLATIONS, {"steps": 1}, {"steps": 5, "memory_dim": 9, "click_hidden": 11}]
 )
 def test_folded_inference_equals_the_model(change):
     m = model(**change).eval()

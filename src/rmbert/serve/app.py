@@ -174,7 +174,7 @@ class Ranker:
                 parts.setdefault(k, []).append(v)
         return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
-    async def rank_async(self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, explain: bool):
+    async def rank(self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, explain: bool):
         """-> scores [C], attention {title [C, p, L], history [C, p, M]} or None, L used.
 
         Awaits the worker thread; the event loop stays free for other requests meanwhile."""
@@ -215,8 +215,9 @@ class Ranker:
         """src[rows] as float32, gathered into buffers the worker reuses: a fresh [B C, L, D]
         tensor per batch would be a fresh mmap, and its page faults cost more than the gather."""
         n = len(rows)
-        if name not in self.buffers or len(self.buffers[name][0]) < n:
-            size = (max(n, 2 * len(self.buffers[name][0])) if name in self.buffers else n, *src.shape[1:])
+        have = len(self.buffers[name][0]) if name in self.buffers else 0
+        if have < n:
+            size = (max(n, 2 * have), *src.shape[1:])
             self.buffers[name] = (torch.empty(size, dtype=src.dtype), torch.empty(size))
         raw, f32 = self.buffers[name]
         torch.index_select(src, 0, rows, out=raw[:n])
@@ -238,7 +239,6 @@ class Ranker:
         hm = hist_t > 0
         xmask = T["mask"].index_select(0, cand_t)  # [B C, L]
         Lb = int(xmask.any(0).nonzero().max()) + 1 if xmask.any() else 1  # the batch's longest title
-
         D = T["cls"].shape[1]
         H = T["cls"].index_select(0, hist_t.flatten()).float().view(B, M, D)
         X = self._take("tokens", T["tokens"], cand_t)[:, :Lb].view(B, C, Lb, D)
@@ -374,7 +374,7 @@ def create_app(
             cand_rows = np.array([snap.index[i] for i in cands], dtype=np.int64)
         if len(cand_rows) == 0:
             return RankResponse(ranked=[], history_used=0, candidates=0, note="no candidates")
-        scores, att, Lb = await state["ranker"].rank_async(snap, hist_rows, cand_rows, req.explain)
+        scores, att, Lb = await state["ranker"].rank(snap, hist_rows, cand_rows, req.explain)
         order = np.argsort(-scores, kind="stable")[: req.top_k]
         used = hist_rows[-state["ranker"].max_history :]
         tok = state["run"].tokenizer
