@@ -9,9 +9,14 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-# Biases that add the same constant to every logit of a softmax get an analytic gradient of zero;
-# Adam turns their float noise into steps, so they may differ between runs without changing any score.
-SHIFT_ONLY = {"rec.W_alpha.bias", "rec.W_beta.bias", "rec.W_I.bias"}
+from rmbert.data.mind import load_split
+from rmbert.evaluate import score_impressions
+from rmbert.run import load_run
+
+# Parameters that only add the same constant to every logit of a softmax, so their analytic gradient
+# is zero and Adam turns float noise into steps: b_a (title logits, eq. 3), b_beta and v . b_I
+# (history logits, eq. 6), and b_H, which enters them as ((W_I1^T v) * r) . b_H for every item j.
+SHIFT_ONLY = {"rec.W_alpha.bias", "rec.W_beta.bias", "rec.W_I.bias", "rec.W_H.bias"}
 
 
 def same_weights(a, b):
@@ -19,6 +24,22 @@ def same_weights(a, b):
     for k in a:
         if k not in SHIFT_ONLY:
             assert torch.allclose(a[k], b[k], atol=1e-5), k
+
+
+def split_logits(run_dir, split_dir):
+    """What users see: the run's click logits for every candidate row of a split."""
+    run = load_run(run_dir)
+    split = load_split(split_dir)
+    batcher = run.batcher(split, run.store([split], progress=False))
+    return torch.from_numpy(score_impressions(run.model, batcher, 16))
+
+
+def same_run(a_dir, b_dir, split_dir):
+    """Two runs are the same model: equal weights (but shift-only biases) and equal logits on a split."""
+    same_weights(load_file(str(a_dir / "model.safetensors")), load_file(str(b_dir / "model.safetensors")))
+    la, lb = split_logits(a_dir, split_dir), split_logits(b_dir, split_dir)
+    assert la.std() > 1e-3  # the logits carry signal: a constant model would pass trivially
+    torch.testing.assert_close(la, lb, atol=1e-4, rtol=1e-4)
 
 
 def run_train(args, nproc, tmp_path, env_extra=None):
@@ -62,16 +83,14 @@ def test_two_processes_equal_one(tiny_encoder, planted, tmp_path):
     ]
     run_train([*common, "--out", str(tmp_path / "one")], 1, tmp_path)
     run_train([*common, "--out", str(tmp_path / "two")], 2, tmp_path)
-    a = load_file(str(tmp_path / "one" / "model.safetensors"))
-    b = load_file(str(tmp_path / "two" / "model.safetensors"))
-    same_weights(a, b)
+    same_run(tmp_path / "one", tmp_path / "two", planted / "dev")
     m1 = json.loads((tmp_path / "one" / "metrics.json").read_text())["valid"]
     m2 = json.loads((tmp_path / "two" / "metrics.json").read_text())["valid"]
     assert m1["auc"] == pytest.approx(m2["auc"], abs=1e-4) and m1["mrr"] == pytest.approx(m2["mrr"], abs=1e-4)
     # resume across a restart: stop after 5 steps, then continue with 2 processes
     run_train([*common, "--out", str(tmp_path / "r"), "--set", "train.max_steps=5"], 2, tmp_path)
     run_train([*common, "--out", str(tmp_path / "r"), "--resume"], 2, tmp_path)
-    same_weights(a, load_file(str(tmp_path / "r" / "model.safetensors")))
+    same_run(tmp_path / "one", tmp_path / "r", planted / "dev")
 
 
 @pytest.mark.skipif(not torch.distributed.is_available(), reason="torch.distributed missing")
