@@ -62,6 +62,9 @@ def test_test_split_without_labels(tmp_path):
         ("behaviors.tsv", 1, "x\tU1\t11/15/2019 8:55:22 AM\tN1\tN2-1", "not an integer"),
         ("news.tsv", 2, "N2\tfinance\tsub\tStocks rally", "expected 8"),
         ("news.tsv", 3, news_line("N1", "dup"), "duplicate news id"),
+        ("news.tsv", 2, 'N2\tfinance\tsub\tStocks\t\turl\t[{"Label": "X"\t[]', "not valid JSON"),
+        ("news.tsv", 2, 'N2\tfinance\tsub\tStocks\t\turl\t[]\t[{"Label": "X"}]', "without a WikidataId"),
+        ("news.tsv", 1, "N1\tfinance\tsub\tStocks\t\turl\t{}\t[]", "not a JSON list"),
     ],
 )
 def test_malformed_lines_name_file_and_line(tmp_path, which, line, content, needle):
@@ -108,3 +111,26 @@ def test_cli_check_ok_and_broken(tmp_path, capsys):
     assert main(["data", "check", str(bad), "--encoder", "none"]) == 2
     err = capsys.readouterr().err
     assert "behaviors.tsv:2:" in err and "Traceback" not in err
+
+
+def entity(qid: str, label: str = "E") -> dict:
+    return {"Label": label, "Type": "P", "WikidataId": qid, "Confidence": 1.0, "OccurrenceOffsets": [0]}
+
+
+def test_entities_parse_into_csr_arrays(tmp_path):
+    t1, a1 = json.dumps([entity("Q1"), entity("Q2"), entity("Q1")]), json.dumps([entity("Q3"), entity("Q2")])
+    news = [
+        f"N1\tsports\tsub\tStorm\tabs\turl\t{t1}\t{a1}",
+        "N2\tsports\tsub\tCalm\t\turl\t\t",
+        f"N3\tsports\tsub\tDunk\t\turl\t[]\t{json.dumps([entity('Q9')])}",
+    ]
+    s = load_split(write_split(tmp_path / "e", news, ["1\tU1\t11/15/2019 8:55:22 AM\tN1\tN2-1"]))
+    te, ae = s.news.title_entities, s.news.abstract_entities
+    assert te.ptr.tolist() == [0, 2, 2, 2] and te.of(0) == [
+        "Q1",
+        "Q2",
+    ]  # a repeat within one news counts once
+    assert ae.ptr.tolist() == [0, 2, 2, 3] and ae.of(0) == ["Q3", "Q2"] and ae.of(2) == ["Q9"]
+    assert s.news.entities(0) == ["Q1", "Q2", "Q3"] and s.news.entities(1) == []
+    out = summarize(s)
+    assert out["news_with_entities"] == 2 and out["entities_unique"] == 4

@@ -166,7 +166,16 @@ def test_overfits_one_batch():
 
 
 @pytest.mark.parametrize(
-    "change", [{}, *ABLATIONS, {"steps": 1}, {"steps": 5, "memory_dim": 9, "click_hidden": 11}]
+    "change",
+    [
+        {},
+        *ABLATIONS,
+        {"steps": 1},
+        {"steps": 5, "memory_dim": 9, "click_hidden": 11},
+        {"click_product": True},
+        {"click_product": True, "steps": 1, "memory_dim": 9, "click_hidden": 11},
+        {"click_product": True, "prev_memory": False},
+    ],
 )
 def test_folded_inference_equals_the_model(change):
     m = model(**change).eval()
@@ -177,3 +186,27 @@ def test_folded_inference_equals_the_model(change):
     assert torch.allclose(got, want, atol=1e-9)
     assert torch.allclose(att2["title"], att["title"], atol=1e-9)
     assert torch.allclose(att2["history"], att["history"], atol=1e-9)
+
+
+def test_click_product_adds_a_similarity_path():
+    """Eq. 8': with P and W_1p zeroed the score is the paper's; otherwise it reads x_n * P m_p."""
+    H, hmask, cand = dbl(*inputs(3))
+    paper, prod = model(seed=4), model(seed=4, click_product=True)
+    prod.load_state_dict(paper.state_dict(), strict=False)
+    assert set(prod.state_dict()) - set(paper.state_dict()) == {"P.weight", "P.bias", "W_1p.weight"}
+    with torch.no_grad():
+        prod.W_1p.weight.zero_()
+    assert torch.allclose(prod(H, hmask, cand), paper(H, hmask, cand))
+    with torch.no_grad():
+        prod.W_1p.weight.normal_()
+    x, m = cand.cls, None
+    logits, _ = prod.reason(prod.user_state(NewsRepr(H, None, None), hmask), cand)
+    assert not torch.allclose(logits, paper(H, hmask, cand))
+    # the new path is exactly W_1p (x * (P m_p + b_P)) before the ReLU: rebuild it by hand
+    state = prod.user_state(NewsRepr(H, None, None), hmask)
+    k, m = x, prod.m0.expand(B, C, -1)
+    for i in range(prod.cfg.steps):
+        k, _ = prod.query_step(i, x, k, cand.tokens, cand.mask)
+        m, _ = prod.memory_step(k, m, state, C)
+    pre = prod.W_1(torch.cat([x, m], -1)) + (x * (m @ prod.P.weight.T + prod.P.bias)) @ prod.W_1p.weight.T
+    assert torch.allclose(logits, prod.W_2(torch.relu(pre)).squeeze(-1))

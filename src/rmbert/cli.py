@@ -67,9 +67,9 @@ def cmd_score(a: argparse.Namespace) -> int:
 def _run_config(a: argparse.Namespace):
     from dataclasses import replace
 
-    from rmbert.config import RunConfig, apply_overrides
+    from rmbert.config import apply_overrides, preset
 
-    cfg = RunConfig()
+    cfg = preset(a.preset)
     cfg = replace(cfg, model=a.model, encoder=replace(cfg.encoder, name=a.encoder, mode=a.encoder_mode))
     if a.epochs is not None:
         cfg = replace(cfg, train=replace(cfg.train, epochs=a.epochs))
@@ -137,7 +137,10 @@ def cmd_encode(a: argparse.Namespace) -> int:
 
     run = load_run(a.run)
     news = load_news(a.news)
-    info = [{"category": c, "subcategory": s} for c, s in zip(news.category, news.subcategory)]
+    info = [
+        {"category": c, "subcategory": s, "entities": news.entities(i)}
+        for i, (c, s) in enumerate(zip(news.category, news.subcategory))
+    ]
     if (a.out / "meta.json").is_file():
         store = NewsStore.open(a.out)
         if store.meta.get("encoder") != run.fingerprint:
@@ -184,18 +187,23 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
 
 def cmd_reproduce(a: argparse.Namespace) -> int:
-    from dataclasses import replace
-
-    from rmbert.config import RunConfig, apply_overrides
     from rmbert.reproduce import run_grid
 
-    cfg = RunConfig()
-    cfg = replace(cfg, encoder=replace(cfg.encoder, name=a.encoder, mode=a.encoder_mode))
+    overrides = [f"encoder.name={a.encoder}", f"encoder.mode={a.encoder_mode}"]
     budget = {"max_steps": a.max_steps, "epochs": a.epochs, "valid_fraction": a.valid_fraction}
-    cfg = replace(cfg, train=replace(cfg.train, **{k: v for k, v in budget.items() if v is not None}))
-    cfg = apply_overrides(cfg, a.set or [])
+    overrides += [f"train.{k}={v}" for k, v in budget.items() if v is not None]
     rows = [r.strip() for r in a.rows.split(",")] if a.rows else None
-    summary = run_grid(a.grid, a.train, a.test, a.out, cfg, a.seeds, rows, a.valid, progress=not a.quiet)
+    summary = run_grid(
+        a.grid,
+        a.train,
+        a.test,
+        a.out,
+        overrides + (a.set or []),
+        a.seeds,
+        rows,
+        a.valid,
+        progress=not a.quiet,
+    )
     _print({"out": str(a.out), "rows": summary})
     return 0
 
@@ -208,6 +216,8 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from rmbert.config import PRESETS
+
     p = argparse.ArgumentParser(prog="rmbert", description="RMBERT news recommendation on MIND-format data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
     common = argparse.ArgumentParser(add_help=False)
@@ -271,6 +281,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. rmbert.steps=2"
     )
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument(
+        "--preset",
+        default="default",
+        choices=sorted(PRESETS),
+        help="default (the best RMBERT here) | paper (the paper's exact model); --set applies on top",
+    )
     t.set_defaults(func=cmd_train)
 
     for name, helptext in (

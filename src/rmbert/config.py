@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from rmbert.encoders.bert import EncoderConfig
+from rmbert.models.features import FeatureConfig
 from rmbert.models.lstur import LSTURConfig
 from rmbert.models.npa import NPAConfig
 from rmbert.models.nrms import NRMSConfig
@@ -30,6 +31,8 @@ class TrainConfig:
     weight_decay: float = 0.0
     negatives: int = 0  # K sampled negatives per click; 0 = every candidate, pointwise (the paper)
     loss: str = "bce"  # bce (pointwise, the paper) | softmax (over click + K negatives)
+    schedule: str = "constant"  # learning rate: constant (the paper) | linear (decay to 0 at the last epoch)
+    warmup: float = 0.0  # share of all steps with a linear warm-up from 0
     max_history: int = 50  # M: the most recent clicks kept
     valid_fraction: float = 0.1  # used when no --valid split is given
     patience: int = 2  # epochs without a better validation AUC before stopping
@@ -47,12 +50,27 @@ class TrainConfig:
             raise ValueError(f"train.loss must be bce or softmax, not {self.loss!r}")
         if self.loss == "softmax" and self.negatives < 1:
             raise ValueError("train.loss=softmax needs train.negatives >= 1")
+        if self.schedule not in ("constant", "linear"):
+            raise ValueError(f"train.schedule must be constant or linear, not {self.schedule!r}")
+        if not 0.0 <= self.warmup < 1.0:
+            raise ValueError(f"train.warmup must be in [0, 1), not {self.warmup}")
+
+    def lr_factor(self, step: int, total: int) -> float:
+        """The learning-rate multiplier at optimizer step `step` (0-based) of `total`."""
+        f = 1.0
+        warm = int(self.warmup * total)
+        if warm and step < warm:
+            f = (step + 1) / warm
+        if self.schedule == "linear" and total > 0:
+            f *= max(0.0, 1.0 - step / total)
+        return f
 
 
 @dataclass(frozen=True)
 class RunConfig:
     model: str = "rmbert"  # rmbert | nrms | lstur | npa (each reads its own section below)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
+    features: FeatureConfig = field(default_factory=FeatureConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     rmbert: RMBERTConfig = field(default_factory=RMBERTConfig)
     nrms: NRMSConfig = field(default_factory=NRMSConfig)
@@ -68,6 +86,36 @@ class RunConfig:
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
         return from_dict(cls, json.loads(Path(path).read_text()))
+
+
+# Presets are code: named sets of overrides on the defaults. `paper` is the paper's exact model
+# and training objective (RMBERT eq. 1-8 over h[CLS] of titles only, pointwise BCE over every
+# candidate, constant learning rate, batches of 50); the defaults add what `benchmarks/quality.py`
+# showed to help across generators and scales (see docs/results/quality.md).
+PRESETS: dict[str, list[str]] = {
+    "default": [],
+    "paper": [
+        "encoder.pooling=cls",
+        "encoder.standardize=false",
+        "features.category=false",
+        "features.subcategory=false",
+        "features.entities=false",
+        "rmbert.click_product=false",
+        "rmbert.query_attention=softmax",
+        "train.loss=bce",
+        "train.negatives=0",
+        "train.schedule=constant",
+        "train.warmup=0",
+        "train.batch_size=50",
+    ],
+}
+
+
+def preset(name: str, base: RunConfig | None = None) -> RunConfig:
+    """The named preset applied to `base` (default: the defaults)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown preset {name!r}; choose one of {', '.join(PRESETS)}")
+    return apply_overrides(base or RunConfig(), PRESETS[name])
 
 
 def _hints(cls: type) -> dict[str, Any]:

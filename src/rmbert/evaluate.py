@@ -47,10 +47,11 @@ def evaluate_scores(batcher: ImpressionBatcher, scores: np.ndarray) -> dict:
     return mind_metrics(imps.labels, scores, imps.cand_ptr)
 
 
-def cosine_baseline_scores(store: NewsStore, batcher: ImpressionBatcher) -> np.ndarray:
-    """No-training baseline: max cosine similarity of a candidate's [CLS] vector to the history's."""
-    cls = np.asarray(store.arrays["cls"], dtype=np.float32)
-    norm = cls / np.maximum(np.linalg.norm(cls, axis=1, keepdims=True), 1e-6)
+def cosine_baseline_scores(store: NewsStore, batcher: ImpressionBatcher, pooling: str = "mean") -> np.ndarray:
+    """No-training baseline: max cosine similarity of a candidate's frozen news vector to the
+    history's, with mean-pooled title vectors (a sentence encoder's own vectors) or h[CLS]."""
+    vec = np.asarray(store.pooled() if pooling == "mean" else store.arrays["cls"], dtype=np.float32)
+    norm = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-6)
     imps = batcher.imps
     scores = np.zeros(len(imps.cand), dtype=np.float32)
     for i in range(len(imps)):

@@ -18,7 +18,7 @@ from pathlib import Path
 import numpy as np
 from tqdm import tqdm
 
-from rmbert.config import RunConfig, apply_overrides
+from rmbert.config import RunConfig, apply_overrides, preset
 from rmbert.data.mind import load_split
 from rmbert.evaluate import evaluate_scores, score_impressions
 from rmbert.metrics import METRIC_KEYS
@@ -45,6 +45,7 @@ class Row:
     mode: str | None = None  # None: the grid's --encoder-mode
     overrides: tuple[str, ...] = ()
     paper: str | None = None  # the paper's row it corresponds to
+    preset: str = "paper"  # the paper's rows run the paper's exact model and objective
 
     @property
     def slug(self) -> str:
@@ -54,6 +55,7 @@ class Row:
 GRIDS: dict[str, list[Row]] = {
     "table1": [
         Row("RMBERT", paper="RMBERT"),
+        Row("RMBERT (default)", preset="default"),
         Row("NRMS", "nrms", paper="NRMS"),
         Row("LSTUR", "lstur", paper="LSTUR"),
         Row("NPA", "npa", paper="NPA"),
@@ -74,8 +76,10 @@ GRIDS: dict[str, list[Row]] = {
 ABLATIONS = ["RMBERT", "w/o PQ", "w/o PM", "w/o Att", "w/o BERT"]
 
 
-def run_config(base: RunConfig, row: Row, seed: int) -> RunConfig:
-    cfg = dataclasses.replace(base, model=row.model, train=dataclasses.replace(base.train, seed=seed))
+def run_config(overrides: list[str], row: Row, seed: int) -> RunConfig:
+    """The row's preset, then the grid's overrides (encoder, budget, --set), then the row's own."""
+    cfg = apply_overrides(preset(row.preset), overrides)
+    cfg = dataclasses.replace(cfg, model=row.model, train=dataclasses.replace(cfg.train, seed=seed))
     if row.mode:
         cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, mode=row.mode))
     return apply_overrides(cfg, list(row.overrides))
@@ -86,7 +90,7 @@ def run_grid(
     train_dir: Path,
     test_dir: Path,
     out: Path,
-    base: RunConfig,
+    overrides: list[str],
     seeds: int = 3,
     rows: list[str] | None = None,
     valid_dir: Path | None = None,
@@ -108,7 +112,7 @@ def run_grid(
         bar.set_postfix_str(f"{row.name} seed {seed}")
         if result_file.is_file():
             continue
-        cfg = run_config(base, row, seed)
+        cfg = run_config(overrides, row, seed)
         resume = (run_dir / "config.json").is_file()
         t = train(cfg, train_dir, run_dir, valid_dir, resume=resume, progress=False)
         loaded = load_run(run_dir)

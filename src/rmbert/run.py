@@ -4,6 +4,7 @@ RUN/config.json        the resolved RunConfig
 RUN/model.safetensors  best weights (recommender; encoder too unless it was frozen)
 RUN/tokenizer/         the tokenizer (the encoder itself is the named base when frozen)
 RUN/users.txt          training users (models with user embeddings)
+RUN/features.json      the news-feature vocabulary (runs with `features.*` switched on)
 RUN/metrics.json, log.csv, curves.png, checkpoint.pt (resume state)
 """
 
@@ -12,6 +13,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
@@ -21,6 +23,7 @@ from rmbert.data.mind import Split
 from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer
 from rmbert.encoders.news import STORE_KIND, NewsSide, make_encoder
 from rmbert.encoders.store import NewsStore, cached_store, encoder_fingerprint
+from rmbert.models.features import FeatureVocab, NewsFeatures
 from rmbert.models.registry import NewsRecModel, build_recommender
 
 
@@ -57,8 +60,23 @@ def store_for(
 
 def build_model(cfg: RunConfig, encoder: BertNewsEncoder, store: NewsStore | None) -> NewsRecModel:
     enc = make_encoder(cfg.encoder.mode, encoder)
-    news = NewsSide(cfg.encoder.mode, enc, store, cfg.encoder.top_k, cfg.encoder.dedup)  # type: ignore[arg-type]
-    return NewsRecModel(news, build_recommender(cfg))
+    e = cfg.encoder
+    news = NewsSide(e.mode, enc, store, e.top_k, e.dedup, e.pooling)  # type: ignore[arg-type]
+    features = NewsFeatures(cfg.features, encoder.dim) if cfg.features.any else None
+    return NewsRecModel(news, build_recommender(cfg), features)
+
+
+def feature_ids(cfg: RunConfig, vocab: FeatureVocab | None, store: NewsStore, splits: list[Split]):
+    """Feature ids [store rows, F] of the splits' news (None when the run reads no features)."""
+    if not cfg.features.any or vocab is None:
+        return None
+    F = 2 + cfg.features.max_entities
+    out = np.zeros((len(store) + 1, F), np.int64)
+    for split in splits:
+        rows = store.rows(split.news.ids)
+        ids = vocab.news_ids(split.news, cfg.features.max_entities)
+        out[rows[rows > 0]] = ids[rows > 0]
+    return out
 
 
 def weights(model: NewsRecModel, cfg: RunConfig) -> dict[str, torch.Tensor]:
@@ -93,12 +111,14 @@ class LoadedRun:
     tokenizer: object
     user_index: dict[str, int]
     fingerprint: str
+    vocab: FeatureVocab | None = None
 
     def store(self, splits: list[Split], progress: bool = True) -> NewsStore:
         return store_for(self.cfg, self.encoder, self.tokenizer, splits, progress, self.fingerprint)
 
     def batcher(self, split: Split, store: NewsStore) -> ImpressionBatcher:
         self.model.news.set_store(store)
+        self.model.set_feature_ids(feature_ids(self.cfg, self.vocab, store, [split]))
         rows = store.rows(split.news.ids)
         return ImpressionBatcher(split.impressions, rows, self.cfg.train.max_history, self.user_index)
 
@@ -113,11 +133,12 @@ def load_run(path: str | Path, device: torch.device | None = None) -> LoadedRun:
     encoder, tokenizer = load_encoder(cfg, path / "tokenizer")
     users = (path / "users.txt").read_text().split("\n") if (path / "users.txt").is_file() else []
     user_index = {u: i + 1 for i, u in enumerate(users) if u}
+    vocab = FeatureVocab.load(path / "features.json") if cfg.features.any else None
     model = build_model(cfg, encoder, None)
     load_weights(model, load_file(str(path / "model.safetensors")))
     model.eval()
     if device is not None:
         model.to(device)
     return LoadedRun(
-        path, cfg, model, encoder, tokenizer, user_index, encoder_fingerprint(encoder, tokenizer)
+        path, cfg, model, encoder, tokenizer, user_index, encoder_fingerprint(encoder, tokenizer), vocab
     )

@@ -27,8 +27,9 @@ from rmbert.data.batching import Batch, ImpressionBatcher
 from rmbert.data.mind import Split, load_split
 from rmbert.evaluate import evaluate_scores, score_impressions
 from rmbert.models.base import NEG
+from rmbert.models.features import FeatureVocab
 from rmbert.models.registry import NewsRecModel, resolve
-from rmbert.run import build_model, load_encoder, load_weights, save_weights, store_for, weights
+from rmbert.run import build_model, feature_ids, load_encoder, load_weights, save_weights, store_for, weights
 
 LOG_FIELDS = [
     "step",
@@ -193,7 +194,8 @@ def train(
     encoder, tokenizer = load_encoder(cfg)
     users = train_split.impressions.users
     user_index = {u: i + 1 for i, u in enumerate(users)}
-    cfg = resolve(cfg, encoder.dim, len(users))
+    vocab = FeatureVocab.fit(train_split.news, cfg.features) if cfg.features.any else None
+    cfg = resolve(cfg, encoder.dim, len(users), vocab)
     if rank != 0:
         dist.barrier()  # rank 0 builds the news store first; the others then open it
     store = store_for(cfg, encoder, tokenizer, [train_split, valid_split], progress and rank == 0)
@@ -201,6 +203,7 @@ def train(
         dist.barrier()
     torch.manual_seed(cfg.train.seed)  # the recommender's initial weights depend on the seed only
     model = build_model(cfg, encoder, store).to(device)
+    model.set_feature_ids(feature_ids(cfg, vocab, store, [train_split, valid_split]))
     if cfg.encoder.mode == "frozen" and cfg.encoder.standardize:
         model.news.fit_standardizer(seed=cfg.train.seed)
     rows = store.rows(train_split.news.ids)
@@ -211,9 +214,9 @@ def train(
 
     enc_params = [p for p in model.news.parameters() if p.requires_grad]
     rec_params = [p for p in model.rec.parameters() if p.requires_grad]
-    groups = [{"params": rec_params, "lr": cfg.train.lr}]
+    groups = [{"params": rec_params, "lr": cfg.train.lr, "base_lr": cfg.train.lr}]
     if enc_params:
-        groups.append({"params": enc_params, "lr": cfg.train.encoder_lr})
+        groups.append({"params": enc_params, "lr": cfg.train.encoder_lr, "base_lr": cfg.train.encoder_lr})
     opt = torch.optim.Adam(groups, weight_decay=cfg.train.weight_decay)
 
     prog = Progress()
@@ -230,6 +233,8 @@ def train(
         cfg.save(out / "config.json")
         tokenizer.save_pretrained(out / "tokenizer")
         (out / "users.txt").write_text("\n".join(users))
+        if vocab is not None:
+            vocab.save(out / "features.json")
 
     net: torch.nn.Module = model
     if world > 1:
@@ -264,6 +269,10 @@ def train(
             with autocast(cfg, device):
                 logits = net(batch)
             loss = batch_loss(logits, batch, cfg, denom / world)
+            total = min(tc.epochs * n_steps, tc.max_steps or tc.epochs * n_steps)
+            lr_f = tc.lr_factor(prog.global_step, total)
+            for g in opt.param_groups:
+                g["lr"] = g["base_lr"] * lr_f
             opt.zero_grad(set_to_none=True)
             loss.backward()
             if tc.grad_clip > 0:

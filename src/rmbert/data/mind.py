@@ -8,6 +8,7 @@ Malformed input raises `MindFormatError`, whose message is `file:line: what is w
 from __future__ import annotations
 
 import calendar
+import json
 import re
 from array import array
 from dataclasses import dataclass, field
@@ -49,6 +50,23 @@ def read_lines(path: str | Path) -> list[str]:
 
 
 @dataclass
+class Entities:
+    """Entity columns of news.tsv as CSR arrays: news `i` links `names[ids[ptr[i]:ptr[i+1]]]`
+    (WikidataIds, in file order, each once per news), with no Python object per row."""
+
+    ptr: np.ndarray  # [N+1] int64
+    ids: np.ndarray  # [links] int32 into names
+    names: list[str]  # distinct WikidataIds of the table
+
+    def of(self, i: int) -> list[str]:
+        return [self.names[j] for j in self.ids[self.ptr[i] : self.ptr[i + 1]]]
+
+
+def _empty_entities(n: int) -> Entities:
+    return Entities(np.zeros(n + 1, np.int64), np.zeros(0, np.int32), [])
+
+
+@dataclass
 class News:
     """The news table of one split, row `i` is news `ids[i]`."""
 
@@ -58,13 +76,63 @@ class News:
     title: list[str]
     abstract: list[str]
     index: dict[str, int] = field(default_factory=dict)
+    title_entities: Entities | None = None  # None: built empty (no entity columns given)
+    abstract_entities: Entities | None = None
 
     def __post_init__(self) -> None:
         if not self.index:
             self.index = {nid: i for i, nid in enumerate(self.ids)}
+        if self.title_entities is None:
+            self.title_entities = _empty_entities(len(self.ids))
+        if self.abstract_entities is None:
+            self.abstract_entities = _empty_entities(len(self.ids))
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def entities(self, i: int) -> list[str]:
+        """WikidataIds of news `i`: its title's, then its abstract's not already named."""
+        assert self.title_entities is not None and self.abstract_entities is not None
+        return list(dict.fromkeys(self.title_entities.of(i) + self.abstract_entities.of(i)))
+
+
+class _EntityReader:
+    """Parses MIND entity columns (a JSON list of objects with a WikidataId) into shared CSR arrays."""
+
+    def __init__(self) -> None:
+        self.names: dict[str, int] = {}
+        self.cols: dict[str, tuple[array, array]] = {}
+
+    def add(self, path: Path, lineno: int, name: str, value: str) -> None:
+        ptr, ids = self.cols.setdefault(name, (array("q", [0]), array("i")))
+        v = value.strip()
+        if v and v != "[]":
+            try:
+                items = json.loads(v)
+            except json.JSONDecodeError as e:
+                raise MindFormatError(path, lineno, f"{name} is not valid JSON ({e.msg})") from None
+            if not isinstance(items, list):
+                raise MindFormatError(path, lineno, f"{name} is not a JSON list")
+            seen: set[int] = set()
+            for item in items:
+                qid = item.get("WikidataId") if isinstance(item, dict) else None
+                if not isinstance(qid, str) or not qid.strip():
+                    raise MindFormatError(path, lineno, f"{name}: an entity without a WikidataId string")
+                j = self.names.setdefault(qid.strip(), len(self.names))
+                if j not in seen:
+                    seen.add(j)
+                    ids.append(j)
+        ptr.append(len(ids))
+
+    def table(self, name: str, n: int) -> Entities:
+        if name not in self.cols:
+            return _empty_entities(n)
+        ptr, ids = self.cols[name]
+        return Entities(
+            np.frombuffer(ptr, dtype=np.int64).copy(),
+            np.frombuffer(ids, dtype=np.int32).copy(),
+            list(self.names),
+        )
 
 
 def load_news(path: str | Path) -> News:
@@ -75,6 +143,7 @@ def load_news(path: str | Path) -> News:
     title: list[str] = []
     abstract: list[str] = []
     index: dict[str, int] = {}
+    entities = _EntityReader()
     for lineno, line in enumerate(read_lines(path), 1):
         if not line.strip():
             continue
@@ -88,17 +157,25 @@ def load_news(path: str | Path) -> News:
             raise MindFormatError(path, lineno, "empty news id")
         if nid in index:
             raise MindFormatError(path, lineno, f"duplicate news id {nid!r} (first on line {index[nid] + 1})")
-        for name, value in (("title_entities", cols[6]), ("abstract_entities", cols[7])):
-            v = value.strip()
-            if v and not (v.startswith("[") and v.endswith("]")):
-                raise MindFormatError(path, lineno, f"{name} is not a JSON list")
+        entities.add(path, lineno, "title_entities", cols[6])
+        entities.add(path, lineno, "abstract_entities", cols[7])
         index[nid] = len(ids)
         ids.append(nid)
         cat.append(cols[1])
         sub.append(cols[2])
         title.append(cols[3])
         abstract.append(cols[4])
-    return News(ids, cat, sub, title, abstract, index)
+    n = len(ids)
+    return News(
+        ids,
+        cat,
+        sub,
+        title,
+        abstract,
+        index,
+        entities.table("title_entities", n),
+        entities.table("abstract_entities", n),
+    )
 
 
 @dataclass
@@ -331,6 +408,8 @@ def summarize(split: Split, tokenizer=None, max_title_tokens: int = 30) -> dict:
         "missing_candidate_ids_unique": len(imps.missing_candidate_ids),
         "empty_abstracts": sum(1 for a in split.news.abstract if not a.strip()),
         "empty_titles": sum(1 for t in split.news.title if not t.strip()),
+        "news_with_entities": _with_entities(split.news),
+        "entities_unique": len(split.news.title_entities.names),
     }
     if len(imps):
         hl = np.diff(imps.hist_ptr)
@@ -357,6 +436,11 @@ def summarize(split: Split, tokenizer=None, max_title_tokens: int = 30) -> dict:
         )
     out["warnings"] = warnings
     return out
+
+
+def _with_entities(news: News) -> int:
+    t, a = news.title_entities, news.abstract_entities
+    return int(((np.diff(t.ptr) > 0) | (np.diff(a.ptr) > 0)).sum())
 
 
 def _percentiles(x: np.ndarray) -> dict:

@@ -28,6 +28,15 @@ class EncoderConfig:
     max_title_len: int = 30  # L
     dedup: bool = True  # encode each unique news of a batch once (top-k, full)
     standardize: bool = False  # frozen mode: standardise stored vectors per dimension (training news stats)
+    pooling: str = "cls"  # the news vector x_n / h_i: cls (h[CLS], the paper) | mean (of the title tokens)
+
+    def __post_init__(self) -> None:
+        if self.mode not in MODES:
+            raise ValueError(f"encoder.mode must be one of {', '.join(MODES)}, not {self.mode!r}")
+        if self.pooling not in ("cls", "mean"):
+            raise ValueError(f"encoder.pooling must be cls or mean, not {self.pooling!r}")
+        if self.max_title_len < 1 or self.top_k < 0:
+            raise ValueError("encoder.max_title_len must be >= 1 and encoder.top_k >= 0")
 
 
 @dataclass
@@ -35,6 +44,12 @@ class NewsRepr:
     cls: torch.Tensor  # [N, D] (or [B, K, D])
     tokens: torch.Tensor | None  # [N, L, D]; None where only the [CLS] vectors are needed
     mask: torch.Tensor | None  # [N, L] bool
+
+
+def mean_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """Mean of the title-token vectors [..., L, D] over unmasked positions -> [..., D] (zeros if none)."""
+    m = mask[..., None].to(tokens.dtype)
+    return (tokens * m).sum(-2) / m.sum(-2).clamp(min=1.0)
 
 
 def resolve_encoder(name: str) -> str:

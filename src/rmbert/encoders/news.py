@@ -16,7 +16,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmbert.encoders.bert import BertNewsEncoder, NewsRepr
+from rmbert.encoders.bert import BertNewsEncoder, NewsRepr, mean_pool
 from rmbert.encoders.lstm import LSTMNewsEncoder, WordNewsEncoder
 from rmbert.encoders.store import NewsStore
 
@@ -38,11 +38,21 @@ def make_encoder(mode: str, bert: BertNewsEncoder) -> nn.Module:
 
 
 class NewsSide(nn.Module):
-    def __init__(self, mode: str, encoder: nn.Module, store: NewsStore, top_k: int = 1, dedup: bool = True):
+    """`pooling` chooses the news vector: "cls" (h[CLS], the paper) or "mean" (of the title tokens)."""
+
+    def __init__(
+        self,
+        mode: str,
+        encoder: nn.Module,
+        store: NewsStore,
+        top_k: int = 1,
+        dedup: bool = True,
+        pooling: str = "cls",
+    ):
         super().__init__()
         if mode not in STORE_KIND:
             raise ValueError(f"encoder mode must be one of {', '.join(STORE_KIND)}, not {mode!r}")
-        self.mode, self.top_k, self.dedup = mode, top_k, dedup
+        self.mode, self.top_k, self.dedup, self.pooling = mode, top_k, dedup, pooling
         self.encoder = encoder
         if mode == "frozen":
             encoder.requires_grad_(False)
@@ -62,6 +72,10 @@ class NewsSide(nn.Module):
     def set_store(self, store: NewsStore) -> None:
         self.store = store
 
+    def vector_array(self) -> np.ndarray:
+        """The store's news vectors [rows, D] for this pooling (frozen mode)."""
+        return self.store.pooled() if self.pooling == "mean" else self.store.arrays["cls"]
+
     def _encode_rows(self, rows: torch.Tensor) -> NewsRepr:
         """Encode store rows [U] with the trainable encoder -> NewsRepr [U, ...]."""
         a = self.store.arrays
@@ -69,8 +83,12 @@ class NewsSide(nn.Module):
         dev = next(self.encoder.parameters()).device
         ids, attn = ids.to(dev), attn.to(dev)
         if self.mode == "top-k":
-            return self.encoder.upper(_gather(a["hidden"], rows).to(dev), ids, attn, self.top_k)
-        return self.encoder(ids, attn)
+            r = self.encoder.upper(_gather(a["hidden"], rows).to(dev), ids, attn, self.top_k)
+        else:
+            r = self.encoder(ids, attn)
+        if self.pooling == "mean":
+            r.cls = mean_pool(r.tokens, r.mask)
+        return r
 
     @torch.no_grad()
     def fit_standardizer(self, sample: int = 20000, seed: int = 0) -> None:
@@ -78,7 +96,7 @@ class NewsSide(nn.Module):
         a = self.store.arrays
         n = len(a["cls"]) - 1
         rows = np.sort(np.random.default_rng(seed).choice(n, min(n, sample), replace=False) + 1)
-        cls = torch.from_numpy(np.asarray(a["cls"][rows], dtype=np.float32))
+        cls = torch.from_numpy(np.asarray(self.vector_array()[rows], dtype=np.float32))
         tok = torch.from_numpy(np.asarray(a["tokens"][rows], dtype=np.float32))[
             torch.from_numpy(a["mask"][rows])
         ]
@@ -98,7 +116,7 @@ class NewsSide(nn.Module):
         """Gather stored vectors for rows [B, K]; title tokens trimmed to the batch's longest title."""
         a = self.store.arrays
         dev = rows.device
-        cls = _gather(a["cls"], rows).to(dev)
+        cls = _gather(self.vector_array(), rows).to(dev)
         if not tokens:
             return NewsRepr(cls=self.standardize(cls, None, None)[0], tokens=None, mask=None)
         mask = _gather(a["mask"], rows, torch.bool)[:, :, :]  # [B, K, L]

@@ -5,7 +5,7 @@ atomically, so a crash while appending leaves the store readable with its previo
 
     meta.json            kind, encoder fingerprint, L, D, segments (written last)
     seg-00000/           ids.txt, news.jsonl (category, subcategory, title, added time) and arrays:
-      kind "vectors":    cls [n, D], tokens [n, L, D] (fp16), mask [n, L] (bool)
+      kind "vectors":    cls [n, D], tokens [n, L, D], pool [n, D] = mean of tokens (fp16), mask [n, L]
       kind "lower":      hidden [n, S, D] (fp16) = states below the top k layers
       kind "tokens":     nothing more (full fine-tuning encodes during training)
       every kind:        input_ids [n, S] (int32), attn [n, S] (bool)
@@ -30,10 +30,11 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
-from rmbert.encoders.bert import BertNewsEncoder, tokenize_titles
+from rmbert.encoders.bert import BertNewsEncoder, mean_pool, tokenize_titles
 
 STORE_VERSION = 2
-KIND_ARRAYS = {"vectors": ["cls", "tokens", "mask"], "lower": ["hidden"], "tokens": []}
+KIND_ARRAYS = {"vectors": ["cls", "tokens", "mask", "pool"], "lower": ["hidden"], "tokens": []}
+KEY_SALT = "pool"  # bumps training-store cache keys when the arrays of a kind change
 
 
 def cache_dir() -> Path:
@@ -53,7 +54,7 @@ def encoder_fingerprint(encoder: BertNewsEncoder, tokenizer) -> str:
 def store_key(
     fingerprint: str, kind: str, k: int, max_title_len: int, ids: list[str], titles: list[str]
 ) -> str:
-    h = hashlib.sha256(f"{STORE_VERSION}|{fingerprint}|{kind}|{k}|{max_title_len}".encode())
+    h = hashlib.sha256(f"{STORE_VERSION}|{KEY_SALT}|{fingerprint}|{kind}|{k}|{max_title_len}".encode())
     for nid, t in zip(ids, titles):
         h.update(f"{nid}\t{t}\n".encode())
     return h.hexdigest()[:24]
@@ -119,6 +120,7 @@ def _write_segment(
         mm["cls"] = _open(folder, "cls", (n, D), np.float16)
         mm["tokens"] = _open(folder, "tokens", (n, L, D), np.float16)
         mm["mask"] = _open(folder, "mask", (n, L), np.bool_)
+        mm["pool"] = _open(folder, "pool", (n, D), np.float16)
     elif kind == "lower":
         mm["hidden"] = _open(folder, "hidden", (n, S, D), np.float16)
     first = 1 if null_row else 0
@@ -139,6 +141,7 @@ def _write_segment(
             mm["cls"][rows] = r.cls.float().cpu().numpy().astype(np.float16)
             mm["tokens"][rows] = r.tokens.float().cpu().numpy().astype(np.float16)
             mm["mask"][rows] = r.mask.cpu().numpy()
+            mm["pool"][rows] = mean_pool(r.tokens.float(), r.mask).cpu().numpy().astype(np.float16)
         else:
             s = int(b_attn.sum(1).max())
             h = encoder.lower(b_ids[:, :s], b_attn[:, :s], k)
@@ -204,6 +207,18 @@ class NewsStore:
 
     def __len__(self) -> int:
         return len(self.ids)
+
+    def pooled(self) -> np.ndarray:
+        """[rows, D] mean of each news's title-token vectors: the stored `pool` array, or (a store
+        written before it existed) computed once from the tokens and kept in memory."""
+        if "pool" not in self.arrays:
+            tok, mask = self.arrays["tokens"], self.arrays["mask"]
+            out = np.zeros((len(tok), tok.shape[2]), np.float16)
+            for s in range(0, len(tok), 4096):
+                t = torch.from_numpy(np.asarray(tok[s : s + 4096], dtype=np.float32))
+                out[s : s + 4096] = mean_pool(t, torch.from_numpy(np.array(mask[s : s + 4096]))).numpy()
+            self.arrays["pool"] = out
+        return self.arrays["pool"]
 
     @property
     def live_ids(self) -> list[str]:

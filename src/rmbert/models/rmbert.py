@@ -13,7 +13,12 @@ H = clicked news [CLS] vectors [B, M, D]. For step i = 1..p (parameters shared, 
     m_i  = W_m [m_{i-1} ; U_i] + b_m                                (7)
     logit = W_2 ReLU(W_1 [x_n ; m_p] + b_1) + b_2                   (8)
 
-with k_0 = x_n and m_0 a learned vector. `memory_logits_direct` computes (4)-(6) literally
+with k_0 = x_n and m_0 a learned vector. Option `click_product` (not in the paper) adds a
+similarity path to the click predictor, as DIN-style matchers do, so that how well the candidate
+matches what the memory retrieved reaches the score without the MLP relearning a product:
+
+    o = ReLU(W_1 [x_n ; m_p] + W_1p (x_n * (P m_p + b_P)) + b_1)   (8')
+ `memory_logits_direct` computes (4)-(6) literally
 ([B, C, M, D] tensors); `memory_logits_fast` is the exact fast path: with v = w_b * k_i,
 W_I = [W_I1 W_I2], r = W_r m_{i-1} + b_r and G = W_H H + b_H (per user, computed once),
 
@@ -49,6 +54,7 @@ class RMBERTConfig:
     attention: bool = True  # False: w/o Att, both attentions -> masked mean pooling
     fast_path: bool = True  # exact fast path for eq. 4-6 (False: the direct form)
     dropout: float = 0.0  # on x_n, X_con and H
+    click_product: bool = False  # eq. 8': the product x_n * P m_p inside the click predictor
 
     def __post_init__(self) -> None:
         if self.query_attention not in ("softmax", "sigmoid"):
@@ -85,6 +91,9 @@ class RMBERT(Recommender):
         H1 = cfg.click_hidden or D
         self.W_1 = nn.Linear(D + Dm, H1)  # (8)
         self.W_2 = nn.Linear(H1, 1)  # (8)
+        if cfg.click_product:
+            self.P = nn.Linear(Dm, D)  # (8')
+            self.W_1p = nn.Linear(D, H1, bias=False)  # (8')
         self.drop = nn.Dropout(cfg.dropout)
 
     def user_state(
@@ -166,8 +175,10 @@ class RMBERT(Recommender):
             if record:
                 title_w.append(a)
                 hist_w.append(b)
-        o = torch.relu(self.W_1(torch.cat([x, m], dim=-1)))  # (8)
-        logits = self.W_2(o).squeeze(-1)  # [B, C]
+        pre = self.W_1(torch.cat([x, m], dim=-1))  # (8) [B, C, H1]
+        if self.cfg.click_product:
+            pre = pre + self.W_1p(x * self.P(m))  # (8')
+        logits = self.W_2(torch.relu(pre)).squeeze(-1)  # [B, C]
         if record:
             return logits, {"title": torch.stack(title_w, 2), "history": torch.stack(hist_w, 2)}
         return logits, None
@@ -202,6 +213,7 @@ class FoldedUser:
     z: torch.Tensor  # [B, M]
     P: torch.Tensor  # [B, (p-1) M, D]: r_t = rho_t + [b_0 .. b_(t-1)] @ P[:, -tM:]
     Q: torch.Tensor  # [B, p M, H1]: W_1m m_p = kappa + [b_0 .. b_(p-1)] @ Q
+    Y: torch.Tensor | None  # [B, p M, D]: P m_p + b_P = y0 + [b_0 .. b_(p-1)] @ Y (click_product)
 
 
 class FoldedRMBERT:
@@ -221,7 +233,9 @@ class FoldedRMBERT:
     * Memory (eq. 7) is linear: m_t = A^t m_0 + sum_(i<t) A^(t-1-i) (W_m2 U_i + b_m) with
       A = W_m1 and U_i = b_i H. So r_t = rho_t + sum_(i<t) b_i P_(t-1-i) and W_1m m_p =
       kappa + sum_i b_i Q_(p-1-i), with per-user P_k = H (W_r A^k W_m2)^T and Q_k = H (W_1m
-      A^k W_m2)^T: neither m nor U is ever formed.
+      A^k W_m2)^T: neither m nor U is ever formed. With `click_product`, P m_p + b_P = y0 +
+      sum_i b_i Y_(p-1-i) in the same way, with Y_k = H (P A^k W_m2)^T, and eq. 8' adds
+      W_1p (x_n * that) per candidate (D H1 more multiply-adds).
 
     Per candidate at p = 4 that is 3 D^2 + 4 L D + 4 L^2 + 17 M D multiply-adds (the fast path:
     about 37 D^2), plus 10 M D^2 once per user; per news, L D^2 + L^2 D once, offline.
@@ -252,21 +266,26 @@ class FoldedRMBERT:
         A, W_m2, b_m = f64["W_m.weight"][:, :Dm], f64["W_m.weight"][:, Dm:], f64["W_m.bias"]
         W_r, b_r, W_1m = f64["W_r.weight"], f64["W_r.bias"], f64["W_1.weight"][:, D:]
         mem, Ak_W = f64["m0"], W_m2  # m_t with U = 0, and A^k W_m2
-        rho, T, S = [], [], []
+        rho, T, S, Yk = [], [], [], []
+        Pm = f64["P.weight"] if cfg.click_product else None
         for k in range(p):
             rho.append(W_r @ mem + b_r)
             mem = A @ mem + b_m
             if k < p - 1:
                 T.append(W_r @ Ak_W)
             S.append(W_1m @ Ak_W)
+            if Pm is not None:
+                Yk.append(Pm @ Ak_W)
             Ak_W = A @ Ak_W
         self.rho, self.kappa = torch.stack(rho).to(dtype), (W_1m @ mem).to(dtype)  # [p, D], [H1]
+        self.y0 = (Pm @ mem + f64["P.bias"]).to(dtype) if Pm is not None else None  # [D]
+        self.W_1p = m.W_1p.weight if cfg.click_product else None  # [H1, D]
         if not cfg.prev_memory:
             self.rho = torch.ones_like(self.rho)  # eq. 4 without m: I = W_H H + b_H
         self.r0 = self.rho[0]
         # one map for every per-user product: H -> [G, Z, P_(p-2) .. P_0, Q_(p-1) .. Q_0], stacked
         # oldest-first so that b_0 .. b_t pair with P_t .. P_0 and b_0 .. b_(p-1) with Q_(p-1) .. Q_0
-        self.U = torch.cat([f64["W_H.weight"], R3, *T[::-1], *S[::-1]], 0).T.to(dtype)  # [D, .]
+        self.U = torch.cat([f64["W_H.weight"], R3, *T[::-1], *S[::-1], *Yk[::-1]], 0).T.to(dtype)  # [D, .]
         self.b_H = m.W_H.bias
         self.W_1x, self.b_1 = m.W_1.weight[:, :D], m.W_1.bias
         self.W_2, self.b_2 = m.W_2.weight[0], m.W_2.bias
@@ -293,12 +312,17 @@ class FoldedRMBERT:
         Z0 = ((G * self.r0) @ self.R2.T).transpose(1, 2) + Z  # [B, D, M]
         z0 = G @ (self.c2 * self.r0) + z
         P = HU[..., 2 * D : (p + 1) * D].reshape(B, M, p - 1, D).transpose(1, 2).reshape(B, -1, D)
-        Q = HU[..., (p + 1) * D :].reshape(B, M, p, H1).transpose(1, 2).reshape(B, -1, H1)
-        return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q)
+        q_end = (p + 1) * D + p * H1
+        Q = HU[..., (p + 1) * D : q_end].reshape(B, M, p, H1).transpose(1, 2).reshape(B, -1, H1)
+        Y = None
+        if self.y0 is not None:
+            Y = HU[..., q_end:].reshape(B, M, p, D).transpose(1, 2).reshape(B, -1, D)
+        return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q, Y)
 
     @torch.no_grad()
     def score(self, user: FoldedUser, cand: NewsRepr, terms: NewsTerms, record: bool = False):
-        """Logits [B, C] (and per-step weights if record), as RMBERT.reason in eval mode."""
+        """Logits [B, C] (and per-step weights if record), as RMBERT.reason in eval mode.
+        cand.cls (x_n [B, C, D]) is read only with `click_product`."""
         cfg, p = self.cfg, self.p
         X, xmask = cand.tokens, cand.mask  # [B, C, L, D], [B, C, L]
         B, C, M = *X.shape[:2], user.mask.shape[1]
@@ -329,8 +353,10 @@ class FoldedRMBERT:
                 r = self.rho[t + 1] + bw[..., : (t + 1) * M] @ user.P[:, (p - 2 - t) * M :]  # [B, C, D]
             if record:
                 title_w.append(a)
-        o = torch.relu(terms.click + self.kappa + bw @ user.Q)  # (8), [B, C, H1]
-        logits = o @ self.W_2 + self.b_2
+        pre = terms.click + self.kappa + bw @ user.Q  # (8), [B, C, H1]
+        if self.y0 is not None and user.Y is not None:
+            pre = pre + (cand.cls * (self.y0 + bw @ user.Y)) @ self.W_1p.T  # (8')
+        logits = torch.relu(pre) @ self.W_2 + self.b_2
         if record:
             return logits, {"title": torch.stack(title_w, 2), "history": bw.view(B, C, p, M)}
         return logits

@@ -155,18 +155,35 @@ class Ranker:
         self.worker.join(timeout=10)
 
     @torch.inference_mode()
-    def prepare(self, arrays: dict[str, np.ndarray], chunk: int = 2048) -> dict[str, np.ndarray]:
-        """Per-news arrays for the serving index: standardised vectors (if the run standardises)
-        and, for RMBERT, the folded form's news terms. Runs once per news, `chunk` news at a time."""
-        side, standardize = self.run.model.news, self.run.cfg.encoder.standardize
+    def prepare(
+        self, arrays: dict[str, np.ndarray], info: list[dict], chunk: int = 2048
+    ) -> dict[str, np.ndarray]:
+        """Per-news arrays for the serving index: the news vectors the model reads (pooled,
+        standardised and with features, as the run was trained) and, for RMBERT, the folded form's
+        news terms. Runs once per news, `chunk` news at a time; `info` gives the news features."""
+        model, cfg = self.run.model, self.run.cfg
+        side, standardize = model.news, cfg.encoder.standardize
+        vectors = arrays["pool"] if cfg.encoder.pooling == "mean" else arrays["cls"]
+        fids = None
+        if model.features is not None and self.run.vocab is not None:
+            ents = [list(i.get("entities", [])) for i in info]
+            fids = self.run.vocab.ids(
+                [i.get("category", "") for i in info],
+                [i.get("subcategory", "") for i in info],
+                ents,
+                cfg.features.max_entities,
+            )
         parts: dict[str, list[torch.Tensor]] = {}
         for i in range(0, len(arrays["cls"]), chunk):
-            x = torch.from_numpy(np.array(arrays["cls"][i : i + chunk], dtype=np.float32))
+            x = torch.from_numpy(np.array(vectors[i : i + chunk], dtype=np.float32))
             X = torch.from_numpy(np.array(arrays["tokens"][i : i + chunk], dtype=np.float32))
             got = {}
             if standardize:
                 x, X = side.standardize(x, X, torch.from_numpy(np.array(arrays["mask"][i : i + chunk])))
-                got.update(cls=x, tokens=X)
+                got.update(tokens=X)
+            if fids is not None:
+                x = x + model.features(torch.from_numpy(fids[i : i + chunk]))
+            got.update(cls=x)
             if self.folded is not None:
                 t = self.folded.news_terms(NewsRepr(x, X, None))
                 got.update(base=t.base, K=t.K, click=t.click)
@@ -251,8 +268,9 @@ class Ranker:
                 K=self._take("K", T["K"], cand_t)[:, :Lb, :Lb].view(B, C, Lb, Lb),
                 click=T["click"].index_select(0, cand_t).view(B, C, -1),
             )
+            x = T["cls"].index_select(0, cand_t).view(B, C, D) if self.folded.y0 is not None else None
             out = self.folded.score(
-                self.folded.user_state(H, hm), NewsRepr(None, X, xmask), terms, record=record
+                self.folded.user_state(H, hm), NewsRepr(x, X, xmask), terms, record=record
             )
             logits, att = out if record else (out, None)
         else:
@@ -430,7 +448,10 @@ def create_app(
         with index.lock:
             known = sum(1 for it in items if it.id in index.index)
             first_new = len(index.store)
-            info = [{"category": it.category, "subcategory": it.subcategory} for it in items]
+            info = [
+                {"category": it.category, "subcategory": it.subcategory, "entities": it.entities}
+                for it in items
+            ]
             store = index.store.append(
                 [it.id for it in items], [it.title for it in items], run.encoder, run.tokenizer, info
             )

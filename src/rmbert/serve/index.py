@@ -51,19 +51,24 @@ class Snapshot:
     tensors: dict[str, torch.Tensor]  # the arrays, viewed (not copied) as tensors
 
 
-BASE = ("cls", "tokens", "mask", "input_ids")
+BASE = ("cls", "pool", "tokens", "mask", "input_ids")
+
+
+def _base(store: NewsStore, first: int = 0) -> dict[str, np.ndarray]:
+    return {k: np.asarray(store.pooled() if k == "pool" else store.arrays[k])[first:] for k in BASE}
 
 
 class ServingIndex:
-    """`prepare({cls, tokens, mask, input_ids} of n news) -> {name: [n, ...]}` adds per-news arrays
-    (a model's precomputed news terms) or replaces some (standardised vectors)."""
+    """`prepare({cls, pool, tokens, mask, input_ids} of n news, their n info dicts) -> {name: [n, ...]}`
+    adds per-news arrays (a model's precomputed news terms) or replaces some (the news vectors a
+    model reads: pooled, standardised, with features)."""
 
     def __init__(self, store: NewsStore, prepare=None) -> None:
         self.store = store
-        self.prepare = prepare or (lambda arrays: {})
-        base = {k: np.asarray(store.arrays[k]) for k in BASE}
-        self.rows = Rows({**base, **self.prepare(base)})
+        self.prepare = prepare or (lambda arrays, info: {})
         self.info = [{}] + list(store.info)
+        base = _base(store)
+        self.rows = Rows({**base, **self.prepare(base, self.info)})
         self.index = dict(store.index)
         self.lock = threading.Lock()  # serialises appends; reads never wait
         self.snapshot = self._snap()
@@ -78,8 +83,8 @@ class ServingIndex:
 
     def add(self, store: NewsStore, first_new: int) -> None:
         """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""
-        new = {k: np.asarray(store.arrays[k][first_new + 1 :]) for k in BASE}
-        new.update(self.prepare(new))
+        new = _base(store, first_new + 1)
+        new.update(self.prepare(new, store.info[first_new:]))
         self.rows.append(new)
         for r, nid in enumerate(store.ids[first_new:], start=first_new + 1):
             self.index[nid] = r

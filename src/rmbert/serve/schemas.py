@@ -49,6 +49,9 @@ class NewsItem(BaseModel):
     category: str = ""
     subcategory: str = ""
     abstract: str = ""
+    entities: list[str] = Field(
+        default_factory=list, max_length=64, description="linked entities (WikidataIds), as MIND's"
+    )
 
     @field_validator("id")
     @classmethod

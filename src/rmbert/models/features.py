@@ -1,0 +1,129 @@
+"""News features beyond the title: category, subcategory and entity embeddings added to news vectors.
+
+MIND gives every news a category, a subcategory and linked entities (WikidataIds); the paper's
+encoder reads titles only. With `features.*` switched on, every news vector that a recommender
+sees (x_n for candidates, h_i for clicked news) becomes
+
+    x_n + E_cat[category] + E_sub[subcategory] + mean_e E_ent[e]        [D]
+
+with embeddings learned from the training clicks, zero for a value never seen in training (row 0).
+The vocabulary is fitted on the training split's news only and saved in the run as
+`features.json`. Shape letters: N news, F = 2 + max_entities feature slots, D hidden.
+"""
+
+from __future__ import annotations
+
+import json
+from collections import Counter
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch import nn
+
+from rmbert.data.mind import News
+
+
+@dataclass(frozen=True)
+class FeatureConfig:
+    category: bool = False
+    subcategory: bool = False
+    entities: bool = False
+    max_entities: int = 5  # entity slots per news (title entities first, then the abstract's)
+    min_count: int = 2  # an entity needs this many training news to get its own embedding
+    # resolved from the training data (the vocabulary sizes, unknown = row 0 included)
+    num_categories: int = 0
+    num_subcategories: int = 0
+    num_entities: int = 0
+
+    def __post_init__(self) -> None:
+        if self.max_entities < 1 or self.min_count < 1:
+            raise ValueError("features.max_entities and features.min_count must be >= 1")
+
+    @property
+    def any(self) -> bool:
+        return self.category or self.subcategory or self.entities
+
+
+@dataclass
+class FeatureVocab:
+    """Training-split values -> embedding rows (0 = unknown)."""
+
+    categories: list[str] = field(default_factory=list)
+    subcategories: list[str] = field(default_factory=list)
+    entities: list[str] = field(default_factory=list)
+
+    @classmethod
+    def fit(cls, news: News, cfg: FeatureConfig) -> FeatureVocab:
+        counts: Counter[str] = Counter()
+        for i in range(len(news)):
+            counts.update(news.entities(i)[: cfg.max_entities])
+        return cls(
+            sorted(set(news.category)),
+            sorted(set(news.subcategory)),
+            sorted(e for e, c in counts.items() if c >= cfg.min_count),
+        )
+
+    def sizes(self) -> dict[str, int]:
+        return {
+            "num_categories": len(self.categories) + 1,
+            "num_subcategories": len(self.subcategories) + 1,
+            "num_entities": len(self.entities) + 1,
+        }
+
+    def save(self, path: str | Path) -> None:
+        Path(path).write_text(json.dumps(self.__dict__, indent=1) + "\n")
+
+    @classmethod
+    def load(cls, path: str | Path) -> FeatureVocab:
+        try:
+            data = json.loads(Path(path).read_text())
+            return cls(**{k: list(map(str, data[k])) for k in ("categories", "subcategories", "entities")})
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            raise ValueError(f"{path}: not a features vocabulary ({e})") from None
+
+    def ids(
+        self, categories: list[str], subcategories: list[str], entities: list[list[str]], max_entities: int
+    ) -> np.ndarray:
+        """Feature ids [N, 2 + max_entities] int64: category, subcategory, entities (0 = unknown/pad)."""
+        cat = {v: i + 1 for i, v in enumerate(self.categories)}
+        sub = {v: i + 1 for i, v in enumerate(self.subcategories)}
+        ent = {v: i + 1 for i, v in enumerate(self.entities)}
+        out = np.zeros((len(categories), 2 + max_entities), np.int64)
+        for i, (c, s, es) in enumerate(zip(categories, subcategories, entities)):
+            out[i, 0], out[i, 1] = cat.get(c, 0), sub.get(s, 0)
+            known = [ent[e] for e in es[:max_entities] if e in ent]
+            out[i, 2 : 2 + len(known)] = known
+        return out
+
+    def news_ids(self, news: News, max_entities: int) -> np.ndarray:
+        ents = [news.entities(i) for i in range(len(news))]
+        return self.ids(news.category, news.subcategory, ents, max_entities)
+
+
+class NewsFeatures(nn.Module):
+    """Feature ids [..., F] -> the vector added to a news vector [..., D]."""
+
+    def __init__(self, cfg: FeatureConfig, dim: int) -> None:
+        super().__init__()
+        self.cfg = cfg
+        self.cat = nn.Embedding(cfg.num_categories, dim, padding_idx=0) if cfg.category else None
+        self.sub = nn.Embedding(cfg.num_subcategories, dim, padding_idx=0) if cfg.subcategory else None
+        self.ent = nn.Embedding(cfg.num_entities, dim, padding_idx=0) if cfg.entities else None
+        for emb in (self.cat, self.sub, self.ent):
+            if emb is not None:
+                nn.init.normal_(emb.weight, std=0.1)
+                emb.weight.data[0].zero_()
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        out = 0.0
+        if self.cat is not None:
+            out = out + self.cat(ids[..., 0])
+        if self.sub is not None:
+            out = out + self.sub(ids[..., 1])
+        if self.ent is not None:
+            e = ids[..., 2:]  # [..., E]
+            n = (e > 0).sum(-1, keepdim=True).clamp(min=1)
+            out = out + self.ent(e).sum(-2) / n
+        return out  # type: ignore[return-value]

@@ -1,0 +1,170 @@
+"""News features, mean pooling, the learning-rate schedule and presets."""
+
+import dataclasses
+import json
+
+import numpy as np
+import pytest
+import torch
+from conftest import write_split
+
+from rmbert.config import PRESETS, RunConfig, TrainConfig, apply_overrides, preset
+from rmbert.data.mind import load_split
+from rmbert.encoders.bert import mean_pool
+from rmbert.models.features import FeatureConfig, FeatureVocab, NewsFeatures
+from rmbert.run import load_run
+from rmbert.train import train
+
+
+def ent(*qids: str) -> str:
+    return json.dumps([{"Label": q, "Type": "P", "WikidataId": q, "Confidence": 1.0} for q in qids])
+
+
+NEWS = [
+    f"N1\tsports\tfootball\tKickoff today\t\turl\t{ent('Q1', 'Q2')}\t[]",
+    f"N2\tsports\ttennis\tSet point\t\turl\t{ent('Q1')}\t{ent('Q3')}",
+    f"N3\tfinance\tmarkets\tStocks rally\t\turl\t{ent('Q2')}\t[]",
+    "N4\tfinance\tbanking\tRates rise\t\turl\t[]\t[]",
+]
+BEHAVIORS = ["1\tU1\t11/15/2019 8:55:22 AM\tN1\tN2-1 N3-0"]
+
+
+def test_vocabulary_ids_unknowns_and_roundtrip(tmp_path):
+    news = load_split(write_split(tmp_path / "s", NEWS, BEHAVIORS)).news
+    v = FeatureVocab.fit(news, FeatureConfig(entities=True, min_count=2))
+    assert v.categories == ["finance", "sports"] and v.entities == ["Q1", "Q2"]  # Q3 is in one news only
+    ids = v.news_ids(news, max_entities=2)
+    assert ids.tolist() == [[2, 2, 1, 2], [2, 4, 1, 0], [1, 3, 2, 0], [1, 1, 0, 0]]
+    unseen = v.ids(["weather"], ["storms"], [["Q9", "Q2", "Q1"]], max_entities=2)
+    assert unseen.tolist() == [[0, 0, 2, 0]]  # unknown values -> 0; only the first 2 entities are read
+    v.save(tmp_path / "f.json")
+    assert FeatureVocab.load(tmp_path / "f.json") == v
+    (tmp_path / "bad.json").write_text('{"categories": 3')
+    with pytest.raises(ValueError, match="bad.json"):
+        FeatureVocab.load(tmp_path / "bad.json")
+
+
+def test_feature_vector_is_the_sum_of_its_embeddings():
+    cfg = FeatureConfig(True, True, True, 3, num_categories=4, num_subcategories=5, num_entities=6)
+    f = NewsFeatures(cfg, 8)
+    ids = torch.tensor([[2, 3, 1, 5, 0], [0, 0, 0, 0, 0]])
+    out = f(ids)
+    want = f.cat.weight[2] + f.sub.weight[3] + (f.ent.weight[1] + f.ent.weight[5]) / 2
+    assert torch.allclose(out[0], want)
+    assert torch.all(out[1] == 0)  # all unknown: nothing added
+    only_cat = NewsFeatures(dataclasses.replace(cfg, subcategory=False, entities=False), 8)
+    assert torch.allclose(only_cat(ids)[0], only_cat.cat.weight[2])
+
+
+def tiny(tiny_encoder, *overrides):
+    cfg = apply_overrides(
+        preset("paper"),
+        [
+            f"encoder.name={tiny_encoder}",
+            "encoder.max_title_len=12",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "train.checkpoint_every=0",
+            "rmbert.steps=2",
+            *overrides,
+        ],
+    )
+    return cfg
+
+
+def test_features_train_evaluate_and_reach_the_scores(tiny_encoder, planted, tmp_path):
+    cfg = tiny(tiny_encoder, "features.category=true", "features.subcategory=true", "train.max_steps=6")
+    train(cfg, planted / "train", tmp_path / "r", planted / "dev", progress=False)
+    saved = json.loads((tmp_path / "r" / "config.json").read_text())["features"]
+    vocab = FeatureVocab.load(tmp_path / "r" / "features.json")
+    assert saved["num_categories"] == len(vocab.categories) + 1 > 2
+    run = load_run(tmp_path / "r")
+    dev = load_split(planted / "dev")
+    batcher = run.batcher(dev, run.store([dev], progress=False))
+    batch = next(batcher.eval_batches(4))
+    with torch.no_grad():
+        got = run.model(batch)
+        # the same forward with the category embedding of every news shifted changes the scores
+        run.model.features.cat.weight[1:] += 1.0
+        assert not torch.allclose(run.model(batch), got)
+    rows = run.store([dev], progress=False).rows(dev.news.ids)
+    cats = [vocab.categories.index(c) + 1 for c in dev.news.category]
+    assert run.model.feature_ids[rows, 0].tolist() == cats
+
+
+def test_mean_pooling_reads_the_stored_mean_of_title_tokens(tiny_encoder, planted, tmp_path):
+    cfg = tiny(tiny_encoder, "encoder.pooling=mean", "train.max_steps=2")
+    train(cfg, planted / "train", tmp_path / "r", planted / "dev", progress=False)
+    run = load_run(tmp_path / "r")
+    dev = load_split(planted / "dev")
+    store = run.store([dev], progress=False)
+    run.model.news.set_store(store)
+    a = store.arrays
+    want = mean_pool(
+        torch.from_numpy(a["tokens"][1:].astype(np.float32)), torch.from_numpy(np.array(a["mask"][1:]))
+    )
+    assert np.allclose(a["pool"][1:].astype(np.float32), want.numpy(), atol=2e-3)
+    hist, cand = run.model.news(torch.tensor([[1, 2]]), torch.tensor([[3]]))
+    assert torch.allclose(hist.cls[0], torch.from_numpy(a["pool"][[1, 2]].astype(np.float32)))
+    # a store written before the pool array existed computes it from the tokens
+    del store.arrays["pool"]
+    assert np.allclose(store.pooled()[1:].astype(np.float32), want.numpy(), atol=2e-3)
+
+
+def test_full_mode_mean_pooling_matches_the_frozen_store(tiny_encoder, planted, tmp_path):
+    from rmbert.encoders.news import NewsSide
+
+    cfg = tiny(tiny_encoder, "encoder.pooling=mean", "train.max_steps=1")
+    train(cfg, planted / "train", tmp_path / "r", planted / "dev", progress=False)
+    run = load_run(tmp_path / "r")
+    dev = load_split(planted / "dev")
+    frozen = run.store([dev], progress=False)
+    full_cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, mode="full"))
+    from rmbert.run import store_for
+
+    tokens = store_for(full_cfg, run.encoder, run.tokenizer, [dev], progress=False)
+    side = NewsSide("full", run.encoder, tokens, pooling="mean").eval()
+    rows = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        _, cand = side(rows[:, :1], rows)
+    want = torch.from_numpy(
+        frozen.pooled()[frozen.rows([tokens.ids[r - 1] for r in [1, 2, 3]])].astype(np.float32)
+    )
+    assert torch.allclose(cand.cls[0], want, atol=5e-3)
+
+
+def test_learning_rate_schedule():
+    const = TrainConfig()
+    assert [const.lr_factor(s, 10) for s in (0, 5, 9)] == [1.0, 1.0, 1.0]
+    lin = TrainConfig(schedule="linear", warmup=0.2)
+    f = [lin.lr_factor(s, 10) for s in range(10)]
+    assert f[0] == pytest.approx(0.5 * 1.0) and f[1] == pytest.approx(1.0 * 0.9)  # warm-up of 2 steps
+    assert f[5] == pytest.approx(0.5) and f[9] == pytest.approx(0.1)
+    with pytest.raises(ValueError, match="schedule"):
+        TrainConfig(schedule="cosine-ish")
+    with pytest.raises(ValueError, match="warmup"):
+        TrainConfig(warmup=1.5)
+
+
+def test_paper_preset_is_the_papers_model():
+    p = preset("paper")
+    assert p.encoder.pooling == "cls" and not p.encoder.standardize and not p.features.any
+    assert not p.rmbert.click_product and p.rmbert.query_attention == "softmax" and p.rmbert.steps == 4
+    assert p.train.loss == "bce" and p.train.negatives == 0 and p.train.schedule == "constant"
+    assert p.rmbert.prev_query and p.rmbert.prev_memory and p.rmbert.attention
+    assert preset("default") == RunConfig()
+    assert set(PRESETS) >= {"paper", "default"}
+    with pytest.raises(ValueError, match="unknown preset"):
+        preset("fast")
+
+
+def test_cli_preset_paper_writes_the_papers_config(tiny_encoder, planted, tmp_path, capsys):
+    from rmbert.cli import main
+
+    args = ["--quiet", "train", "--train", str(planted / "train"), "--valid", str(planted / "dev")]
+    args += ["--out", str(tmp_path / "r"), "--encoder", str(tiny_encoder), "--preset", "paper"]
+    args += ["--set", "train.max_steps=1", "--set", "encoder.max_title_len=12"]
+    assert main(args) == 0
+    saved = RunConfig.load(tmp_path / "r" / "config.json")
+    assert saved.encoder.pooling == "cls" and not saved.rmbert.click_product and saved.train.batch_size == 50
+    assert saved.train.max_steps == 1  # --set applies on top of the preset
