@@ -76,10 +76,10 @@ def bench(D: int, repeats: int) -> dict:
     with torch.inference_mode():
         y_fast = fast(hist, hm, cand)
         y_direct = direct(hist, hm, cand)
-        y_fold = folded.score(folded.user_state(H, hm), cand, news_terms)
+        y_fold = folded.score(H, hm, cand, news_terms).logits
         t_direct = median_ms(lambda: direct(hist, hm, cand), max(3, repeats // 4))
         t_fast = median_ms(lambda: fast(hist, hm, cand), repeats)
-        t_fold = median_ms(lambda: folded.score(folded.user_state(H, hm), cand, news_terms), repeats)
+        t_fold = median_ms(lambda: folded.score(H, hm, cand, news_terms), repeats)
     f = flops(D)
     return {
         "latency_ms": {"direct": round(t_direct, 3), "fast": round(t_fast, 3), "folded": round(t_fold, 3)},

@@ -45,7 +45,8 @@ def dbl(H, hmask, cand):
 def test_shapes_and_recorded_attention():
     m = model()
     H, hmask, cand = dbl(*inputs())
-    logits, att = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True)
+    out = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True)
+    logits, att = out.logits, out.attentions
     assert logits.shape == (B, C)
     assert att["title"].shape == (B, C, 3, L) and att["history"].shape == (B, C, 3, M)
     # softmax attention sums to one over the unmasked positions, and is zero on padding
@@ -121,7 +122,7 @@ def test_ablations_cut_the_named_dependency():
     assert m.W_r.weight.grad is None or m.W_r.weight.grad.abs().max() == 0
     # w/o Att: attention vectors are unused and weights are uniform over unmasked positions
     m = model(attention=False)
-    _, att = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True)
+    att = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True).attentions
     n = cand.mask.sum(-1, keepdim=True).double()
     assert torch.allclose(att["title"][:, :, 0], cand.mask / n)
     m(H, hmask, cand).sum().backward()
@@ -138,7 +139,7 @@ def test_steps_have_their_own_projection_only():
 def test_sigmoid_attention_drops_sum_to_one():
     m = model(query_attention="sigmoid")
     H, hmask, cand = dbl(*inputs(6))
-    _, att = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True)
+    att = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True).attentions
     s = att["title"].sum(-1)
     assert not torch.allclose(s, torch.ones_like(s))
     assert ((att["title"] > 0) == cand.mask[:, :, None, :]).all()
@@ -181,8 +182,10 @@ def test_folded_inference_equals_the_model(change):
     m = model(**change).eval()
     H, hmask, cand = dbl(*inputs(8, empty_history_row=1))
     f = m.fold()
-    want, att = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True)
-    got, att2 = f.score(f.user_state(H, hmask), cand, f.news_terms(cand), record=True)
+    out = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True)
+    want, att = out.logits, out.attentions
+    folded = f.score(H, hmask, cand, f.news_terms(cand), record=True)
+    got, att2 = folded.logits, folded.attentions
     assert torch.allclose(got, want, atol=1e-9)
     assert torch.allclose(att2["title"], att["title"], atol=1e-9)
     assert torch.allclose(att2["history"], att["history"], atol=1e-9)
@@ -200,7 +203,7 @@ def test_click_product_adds_a_similarity_path():
     with torch.no_grad():
         prod.W_1p.weight.normal_()
     x, m = cand.cls, None
-    logits, _ = prod.reason(prod.user_state(NewsRepr(H, None, None), hmask), cand)
+    logits = prod.reason(prod.user_state(NewsRepr(H, None, None), hmask), cand).logits
     assert not torch.allclose(logits, paper(H, hmask, cand))
     # the new path is exactly W_1p (x * (P m_p + b_P)) before the ReLU: rebuild it by hand
     state = prod.user_state(NewsRepr(H, None, None), hmask)

@@ -258,8 +258,8 @@ def test_batched_requests_score_as_single_ones(client, planted):
 
 def test_one_padded_batch_scores_each_request_as_alone(served):
     """The worker's padding (history, candidates, title length) never changes a request's scores."""
-    from rmbert.serve.app import Job, Ranker
     from rmbert.serve.index import ServingIndex
+    from rmbert.serve.ranker import Job, Ranker
 
     ranker = Ranker(load_run(served / "run"))
     try:
@@ -267,18 +267,27 @@ def test_one_padded_batch_scores_each_request_as_alone(served):
         rng = np.random.default_rng(1)
         rows = np.arange(1, snap.n)
         jobs = [
-            Job(snap, rng.choice(rows, m, replace=False), rng.choice(rows, c, replace=False), e, None)
+            Job(snap, rng.choice(rows, m, replace=False), rng.choice(rows, c, replace=False), 100, e, None)
             for m, c in [(0, 4), (9, 1), (40, 17), (3, 8)]
             for e in (False, True)
         ]
         together = ranker._score(jobs)
-        for job, (scores, att, _) in zip(jobs, together):
-            alone, att1, _ = ranker._score([job])[0]
-            assert np.allclose(scores, alone, rtol=0, atol=1e-5)
-            if job.explain:
-                L = att1["title"].shape[-1]
-                assert np.allclose(att["title"][..., :L], att1["title"], atol=1e-6)
-                assert np.allclose(att["history"][..., : len(job.hist_rows)], att1["history"], atol=1e-6)
+        for job, got in zip(jobs, together):
+            alone = ranker._score([job])[0]
+            assert np.allclose(got.scores, alone.scores, rtol=0, atol=1e-5)
+            a, b = json.loads(got.ranked_json), json.loads(alone.ranked_json)
+            assert [x["id"] for x in a] == [x["id"] for x in b] and len(a) == len(job.cand_rows)
+            assert ("steps" in a[0]) == job.explain
+            for x, y in zip(a, b) if job.explain else ():
+                for s, t in zip(x["steps"], y["steps"]):
+                    assert [w["word"] for w in s["title"]] == [w["word"] for w in t["title"]]
+                    assert np.allclose(
+                        [w["weight"] for w in s["title"]], [w["weight"] for w in t["title"]], atol=1e-6
+                    )
+                    assert len(s["history"]) == len(job.hist_rows)
+                    assert np.allclose(
+                        [h["weight"] for h in s["history"]], [h["weight"] for h in t["history"]], atol=1e-6
+                    )
     finally:
         ranker.close()
 

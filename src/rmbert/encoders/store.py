@@ -1,15 +1,24 @@
 """The news store: every news encoded once, fp16 on disk, memory-mapped, appendable.
 
-A store is a folder of segments; `meta.json` lists the complete ones and is replaced
-atomically, so a crash while appending leaves the store readable with its previous contents:
+A store is a folder of segments; `meta.json` lists the complete ones (with each one's row count
+and file sizes) and is replaced atomically, so a crash while appending leaves the store readable
+with its previous contents:
 
-    meta.json            kind, encoder fingerprint, L, D, segments (written last)
-    seg-00000/           ids.txt, news.jsonl (category, subcategory, title, added time) and arrays:
+    meta.json            kind, encoder fingerprint, L, D, segments, segment_info (written last)
+    seg-00000/           ids.txt, news.jsonl (category, subcategory, entities, title, added time), arrays:
       kind "vectors":    cls [n, D], tokens [n, L, D], pool [n, D] = mean of tokens (fp16), mask [n, L]
       kind "lower":      hidden [n, S, D] (fp16) = states below the top k layers
       kind "tokens":     nothing more (full fine-tuning encodes during training)
       every kind:        input_ids [n, S] (int32), attn [n, S] (bool)
     seg-00001/ ...       later appends; an id appended again supersedes its earlier row
+    .lock                writers hold an exclusive flock on it: one append at a time, across processes
+    .pending             the segment an append is writing, until meta.json lists it
+
+Segments are memory-mapped and never concatenated (`Segmented` views them as one array), so an
+append costs O(new news). A writer re-reads meta.json under the lock, so it never works from a
+stale list; the only thing it ever deletes is the segment named in `.pending` by a writer that
+died before committing it (the lock proves that writer is gone). Opening checks every segment's
+counts and recorded sizes; `verify` reads everything.
 
 Global row 0 (the first row of seg-00000) is the null news: zeros and an all-false mask, for
 padding and ids missing from news.tsv. Stores built for training are keyed by encoder +
@@ -18,11 +27,13 @@ tokenizer + L + the news themselves, so a rerun reuses one.
 
 from __future__ import annotations
 
+import fcntl
 import hashlib
 import json
 import os
 import shutil
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -97,7 +108,8 @@ def _write_segment(
     null_row: bool,
     batch_size: int,
     progress: bool,
-) -> None:
+) -> dict:
+    """Encode into a new segment folder; returns its record for meta.json (row count, file sizes)."""
     if kind not in KIND_ARRAYS:
         raise ValueError(f"unknown store kind {kind!r}")
     if folder.exists():
@@ -154,14 +166,175 @@ def _write_segment(
     with open(folder / "news.jsonl", "w", encoding="utf-8") as f:
         for nid, t, extra in zip(ids, titles, info):
             f.write(json.dumps({"id": nid, "title": t, "added": now, **extra}) + "\n")
-    for p in folder.iterdir():
+    sizes = {}
+    for p in sorted(folder.iterdir()):
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
+        sizes[p.name] = p.stat().st_size
     _fsync_dir(folder)
+    return {"n": len(ids), "bytes": sizes}
 
 
 def _open(folder: Path, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
     return np.lib.format.open_memmap(folder / f"{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+
+class StoreError(ValueError):
+    """A damaged or unreadable news store; the message names the file."""
+
+
+class Segmented:
+    """Rows of several segment arrays seen as one array, without copying them: `a[rows]`,
+    `a[rows, ...]`, `a[i:j]` and `len(a)` gather from the segments that hold the rows."""
+
+    def __init__(self, parts: list[np.ndarray]) -> None:
+        self.parts = parts
+        self.offsets = np.cumsum([0] + [len(p) for p in parts])
+        self.shape = (int(self.offsets[-1]), *parts[0].shape[1:])
+        self.dtype = parts[0].dtype
+        self.ndim = len(self.shape)
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, key):
+        rest: tuple = ()
+        if isinstance(key, tuple):
+            key, rest = key[0], key[1:]
+        if isinstance(key, (int, np.integer)):
+            i = int(key) + (len(self) if key < 0 else 0)
+            s = int(np.searchsorted(self.offsets, i, side="right")) - 1
+            return self.parts[s][(i - self.offsets[s], *rest)]
+        rows = np.arange(*key.indices(len(self))) if isinstance(key, slice) else np.asarray(key, np.int64)
+        flat = rows.reshape(-1)
+        seg = np.searchsorted(self.offsets, flat, side="right") - 1
+        tail = self.parts[0][(np.zeros(0, np.int64), *rest)].shape[1:]
+        out = np.empty((len(flat), *tail), self.dtype)
+        for s in np.unique(seg):
+            m = seg == s
+            out[m] = self.parts[s][(flat[m] - self.offsets[s], *rest)]
+        return out.reshape(*rows.shape, *tail)
+
+    def __array__(self, dtype=None, copy=None) -> np.ndarray:
+        out = np.concatenate(self.parts)
+        return out.astype(dtype) if dtype is not None else out
+
+
+def _join(parts: list[np.ndarray]):
+    return parts[0] if len(parts) == 1 else Segmented(parts)
+
+
+@contextmanager
+def writer_lock(path: Path, timeout: float = 120.0):
+    """Exclusive, cross-process: one writer of the store at a time (released if the holder dies)."""
+    fd = os.open(path / ".lock", os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        deadline = time.monotonic() + timeout
+        while True:
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+                break
+            except BlockingIOError:
+                if time.monotonic() > deadline:
+                    raise StoreError(
+                        f"{path / '.lock'}: another writer has held the store for {timeout:.0f} s"
+                    ) from None
+                time.sleep(0.05)
+        yield
+    finally:
+        os.close(fd)  # closing releases the lock
+
+
+def read_meta(path: Path) -> dict:
+    f = path / "meta.json"
+    if not f.is_file():
+        raise FileNotFoundError(f"{path}: not a news store (no meta.json)")
+    try:
+        meta = json.loads(f.read_text())
+    except (OSError, ValueError) as e:
+        raise StoreError(f"{f}: unreadable ({e})") from None
+    if not isinstance(meta, dict) or meta.get("version") != STORE_VERSION:
+        v = meta.get("version") if isinstance(meta, dict) else None
+        raise StoreError(f"{f}: store version {v} (this rmbert reads {STORE_VERSION}); re-encode")
+    for key in ("kind", "arrays", "segments"):
+        if key not in meta:
+            raise StoreError(f"{f}: no {key!r}")
+    return meta
+
+
+@dataclass
+class Segment:
+    """One loaded segment: its ids, their info, and its memory-mapped arrays."""
+
+    name: str
+    ids: list[str]
+    info: list[dict]
+    arrays: dict[str, np.ndarray]
+
+
+def load_segment(path: Path, meta: dict, name: str, first: bool) -> Segment:
+    """Open one segment, checking that ids.txt, news.jsonl, the arrays and meta.json agree."""
+    d = path / name
+    recorded = meta.get("segment_info", {}).get(name)
+    if recorded:
+        for fname, size in recorded.get("bytes", {}).items():
+            f = d / fname
+            actual = f.stat().st_size if f.is_file() else None
+            if actual != size:
+                raise StoreError(
+                    f"{f}: {'missing' if actual is None else f'{actual} bytes'}, meta.json records {size}"
+                )
+    try:
+        text = (d / "ids.txt").read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise StoreError(f"{d / 'ids.txt'}: unreadable ({e})") from None
+    ids = text.split("\n") if text else []
+    info: list[dict] = []
+    try:
+        with open(d / "news.jsonl", encoding="utf-8") as fh:
+            for lineno, line in enumerate(fh, 1):
+                try:
+                    info.append(json.loads(line))
+                except ValueError:
+                    raise StoreError(f"{d / 'news.jsonl'}:{lineno}: not a JSON object") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise StoreError(f"{d / 'news.jsonl'}: unreadable ({e})") from None
+    n = len(ids)
+    if recorded and recorded.get("n") != n:
+        raise StoreError(f"{d / 'ids.txt'}: {n} ids, meta.json records {recorded.get('n')}")
+    if len(info) != n:
+        raise StoreError(f"{d / 'news.jsonl'}: {len(info)} lines for {n} ids in ids.txt")
+    for i, (nid, row) in enumerate(zip(ids, info)):
+        if not isinstance(row, dict) or row.get("id", nid) != nid:
+            raise StoreError(
+                f"{d / 'news.jsonl'}:{i + 1}: id does not match line {i + 1} of ids.txt ({nid!r})"
+            )
+    rows = n + (1 if first else 0)
+    names = list(meta["arrays"])
+    if meta["kind"] == "vectors" and "pool" not in names:
+        names.append("pool")  # stores written before the pool array: computed below
+    arrays: dict[str, np.ndarray] = {}
+    for a in names:
+        f = d / f"{a}.npy"
+        if a == "pool" and not f.is_file() and "tokens" in arrays:
+            arrays[a] = _mean_pool_array(arrays["tokens"], arrays["mask"])
+            continue
+        try:
+            arr = np.load(f, mmap_mode="r")
+        except (OSError, ValueError) as e:
+            raise StoreError(f"{f}: unreadable ({e})") from None
+        if len(arr) != rows:
+            raise StoreError(f"{f}: {len(arr)} rows for {n} ids in ids.txt")
+        arrays[a] = arr
+    return Segment(name, ids, info, arrays)
+
+
+def _mean_pool_array(tok: np.ndarray, mask: np.ndarray) -> np.ndarray:
+    out = np.zeros((len(tok), tok.shape[2]), np.float16)
+    for s in range(0, len(tok), 4096):
+        t = torch.from_numpy(np.asarray(tok[s : s + 4096], dtype=np.float32))
+        out[s : s + 4096] = mean_pool(t, torch.from_numpy(np.array(mask[s : s + 4096]))).numpy()
+    return out
 
 
 @dataclass
@@ -169,9 +342,10 @@ class NewsStore:
     path: Path
     meta: dict
     ids: list[str]  # global row r + 1 holds ids[r] (row 0 is the null news)
-    arrays: dict[str, np.ndarray]
+    arrays: dict[str, np.ndarray]  # a memmap, or a `Segmented` view over the segments' memmaps
     info: list[dict] = field(default_factory=list)  # per id: title, category, subcategory, added
     index: dict[str, int] = field(default_factory=dict)
+    segments: list[Segment] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         if not self.index:
@@ -180,45 +354,45 @@ class NewsStore:
     @classmethod
     def open(cls, path: str | Path) -> NewsStore:
         path = Path(path)
-        if not (path / "meta.json").is_file():
-            raise FileNotFoundError(f"{path}: not a news store (no meta.json)")
-        meta = json.loads((path / "meta.json").read_text())
-        if meta.get("version") != STORE_VERSION:
-            raise ValueError(
-                f"{path}: store version {meta.get('version')} (this rmbert reads {STORE_VERSION}); re-encode"
-            )
-        ids: list[str] = []
-        info: list[dict] = []
-        parts: dict[str, list[np.ndarray]] = {name: [] for name in meta["arrays"]}
-        for seg in meta["segments"]:
-            d = path / seg
-            seg_ids = (
-                (d / "ids.txt").read_text(encoding="utf-8").split("\n")
-                if (d / "ids.txt").stat().st_size
-                else []
-            )
-            ids += seg_ids
-            with open(d / "news.jsonl", encoding="utf-8") as f:
-                info += [json.loads(line) for line in f]
-            for name in parts:
-                parts[name].append(np.load(d / f"{name}.npy", mmap_mode="r"))
-        arrays = {n: (p[0] if len(p) == 1 else np.concatenate(p)) for n, p in parts.items()}
-        return cls(path, meta, ids, arrays, info)
+        meta = read_meta(path)
+        segs = [load_segment(path, meta, name, i == 0) for i, name in enumerate(meta["segments"])]
+        return cls._of(path, meta, segs)
+
+    @classmethod
+    def _of(cls, path: Path, meta: dict, segs: list[Segment], base: NewsStore | None = None) -> NewsStore:
+        """A store of `segs`; with `base`, segs extend base's segments (its ids, info, index reused)."""
+        if not segs:
+            raise StoreError(f"{path / 'meta.json'}: lists no segments")
+        new = segs[len(base.segments) :] if base else segs
+        ids = (list(base.ids) if base else []) + [i for s in new for i in s.ids]
+        info = (list(base.info) if base else []) + [r for s in new for r in s.info]
+        index = dict(base.index) if base else {}
+        r = len(base.ids) if base else 0
+        for s in new:
+            for nid in s.ids:
+                r += 1
+                index[nid] = r
+        arrays = {a: _join([s.arrays[a] for s in segs]) for a in segs[0].arrays}
+        return cls(path, meta, ids, arrays, info, index, segs)
 
     def __len__(self) -> int:
         return len(self.ids)
 
     def pooled(self) -> np.ndarray:
-        """[rows, D] mean of each news's title-token vectors: the stored `pool` array, or (a store
-        written before it existed) computed once from the tokens and kept in memory."""
-        if "pool" not in self.arrays:
-            tok, mask = self.arrays["tokens"], self.arrays["mask"]
-            out = np.zeros((len(tok), tok.shape[2]), np.float16)
-            for s in range(0, len(tok), 4096):
-                t = torch.from_numpy(np.asarray(tok[s : s + 4096], dtype=np.float32))
-                out[s : s + 4096] = mean_pool(t, torch.from_numpy(np.array(mask[s : s + 4096]))).numpy()
-            self.arrays["pool"] = out
+        """[rows, D] mean of each news's title-token vectors (computed on open for stores written
+        before the pool array existed)."""
         return self.arrays["pool"]
+
+    def refresh(self) -> NewsStore:
+        """This store with the segments other writers committed since it was read (self if none)."""
+        meta = read_meta(self.path)
+        have = [s.name for s in self.segments]
+        if meta["segments"] == have:
+            return self
+        if meta.get("uid") != self.meta.get("uid") or meta["segments"][: len(have)] != have:
+            return NewsStore.open(self.path)  # rebuilt under us: read it afresh
+        new = [load_segment(self.path, meta, name, False) for name in meta["segments"][len(have) :]]
+        return NewsStore._of(self.path, meta, self.segments + new, base=self)
 
     @property
     def live_ids(self) -> list[str]:
@@ -238,30 +412,82 @@ class NewsStore:
         info: list[dict] | None = None,
         progress: bool = False,
     ) -> NewsStore:
-        """Encode and append news durably; returns the reopened store (self is unchanged)."""
+        """Encode and append news durably under the writer lock; returns the store with every
+        segment committed so far, other writers' included (self is unchanged)."""
         if self.meta.get("encoder") and self.meta["encoder"] != encoder_fingerprint(encoder, tokenizer):
             raise ValueError(f"{self.path}: built with another encoder; appending would mix vector spaces")
-        segs = self.meta["segments"]
-        name = f"seg-{len(segs):05d}"
-        for stale in self.path.glob("seg-*"):  # segments a crashed append left behind
-            if stale.name not in segs:
-                shutil.rmtree(stale, ignore_errors=True)
-        _write_segment(
-            self.path / name,
-            ids,
-            titles,
-            info or [{} for _ in ids],
-            encoder,
-            tokenizer,
-            self.meta["kind"],
-            self.meta.get("k", 0),
-            False,
-            64,
-            progress,
-        )
-        _crash_point("before_meta")
-        _write_json_atomic(self.path / "meta.json", {**self.meta, "segments": [*segs, name]})
-        return NewsStore.open(self.path)
+        with writer_lock(self.path):
+            cur = self.refresh()  # never work from a stale segment list
+            _clean_pending(self.path, cur.meta)
+            segs = cur.meta["segments"]
+            k = len(segs)
+            while (self.path / f"seg-{k:05d}").exists():  # a folder we know nothing of: never touch it
+                k += 1
+            name = f"seg-{k:05d}"
+            _write_json_atomic(self.path / ".pending", {"segment": name, "pid": os.getpid()})
+            try:
+                record = _write_segment(
+                    self.path / name,
+                    ids,
+                    titles,
+                    info or [{} for _ in ids],
+                    encoder,
+                    tokenizer,
+                    cur.meta["kind"],
+                    cur.meta.get("k", 0),
+                    False,
+                    64,
+                    progress,
+                )
+                _crash_point("before_meta")
+                meta = {
+                    **cur.meta,
+                    "segments": [*segs, name],
+                    "segment_info": {**cur.meta.get("segment_info", {}), name: record},
+                }
+                _write_json_atomic(self.path / "meta.json", meta)
+            except BaseException:
+                shutil.rmtree(self.path / name, ignore_errors=True)  # our own unfinished segment
+                raise
+            (self.path / ".pending").unlink(missing_ok=True)
+            seg = load_segment(self.path, meta, name, False)
+            return NewsStore._of(self.path, meta, cur.segments + [seg], base=cur)
+
+    def verify(self) -> dict:
+        """Read every array in full: finite vectors, token masks within L, ids unique per segment,
+        no segment folders that meta.json does not list. Raises StoreError; returns a summary."""
+        for s in self.segments:
+            for a, arr in s.arrays.items():
+                for start in range(0, len(arr), 8192):
+                    block = np.asarray(arr[start : start + 8192])
+                    if block.dtype.kind == "f" and not np.isfinite(block).all():
+                        raise StoreError(f"{self.path / s.name / (a + '.npy')}: non-finite values")
+            if len(set(s.ids)) != len(s.ids):
+                raise StoreError(f"{self.path / s.name / 'ids.txt'}: an id appears twice")
+        listed = set(self.meta["segments"])
+        orphans = sorted(p.name for p in self.path.glob("seg-*") if p.name not in listed)
+        return {
+            "store": str(self.path),
+            "ok": True,
+            "news": len(self.index),
+            "rows": len(self.ids),
+            "segments": len(self.segments),
+            "unlisted_folders": orphans,
+        }
+
+
+def _clean_pending(path: Path, meta: dict) -> None:
+    """Under the writer lock: remove the segment a dead writer named in `.pending` but never committed."""
+    f = path / ".pending"
+    if not f.is_file():
+        return
+    try:
+        name = json.loads(f.read_text()).get("segment", "")
+    except (OSError, ValueError):
+        name = ""
+    if name.startswith("seg-") and "/" not in name and name not in meta["segments"]:
+        shutil.rmtree(path / name, ignore_errors=True)
+    f.unlink(missing_ok=True)
 
 
 def build_store(
@@ -282,7 +508,7 @@ def build_store(
     tmp = out.with_name(out.name + ".building")
     if tmp.exists():
         shutil.rmtree(tmp)
-    _write_segment(
+    record = _write_segment(
         tmp / "seg-00000",
         ids,
         titles,
@@ -303,6 +529,8 @@ def build_store(
         "dim": encoder.dim,
         "arrays": ["input_ids", "attn", *KIND_ARRAYS[kind]],
         "segments": ["seg-00000"],
+        "segment_info": {"seg-00000": record},
+        "uid": os.urandom(8).hex(),  # a rebuilt store is a new store
         "encoder": fingerprint or encoder_fingerprint(encoder, tokenizer),
     }
     _write_json_atomic(tmp / "meta.json", meta)

@@ -11,7 +11,8 @@ A recommender splits scoring in two so that serving computes the user side once 
 
 from __future__ import annotations
 
-from abc import ABCMeta, abstractmethod
+from abc import ABC, ABCMeta, abstractmethod
+from dataclasses import dataclass
 from typing import Any
 
 import torch
@@ -20,6 +21,43 @@ from torch import nn
 from rmbert.encoders.bert import NewsRepr
 
 NEG = -1e9  # added to masked attention logits (finite, so fully masked rows give no NaN)
+
+
+@dataclass
+class Scores:
+    """What scoring returns: click logits, and (when asked) attention weights by name, e.g.
+    RMBERT's `title` [B, C, p, L] and `history` [B, C, p, M], as Hugging Face models return attentions."""
+
+    logits: torch.Tensor  # [B, C]
+    attentions: dict[str, torch.Tensor] | None = None
+
+
+class InferenceForm(ABC):
+    """How serving scores with a trained recommender: per-news terms computed once when a news
+    enters the index (`news_terms`), then `score` per request over clicked news vectors H."""
+
+    token_axes: dict[str, int] = {}  # each news term's number of trailing title-token (L) axes
+
+    def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
+        return {}
+
+    @abstractmethod
+    def score(
+        self, H: torch.Tensor, mask: torch.Tensor, cand: NewsRepr, terms: dict, record: bool = False
+    ) -> Scores:
+        """H [B, M, D], mask [B, M], candidates [B, C, ...] -> Scores."""
+
+
+class GenericInference(InferenceForm):
+    """The default inference form: the recommender's own user_state and score_candidates."""
+
+    def __init__(self, rec: Recommender) -> None:
+        self.rec = rec
+
+    @torch.no_grad()
+    def score(self, H, mask, cand, terms, record=False) -> Scores:
+        state = self.rec.user_state(NewsRepr(cls=H, tokens=None, mask=None), mask, None)
+        return Scores(self.rec.score_candidates(state, cand))
 
 
 class Recommender(nn.Module, metaclass=ABCMeta):
@@ -33,6 +71,10 @@ class Recommender(nn.Module, metaclass=ABCMeta):
     @abstractmethod
     def score_candidates(self, state: Any, cand: NewsRepr) -> torch.Tensor:
         """Click logits [B, C]."""
+
+    def inference_form(self) -> InferenceForm:
+        """The form serving scores with (a folded one where a model has it); eval mode only."""
+        return GenericInference(self)
 
     def forward(
         self,

@@ -55,7 +55,7 @@ BASE = ("cls", "pool", "tokens", "mask", "input_ids")
 
 
 def _base(store: NewsStore, first: int = 0) -> dict[str, np.ndarray]:
-    return {k: np.asarray(store.pooled() if k == "pool" else store.arrays[k])[first:] for k in BASE}
+    return {k: np.asarray(store.arrays[k][first:]) for k in BASE}
 
 
 class ServingIndex:
@@ -64,14 +64,34 @@ class ServingIndex:
     model reads: pooled, standardised, with features)."""
 
     def __init__(self, store: NewsStore, prepare=None) -> None:
-        self.store = store
         self.prepare = prepare or (lambda arrays, info: {})
+        self.lock = threading.Lock()  # serialises appends; reads never wait
+        self._load(store)
+
+    def _load(self, store: NewsStore) -> None:
+        self.store = store
         self.info = [{}] + list(store.info)
         base = _base(store)
         self.rows = Rows({**base, **self.prepare(base, self.info)})
         self.index = dict(store.index)
-        self.lock = threading.Lock()  # serialises appends; reads never wait
         self.snapshot = self._snap()
+
+    def refresh(self) -> int:
+        """Take in the segments other writers (`rmbert encode`, another server) committed since
+        this index last looked; returns how many rows were added."""
+        with self.lock:
+            return self.update(self.store.refresh())
+
+    def update(self, new: NewsStore) -> int:
+        """Move to `new`, a later state of this index's store (call with the lock held)."""
+        if new is self.store:
+            return 0
+        have = len(self.store)
+        if new.meta.get("uid") != self.store.meta.get("uid") or len(new) < have:
+            self._load(new)  # the store was rebuilt: read it afresh
+            return len(new)
+        self.add(new, have)
+        return len(new) - have
 
     def _snap(self) -> Snapshot:
         live = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))

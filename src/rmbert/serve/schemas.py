@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, Field, field_validator
+from typing import Annotated
+
+from pydantic import BaseModel, Field, StringConstraints, field_validator
+
+# Every string a client sends is capped: nothing unbounded is parsed, stored or echoed back.
+ID_MAX, TITLE_MAX, ABSTRACT_MAX, LABEL_MAX = 64, 1000, 5000, 100
+NewsId = Annotated[str, StringConstraints(min_length=1, max_length=ID_MAX)]
 
 
 class RankRequest(BaseModel):
-    history: list[str] = Field(default_factory=list, description="clicked news ids, oldest first")
-    candidates: list[str] | None = Field(
-        None, description="news ids to rank; null = the freshest news in the store"
+    history: list[NewsId] = Field(
+        default_factory=list, max_length=10_000, description="clicked news ids, oldest first"
     )
-    top_k: int = Field(10, ge=1, description="how many ranked news to return")
+    candidates: list[NewsId] | None = Field(
+        None, max_length=10_000, description="news ids to rank; null = the freshest news in the store"
+    )
+    top_k: int = Field(10, ge=1, le=10_000, description="how many ranked news to return")
     explain: bool = Field(
         False, description="add each reasoning step's attention over history and title words"
     )
@@ -44,12 +52,12 @@ class RankResponse(BaseModel):
 
 
 class NewsItem(BaseModel):
-    id: str = Field(min_length=1, max_length=64)
-    title: str = Field(min_length=1)
-    category: str = ""
-    subcategory: str = ""
-    abstract: str = ""
-    entities: list[str] = Field(
+    id: str = Field(min_length=1, max_length=ID_MAX)
+    title: str = Field(min_length=1, max_length=TITLE_MAX)
+    category: str = Field("", max_length=LABEL_MAX)
+    subcategory: str = Field("", max_length=LABEL_MAX)
+    abstract: str = Field("", max_length=ABSTRACT_MAX)
+    entities: list[Annotated[str, StringConstraints(max_length=LABEL_MAX)]] = Field(
         default_factory=list, max_length=64, description="linked entities (WikidataIds), as MIND's"
     )
 
@@ -62,7 +70,7 @@ class NewsItem(BaseModel):
 
 
 class NewsBatch(BaseModel):
-    news: list[NewsItem]
+    news: list[NewsItem] = Field(max_length=100_000)
 
 
 class NewsAdded(BaseModel):

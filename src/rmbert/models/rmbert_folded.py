@@ -1,0 +1,190 @@
+"""RMBERT's folded inference form: the same function as `RMBERT` in eval mode, with every
+product that depends on the news alone or on the user alone hoisted out of the candidate loop.
+
+Shape letters as in `rmbert.py`: B users, C candidates, M history, L title tokens, D hidden,
+Dm memory, H1 the click layer's width, p steps.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from rmbert.encoders.bert import NewsRepr
+from rmbert.models.base import InferenceForm, Scores, masked_mean_weights, masked_softmax
+from rmbert.models.rmbert import RMBERT
+
+
+@dataclass
+class FoldedUser:
+    """Candidate-independent terms of one request's user, computed once (see FoldedRMBERT)."""
+
+    mask: torch.Tensor  # [B, M] bool
+    Z0: torch.Tensor  # [B, D, M]: s -> history logits in steps where r is constant
+    z0: torch.Tensor  # [B, M]
+    Gt: torch.Tensor  # [B, D, M] = (W_H H + b_H)^T: left * r -> history logits (other steps)
+    Z: torch.Tensor  # [B, D, M]: s -> the H part of those logits
+    z: torch.Tensor  # [B, M]
+    P: torch.Tensor  # [B, (p-1) M, D]: r_t = rho_t + [b_0 .. b_(t-1)] @ P[:, -tM:]
+    Q: torch.Tensor  # [B, p M, H1]: W_1m m_p = kappa + [b_0 .. b_(p-1)] @ Q
+    Y: torch.Tensor | None  # [B, p M, D]: P m_p + b_P = y0 + [b_0 .. b_(p-1)] @ Y (click_product)
+
+
+class FoldedRMBERT(InferenceForm):
+    """RMBERT for inference, with every product that depends on the news alone or on the user
+    alone hoisted out of the candidate loop. The same function as `RMBERT` in eval mode (equal
+    up to float rounding; tested). With s_t = sum_l a_tl X_l the title pooling of step t, so
+    that k_t = W_q s_t + b_q, and v_t = w_b * k_t:
+
+    * Query (eq. 1-3). The logits of step t are X (w_a * kq_t) + b_a with kq_t = [news part]
+      + W_k2 k_(t-1), and W_k2 k_(t-1) = s_(t-1) R_1 + c_1 is linear in a_(t-1). So logits_t =
+      base_t + a_(t-1) K with per-news base_t [L] and K = X R_1 diag(w_a) X^T [L, L]:
+      the query unit never touches a D x D matrix at request time.
+    * History logits (eq. 4-6). w_b . (~I_j * k_t) = (s_t R_2 + c_2) * r_t . G_j + (s_t R_3 +
+      c_3) . H_j + const, with r_t = W_r m_(t-1) + b_r and G = W_H H + b_H (the constant,
+      v . b_I + b_b, cancels in the softmax). The H part is the per-user map Z = R_3 H^T
+      [D, M]; where r is constant (step 1, or w/o PM) the whole map is per user: Z0.
+    * Memory (eq. 7) is linear: m_t = A^t m_0 + sum_(i<t) A^(t-1-i) (W_m2 U_i + b_m) with
+      A = W_m1 and U_i = b_i H. So r_t = rho_t + sum_(i<t) b_i P_(t-1-i) and W_1m m_p =
+      kappa + sum_i b_i Q_(p-1-i), with per-user P_k = H (W_r A^k W_m2)^T and Q_k = H (W_1m
+      A^k W_m2)^T: neither m nor U is ever formed. With `click_product`, P m_p + b_P = y0 +
+      sum_i b_i Y_(p-1-i) in the same way, with Y_k = H (P A^k W_m2)^T, and eq. 8' adds
+      W_1p (x_n * that) per candidate (D H1 more multiply-adds).
+
+    Per candidate at p = 4 that is 3 D^2 + 4 L D + 4 L^2 + 17 M D multiply-adds (the fast path:
+    about 37 D^2), plus 10 M D^2 once per user; per news, L D^2 + L^2 D once, offline.
+    """
+
+    # the per-news terms (`news_terms`), each with its number of trailing title-token axes:
+    #   base [..., p, L]  title-attention logits of each step, news part
+    #   K    [..., L, L]  the previous step's title weights -> this step's logits
+    #   click [..., H1]   W_1x x_n + b_1, the news part of eq. 8
+    token_axes = {"base": 1, "K": 2, "click": 0}
+
+    def __init__(self, m: RMBERT) -> None:
+        cfg = m.cfg
+        D, p = cfg.dim, cfg.steps
+        self.cfg, self.p, self.D = cfg, p, D
+        dtype = m.m0.dtype
+        f64 = {n: t.detach().double() for n, t in m.state_dict().items()}
+        W_k1, W_k2, wb = f64["W_k.weight"][:, :D], f64["W_k.weight"][:, D:], f64["W_beta.weight"][0]
+        W_q, b_q = f64["W_q.weight"], f64["W_q.bias"]
+        # the linear maps of k_t = W_q s_t + b_q (row vectors): W_k2 k_t, W_I1^T v_t, W_I2^T v_t
+        maps = [W_k2.T, wb[:, None] * f64["W_I.weight"][:, :D], wb[:, None] * f64["W_I.weight"][:, D:]]
+        (R1, R2, R3), (c1, c2, c3) = [W_q.T @ R for R in maps], [b_q @ R for R in maps]
+        self.R1w = (R1 * f64["W_alpha.weight"][0]).to(dtype)  # R_1 diag(w_a)
+        self.c1, self.R2, self.c2, self.c3 = c1.to(dtype), R2.to(dtype), c2.to(dtype), c3.to(dtype)
+        # news part of kq_t: W_k1 (W_p^t x + b_p^t) + b_k (+ W_k2 x at t = 0, k_0 = x_n)
+        Wq = [W_k1 @ f64[f"W_p.{t}.weight"] for t in range(p)]
+        if cfg.prev_query:
+            Wq[0] = Wq[0] + W_k2
+        self.Wq = torch.stack(Wq).to(dtype)  # [p, D, D]
+        self.bq = torch.stack([W_k1 @ f64[f"W_p.{t}.bias"] + f64["W_k.bias"] for t in range(p)]).to(dtype)
+        self.w_a, self.b_a = m.W_alpha.weight[0], m.W_alpha.bias
+        # the memory recursion unrolled: constants rho_t, kappa and maps T_k, S_k
+        Dm = m.m0.shape[0]
+        A, W_m2, b_m = f64["W_m.weight"][:, :Dm], f64["W_m.weight"][:, Dm:], f64["W_m.bias"]
+        W_r, b_r, W_1m = f64["W_r.weight"], f64["W_r.bias"], f64["W_1.weight"][:, D:]
+        mem, Ak_W = f64["m0"], W_m2  # m_t with U = 0, and A^k W_m2
+        rho, T, S, Yk = [], [], [], []
+        Pm = f64["P.weight"] if cfg.click_product else None
+        for k in range(p):
+            rho.append(W_r @ mem + b_r)
+            mem = A @ mem + b_m
+            if k < p - 1:
+                T.append(W_r @ Ak_W)
+            S.append(W_1m @ Ak_W)
+            if Pm is not None:
+                Yk.append(Pm @ Ak_W)
+            Ak_W = A @ Ak_W
+        self.rho, self.kappa = torch.stack(rho).to(dtype), (W_1m @ mem).to(dtype)  # [p, D], [H1]
+        self.y0 = (Pm @ mem + f64["P.bias"]).to(dtype) if Pm is not None else None  # [D]
+        self.W_1p = m.W_1p.weight if cfg.click_product else None  # [H1, D]
+        if not cfg.prev_memory:
+            self.rho = torch.ones_like(self.rho)  # eq. 4 without m: I = W_H H + b_H
+        self.r0 = self.rho[0]
+        # one map for every per-user product: H -> [G, Z, P_(p-2) .. P_0, Q_(p-1) .. Q_0], stacked
+        # oldest-first so that b_0 .. b_t pair with P_t .. P_0 and b_0 .. b_(p-1) with Q_(p-1) .. Q_0
+        self.U = torch.cat([f64["W_H.weight"], R3, *T[::-1], *S[::-1], *Yk[::-1]], 0).T.to(dtype)  # [D, .]
+        self.b_H = m.W_H.bias
+        self.W_1x, self.b_1 = m.W_1.weight[:, :D], m.W_1.bias
+        self.W_2, self.b_2 = m.W_2.weight[0], m.W_2.bias
+
+    @torch.no_grad()
+    def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
+        """News cls [..., D], tokens [..., L, D] -> the terms above; depends on the news only."""
+        x, X = news.cls, news.tokens
+        kq = torch.einsum("...d,ted->...te", x, self.Wq) + self.bq  # [..., p, D], news part of eq. 2
+        if self.cfg.prev_query:
+            kq[..., 1:, :] += self.c1  # W_k2 k_(t-1) = s_(t-1) R_1 + c_1
+        base = (kq * self.w_a) @ X.transpose(-1, -2) + self.b_a  # [..., p, L]
+        K = (X @ self.R1w) @ X.transpose(-1, -2)  # [..., L, L]
+        return {"base": base, "K": K, "click": x @ self.W_1x.T + self.b_1}
+
+    @torch.no_grad()
+    def user_state(self, H: torch.Tensor, mask: torch.Tensor) -> FoldedUser:
+        """H [B, M, D] (clicked news vectors) -> FoldedUser."""
+        B, M, D = H.shape
+        p, H1 = self.p, self.kappa.shape[0]
+        HU = H @ self.U  # [B, M, 2D + (p-1) D + p H1]
+        G, Z = HU[..., :D] + self.b_H, HU[..., D : 2 * D].transpose(1, 2)  # [B, M, D], [B, D, M]
+        z = H @ self.c3  # [B, M]
+        Z0 = ((G * self.r0) @ self.R2.T).transpose(1, 2) + Z  # [B, D, M]
+        z0 = G @ (self.c2 * self.r0) + z
+        P = HU[..., 2 * D : (p + 1) * D].reshape(B, M, p - 1, D).transpose(1, 2).reshape(B, -1, D)
+        q_end = (p + 1) * D + p * H1
+        Q = HU[..., (p + 1) * D : q_end].reshape(B, M, p, H1).transpose(1, 2).reshape(B, -1, H1)
+        Y = None
+        if self.y0 is not None:
+            Y = HU[..., q_end:].reshape(B, M, p, D).transpose(1, 2).reshape(B, -1, D)
+        return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q, Y)
+
+    @torch.no_grad()
+    def score(
+        self, H: torch.Tensor, mask: torch.Tensor, cand: NewsRepr, terms: dict, record: bool = False
+    ) -> Scores:
+        """H [B, M, D], mask [B, M] -> Scores, as RMBERT.reason in eval mode."""
+        return self.score_user(self.user_state(H, mask), cand, terms, record)
+
+    @torch.no_grad()
+    def score_user(self, user: FoldedUser, cand: NewsRepr, terms: dict, record: bool = False) -> Scores:
+        """Logits [B, C] (and per-step weights if record) for a folded user. cand.cls (x_n
+        [B, C, D]) is read only with `click_product`."""
+        cfg, p = self.cfg, self.p
+        X, xmask = cand.tokens, cand.mask  # [B, C, L, D], [B, C, L]
+        B, C, M = *X.shape[:2], user.mask.shape[1]
+        hmask = user.mask[:, None, :].expand(-1, C, -1)  # [B, C, M]
+        r = self.r0  # W_r m_(t-1) + b_r: [D] until it depends on the candidate
+        a = masked_mean_weights(xmask, X.dtype)  # w/o Att: mean pooling at every step
+        bw = X.new_empty(B, C, p * M)  # history weights of every step, [b_0 .. b_(p-1)]
+        title_w = []
+        for t in range(p):
+            if cfg.attention:
+                logits = terms["base"][..., t, :]  # [B, C, L]
+                if cfg.prev_query and t > 0:
+                    logits = logits + (a[..., None, :] @ terms["K"]).squeeze(-2)
+                if cfg.query_attention == "softmax":
+                    a = masked_softmax(logits, xmask)
+                else:
+                    a = torch.sigmoid(logits) * xmask
+            s = (a[..., None, :] @ X).squeeze(-2)  # [B, C, D]: k_t = W_q s + b_q
+            if not cfg.attention:
+                b = masked_mean_weights(hmask, X.dtype)
+            elif cfg.prev_memory and t > 0:  # r_t depends on the candidate
+                left = (s @ self.R2 + self.c2) * r  # [B, C, D]
+                b = masked_softmax((left @ user.Gt).add_(s @ user.Z).add_(user.z[:, None]), hmask)
+            else:
+                b = masked_softmax(s @ user.Z0 + user.z0[:, None], hmask)
+            bw[..., t * M : (t + 1) * M] = b
+            if cfg.attention and cfg.prev_memory and t + 1 < p:
+                r = self.rho[t + 1] + bw[..., : (t + 1) * M] @ user.P[:, (p - 2 - t) * M :]  # [B, C, D]
+            if record:
+                title_w.append(a)
+        pre = terms["click"] + self.kappa + bw @ user.Q  # (8), [B, C, H1]
+        if self.y0 is not None and user.Y is not None:
+            pre = pre + (cand.cls * (self.y0 + bw @ user.Y)) @ self.W_1p.T  # (8')
+        logits = torch.relu(pre) @ self.W_2 + self.b_2
+        if record:
+            return Scores(logits, {"title": torch.stack(title_w, 2), "history": bw.view(B, C, p, M)})
+        return Scores(logits)

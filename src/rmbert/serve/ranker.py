@@ -1,0 +1,235 @@
+"""The batching inference worker: concurrent /rank requests scored together in one forward."""
+
+from __future__ import annotations
+
+import asyncio
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+
+from rmbert.encoders.bert import NewsRepr
+from rmbert.run import LoadedRun
+from rmbert.serve import explain
+from rmbert.serve.index import Snapshot
+
+
+class Busy(Exception):
+    """The worker's queue is full, or a request waited longer than the queue timeout."""
+
+
+@dataclass
+class Job:
+    """One /rank request waiting for the inference worker; `settle(result, error)` is called once."""
+
+    snap: Snapshot
+    hist_rows: np.ndarray
+    cand_rows: np.ndarray
+    top_k: int
+    explain: bool
+    settle: Callable[[object, BaseException | None], None]
+    enqueued: float = field(default_factory=time.monotonic)
+    cancelled: bool = False  # set when the client went away: the worker skips the job
+
+
+@dataclass
+class Ranked:
+    """The worker's answer: scores [C] in candidate order, the top_k order, and the ranked list
+    (ids, scores, titles and explanations) already encoded as JSON."""
+
+    scores: np.ndarray
+    order: np.ndarray
+    ranked_json: bytes
+
+
+class Ranker:
+    """Scores candidates for histories through the run's recommender, batching concurrent requests.
+
+    One worker thread takes the requests waiting in the queue (up to `max_batch`, in arrival
+    order), pads them into one [B, C, ...] batch and runs a single forward: under load the
+    matrix products grow instead of queueing. Per-request cost is flat from B = 4 up, so a small
+    `max_batch` costs no throughput and bounds how long a request can wait behind one batch.
+    The recommender scores in its inference form (RMBERT: folded), with each news's terms
+    precomputed in the serving index (`prepare`). Ordering and explanations are built in the
+    worker too, so the event loop only ever formats answers. The queue is bounded; requests
+    whose clients left, or that waited past `queue_timeout`, are dropped unscored.
+    """
+
+    def __init__(self, run: LoadedRun, max_batch: int = 8, max_queue: int = 64, queue_timeout: float = 10.0):
+        self.run = run
+        self.form = run.model.rec.inference_form()
+        self.max_history = run.cfg.train.max_history
+        self.max_batch, self.queue_timeout = max_batch, queue_timeout
+        self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # worker thread only
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
+        self.dropped = 0  # jobs skipped because their client left or they waited too long
+        self.worker = threading.Thread(target=self._loop, name="rmbert-ranker", daemon=True)
+        self.worker.start()
+
+    def close(self) -> None:
+        self.queue.put(None)
+        self.worker.join(timeout=10)
+
+    @torch.inference_mode()
+    def prepare(
+        self, arrays: dict[str, np.ndarray], info: list[dict], chunk: int = 2048
+    ) -> dict[str, np.ndarray]:
+        """Per-news arrays for the serving index: the news vectors the model reads (pooled,
+        standardised and with features, as the run was trained) and the inference form's news
+        terms. Runs once per news, `chunk` news at a time; `info` gives the news features."""
+        model, cfg = self.run.model, self.run.cfg
+        vectors = arrays["pool"] if cfg.encoder.pooling == "mean" else arrays["cls"]
+        fids = None
+        if model.features is not None and self.run.vocab is not None:
+            fids = self.run.vocab.ids(
+                [i.get("category", "") for i in info],
+                [i.get("subcategory", "") for i in info],
+                [list(i.get("entities", [])) for i in info],
+                cfg.features.max_entities,
+            )
+        parts: dict[str, list[torch.Tensor]] = {}
+        for i in range(0, len(arrays["cls"]), chunk):
+            x = torch.from_numpy(np.array(vectors[i : i + chunk], dtype=np.float32))
+            X = torch.from_numpy(np.array(arrays["tokens"][i : i + chunk], dtype=np.float32))
+            got = {}
+            if cfg.encoder.standardize:
+                mask = torch.from_numpy(np.array(arrays["mask"][i : i + chunk]))
+                x, X = model.news.standardize(x, X, mask)
+                got["tokens"] = X
+            if fids is not None:
+                x = x + model.features(torch.from_numpy(fids[i : i + chunk]))
+            got["cls"] = x
+            got.update(self.form.news_terms(NewsRepr(x, X, None)))
+            for k, v in got.items():
+                parts.setdefault(k, []).append(v)
+        return {k: torch.cat(v).numpy() for k, v in parts.items()}
+
+    async def rank(
+        self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, top_k: int, explain: bool
+    ) -> Ranked:
+        """Awaits the worker thread; the event loop stays free for other requests meanwhile.
+        Raises Busy when the queue is full or the request waited too long."""
+        loop = asyncio.get_running_loop()
+        fut = loop.create_future()
+
+        def settle(result, error) -> None:
+            loop.call_soon_threadsafe(_resolve, fut, result, error)
+
+        job = Job(snap, hist_rows[-self.max_history :], cand_rows, top_k, explain, settle)
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            raise Busy(f"{self.queue.maxsize} requests are already waiting") from None
+        try:
+            return await fut
+        except asyncio.CancelledError:
+            job.cancelled = True  # the client went away: do not score it
+            raise
+
+    def _loop(self) -> None:
+        while True:
+            job = self.queue.get()
+            if job is None:
+                return
+            jobs = [job]
+            while len(jobs) < self.max_batch:
+                try:
+                    nxt = self.queue.get_nowait()
+                except queue.Empty:
+                    break
+                if nxt is None:
+                    self.queue.put(None)
+                    break
+                jobs.append(nxt)
+            now = time.monotonic()
+            live = []
+            for j in jobs:
+                if j.cancelled:
+                    self.dropped += 1
+                elif now - j.enqueued > self.queue_timeout:
+                    self.dropped += 1
+                    j.settle(None, Busy(f"waited {now - j.enqueued:.1f} s for the model"))
+                else:
+                    live.append(j)
+            if not live:
+                continue
+            try:
+                results = self._score(live)
+            except BaseException as e:  # handed to every waiting request
+                for j in live:
+                    j.settle(None, e)
+                continue
+            for j, r in zip(live, results):
+                j.settle(r, None)
+
+    def _take(self, name: str, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
+        """src[rows] as float32, gathered into buffers the worker reuses: a fresh [B C, L, D]
+        tensor per batch would be a fresh mmap, and its page faults cost more than the gather."""
+        n = len(rows)
+        have = len(self.buffers[name][0]) if name in self.buffers else 0
+        if have < n:
+            size = (max(n, 2 * have), *src.shape[1:])
+            self.buffers[name] = (torch.empty(size, dtype=src.dtype), torch.empty(size))
+        raw, f32 = self.buffers[name]
+        torch.index_select(src, 0, rows, out=raw[:n])
+        return f32[:n].copy_(raw[:n]) if src.dtype != torch.float32 else raw[:n]
+
+    @torch.inference_mode()
+    def _score(self, jobs: list[Job]) -> list[Ranked]:
+        """Pad the jobs into one batch (row 0, the null news, fills), run one forward, then order
+        each job's candidates and build its explanations."""
+        snap = max((j.snap for j in jobs), key=lambda sn: sn.n)  # rows only ever get appended
+        T = snap.tensors
+        B = len(jobs)
+        M = max(1, max(len(j.hist_rows) for j in jobs))
+        C = max(len(j.cand_rows) for j in jobs)
+        hist, cand = np.zeros((B, M), np.int64), np.zeros((B, C), np.int64)
+        for b, j in enumerate(jobs):
+            hist[b, : len(j.hist_rows)] = j.hist_rows
+            cand[b, : len(j.cand_rows)] = j.cand_rows
+        hist_t, cand_t = torch.from_numpy(hist), torch.from_numpy(cand).flatten()
+        hm = hist_t > 0
+        xmask = T["mask"].index_select(0, cand_t)  # [B C, L]
+        Lb = int(xmask.any(0).nonzero().max()) + 1 if xmask.any() else 1  # the batch's longest title
+        D = T["cls"].shape[1]
+        H = T["cls"].index_select(0, hist_t.flatten()).view(B, M, D)
+        x = T["cls"].index_select(0, cand_t).view(B, C, D)
+        X = self._take("tokens", T["tokens"], cand_t)[:, :Lb].view(B, C, Lb, D)
+        xmask = xmask[:, :Lb].reshape(B, C, Lb)
+        terms = {}
+        for name, axes in self.form.token_axes.items():
+            t = self._take(name, T[name], cand_t) if axes == 2 else T[name].index_select(0, cand_t)
+            for a in range(1, axes + 1):
+                t = t.narrow(t.dim() - a, 0, Lb)
+            terms[name] = t.reshape(B, C, *t.shape[1:])
+        record = any(j.explain for j in jobs)
+        out = self.form.score(H, hm, NewsRepr(x, X, xmask), terms, record=record)
+        if not torch.isfinite(out.logits).all():
+            raise FloatingPointError("the model produced a non-finite score; nothing was served")
+        att = out.attentions if record else None
+        results = []
+        for b, j in enumerate(jobs):
+            n = len(j.cand_rows)
+            scores = out.logits[b, :n].numpy().copy()
+            order = np.argsort(-scores, kind="stable")[: j.top_k]
+            a = None
+            if j.explain and att is not None:
+                a = (att["title"][b].numpy(), att["history"][b, :, :, : len(j.hist_rows)].numpy())
+            body = explain.ranked_json(
+                snap, self.run.tokenizer, j.cand_rows, j.hist_rows, scores, order, a, Lb
+            )
+            results.append(Ranked(scores, order, body))
+        return results
+
+
+def _resolve(fut: asyncio.Future, result, error: BaseException | None) -> None:
+    if fut.cancelled():  # the client went away
+        return
+    if error is not None:
+        fut.set_exception(error)
+    else:
+        fut.set_result(result)

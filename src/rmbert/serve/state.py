@@ -1,0 +1,52 @@
+"""The serving state, typed, and the dependency that hands it to route handlers."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Annotated
+
+from fastapi import Depends, HTTPException, Request
+
+from rmbert.run import LoadedRun
+from rmbert.serve.index import ServingIndex
+from rmbert.serve.ranker import Ranker
+
+
+@dataclass(frozen=True)
+class Limits:
+    max_history: int = 500  # ids per request (the model reads the most recent train.max_history)
+    max_candidates: int = 2000
+    fresh_candidates: int = 100  # candidates when the request gives none
+    max_news_per_post: int = 2000
+    max_batch: int = 8  # /rank requests scored in one forward; small keeps the latency tail short
+    max_body_bytes: int = 4 << 20  # request bodies above this are refused (413) before parsing
+    max_queue: int = 64  # /rank requests waiting for the worker; more get 503 + Retry-After
+    queue_timeout_s: float = 10.0  # a request still waiting after this gets 503 and is not scored
+    store_poll_s: float = 2.0  # how often to look for segments other writers added (0 = never)
+
+
+@dataclass
+class ServingState:
+    limits: Limits
+    run: LoadedRun | None = None
+    index: ServingIndex | None = None
+    ranker: Ranker | None = None
+    users: list[dict] = field(default_factory=list)
+    problem: str | None = None  # why the service cannot rank (e.g. a model with non-finite weights)
+
+    def ready(self) -> tuple[LoadedRun, ServingIndex, Ranker]:
+        if self.problem or self.run is None or self.index is None or self.ranker is None:
+            raise HTTPException(503, f"the service cannot rank: {self.problem or 'not loaded'}")
+        return self.run, self.index, self.ranker
+
+
+def get_state(request: Request) -> ServingState:
+    return request.app.state.serving
+
+
+State = Annotated[ServingState, Depends(get_state)]
+
+
+def static_dir() -> Path:
+    return Path(__file__).parent / "static"
