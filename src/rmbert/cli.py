@@ -14,7 +14,9 @@ os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
 def _print(obj: dict) -> None:
-    print(json.dumps(obj, indent=2, default=str))
+    from rmbert.evaluate import jsonable
+
+    print(json.dumps(jsonable(obj), indent=2, default=str, allow_nan=False))
 
 
 def cmd_data_synth(a: argparse.Namespace) -> int:
@@ -78,12 +80,29 @@ def _run_config(a: argparse.Namespace):
     return apply_overrides(cfg, a.set or [])
 
 
+BUDGET = ("train.epochs=", "train.max_steps=")
+
+
 def cmd_train(a: argparse.Namespace) -> int:
     from rmbert.train import train
 
     if a.valid is None and a.valid_fraction is None and not a.resume:
         raise ValueError("give --valid SPLIT or --valid-fraction F")
-    result = train(_run_config(a), a.train, a.out, a.valid, resume=a.resume, progress=not a.quiet)
+    sets = [x.strip() for x in a.set or []]
+    budget_sets = [x for x in sets if x.startswith(BUDGET)]
+    if a.resume and (a.out / "config.json").is_file():
+        from rmbert.config import RunConfig, apply_overrides
+
+        saved = RunConfig.load(a.out / "config.json")
+        for x in sets:
+            if not x.startswith(BUDGET) and apply_overrides(saved, [x]) != saved:
+                raise ValueError(
+                    f"--resume continues the saved run: --set {x} differs from it (only the budget may)"
+                )
+    keep = a.resume and a.epochs is None and not budget_sets  # --resume alone keeps the saved budget
+    result = train(
+        _run_config(a), a.train, a.out, a.valid, resume=a.resume, progress=not a.quiet, keep_budget=keep
+    )
     if int(os.environ.get("RANK", "0")) == 0:
         _print(result)
     return 0
@@ -91,6 +110,7 @@ def cmd_train(a: argparse.Namespace) -> int:
 
 def _load(a: argparse.Namespace):
     from rmbert.data.mind import load_split
+    from rmbert.evaluate import missing_candidates
     from rmbert.run import load_run
     from rmbert.train import pick_device
 
@@ -98,6 +118,11 @@ def _load(a: argparse.Namespace):
     device = pick_device(run.cfg.train.device)
     run.model.to(device)
     split = load_split(a.split)
+    warning = missing_candidates(a.split, split.impressions)
+    if warning and a.strict:
+        raise ValueError(warning.replace("they are scored as the empty news", "refused under --strict"))
+    if warning:
+        print(f"rmbert: warning: {warning}", file=sys.stderr)
     store = run.store([split], progress=not a.quiet)
     return run, split, run.batcher(split, store), device
 
@@ -120,6 +145,8 @@ def cmd_predict(a: argparse.Namespace) -> int:
     from rmbert.evaluate import score_impressions
     from rmbert.metrics import write_prediction_zip
 
+    if a.out.is_dir():
+        raise ValueError(f"--out {a.out}: is a folder; give the path of the zip to write")
     run, split, batcher, device = _load(a)
     scores = score_impressions(
         run.model, batcher, run.cfg.train.eval_batch_size, device, not a.quiet, "predicting"
@@ -176,12 +203,20 @@ def cmd_encode(a: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_store_verify(a: argparse.Namespace) -> int:
+    from rmbert.encoders.store import NewsStore
+
+    _print(NewsStore.open(a.store).verify())
+    return 0
+
+
 def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
 
-    from rmbert.serve.app import create_app
+    from rmbert.serve.app import Limits, create_app
 
-    app = create_app(a.run, a.store, behaviors=a.behaviors)
+    limits = Limits(max_body_bytes=int(a.max_body_mb * 2**20), max_queue=a.max_queue)
+    app = create_app(a.run, a.store, behaviors=a.behaviors, limits=limits)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if a.quiet else "info")
     return 0
 
@@ -296,6 +331,9 @@ def build_parser() -> argparse.ArgumentParser:
         e = sub.add_parser(name, help=helptext, parents=[common])
         e.add_argument("run", type=Path)
         e.add_argument("--split", required=True, type=Path)
+        e.add_argument(
+            "--strict", action="store_true", help="refuse candidates missing from news.tsv (default: warn)"
+        )
         if name == "predict":
             e.add_argument("--out", required=True, type=Path)
         e.set_defaults(func=cmd_evaluate if name == "evaluate" else cmd_predict)
@@ -304,6 +342,14 @@ def build_parser() -> argparse.ArgumentParser:
     en.add_argument("--news", required=True, type=Path, help="a MIND news.tsv")
     en.add_argument("--out", required=True, type=Path, help="the store folder (appended to if it exists)")
     en.set_defaults(func=cmd_encode)
+
+    st = sub.add_parser("store", help="check a news store", parents=[common])
+    ssub = st.add_subparsers(dest="store_command", required=True)
+    sv_ = ssub.add_parser(
+        "verify", help="read a store in full; non-zero naming the file on damage", parents=[common]
+    )
+    sv_.add_argument("store", type=Path)
+    sv_.set_defaults(func=cmd_store_verify)
 
     sv = sub.add_parser(
         "serve", help="HTTP ranking service with explanations and a page at /", parents=[common]
@@ -314,6 +360,12 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--port", type=int, default=8000)
     sv.add_argument(
         "--behaviors", type=Path, default=None, help="a behaviors.tsv whose users the page offers"
+    )
+    sv.add_argument(
+        "--max-body-mb", type=float, default=4.0, help="larger request bodies get 413 (default 4)"
+    )
+    sv.add_argument(
+        "--max-queue", type=int, default=64, help="waiting /rank requests before 503 (default 64)"
     )
     sv.set_defaults(func=cmd_serve)
     rp = sub.add_parser(
@@ -355,6 +407,7 @@ def main(argv: list[str] | None = None) -> int:
         FileNotFoundError,
         FileExistsError,
         ValueError,
+        FloatingPointError,
     ) as e:
         print(f"rmbert: error: {e}", file=sys.stderr)
         return 2

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import types
 import typing
 from dataclasses import dataclass, field
@@ -46,6 +47,24 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def __post_init__(self) -> None:
+        for name in ("epochs", "batch_size", "max_history", "patience", "log_every", "eval_batch_size"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"train.{name} must be at least 1, not {getattr(self, name)}")
+        for name in ("negatives", "max_steps", "checkpoint_every"):
+            if getattr(self, name) < 0:
+                raise ValueError(f"train.{name} must be >= 0, not {getattr(self, name)}")
+        for name in ("lr", "encoder_lr"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
+                raise ValueError(f"train.{name} must be a positive number, not {getattr(self, name)}")
+        for name in ("weight_decay", "grad_clip"):
+            if not (math.isfinite(getattr(self, name)) and getattr(self, name) >= 0):
+                raise ValueError(f"train.{name} must be a number >= 0, not {getattr(self, name)}")
+        if not 0.0 < self.valid_fraction < 1.0:
+            raise ValueError(f"train.valid_fraction must be between 0 and 1, not {self.valid_fraction}")
+        if self.amp not in ("auto", "off", "bf16", "fp16"):
+            raise ValueError(f"train.amp must be auto, off, bf16 or fp16, not {self.amp!r}")
+        if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):
+            raise ValueError(f"train.device must be auto, cpu or cuda[:n], not {self.device!r}")
         if self.loss not in ("bce", "softmax"):
             raise ValueError(f"train.loss must be bce or softmax, not {self.loss!r}")
         if self.loss == "softmax" and self.negatives < 1:
@@ -83,9 +102,21 @@ class RunConfig:
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
+    def __post_init__(self) -> None:
+        models = ("rmbert", "nrms", "lstur", "npa")
+        if self.model not in models:
+            raise ValueError(f"model must be one of {', '.join(models)}, not {self.model!r}")
+
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        return from_dict(cls, json.loads(Path(path).read_text()))
+        """A saved config.json; any problem is a ValueError naming the file and the field."""
+        try:
+            data = json.loads(Path(path).read_text())
+            if not isinstance(data, dict):
+                raise ValueError("not a JSON object")
+            return from_dict(cls, data)
+        except (OSError, ValueError, TypeError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
 
 # Presets are code: named sets of overrides on the defaults. `paper` is the paper's exact model
@@ -122,8 +153,23 @@ def _hints(cls: type) -> dict[str, Any]:
     return typing.get_type_hints(cls)
 
 
-def from_dict(cls: type, data: dict) -> Any:
-    """Build a (nested) dataclass from a dict, rejecting unknown keys."""
+def _check_type(where: str, t: Any, value: Any) -> None:
+    if t is bool:
+        ok = isinstance(value, bool)
+    elif t is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif t is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+    elif t is str:
+        ok = isinstance(value, str)
+    else:
+        return
+    if not ok:
+        raise ValueError(f"{where} must be {t.__name__}, not {value!r}")
+
+
+def from_dict(cls: type, data: dict, where: str = "") -> Any:
+    """Build a (nested) dataclass from a dict, rejecting unknown keys and values of the wrong type."""
     hints = _hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     unknown = set(data) - names
@@ -131,10 +177,14 @@ def from_dict(cls: type, data: dict) -> Any:
         raise ValueError(f"unknown {cls.__name__} field(s): {', '.join(sorted(unknown))}")
     kwargs = {}
     for name, value in data.items():
-        t = hints[name]
-        kwargs[name] = (
-            from_dict(t, value) if dataclasses.is_dataclass(t) and isinstance(value, dict) else value
-        )
+        t, key = hints[name], f"{where}{name}"
+        if dataclasses.is_dataclass(t):
+            if not isinstance(value, dict):
+                raise ValueError(f"{key} must be an object of settings, not {value!r}")
+            kwargs[name] = from_dict(t, value, key + ".")
+        else:
+            _check_type(key, t, value)
+            kwargs[name] = float(value) if t is float else value
     return cls(**kwargs)
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from tqdm import tqdm
@@ -38,6 +40,28 @@ def score_impressions(
             scores[s:e] = logits[j, : e - s]
     model.train(was_training)
     return scores
+
+
+def jsonable(obj):
+    """obj with every non-finite float replaced by None: JSON output never holds NaN."""
+    if isinstance(obj, dict):
+        return {k: jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [jsonable(v) for v in obj]
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def missing_candidates(split_path, imps) -> str | None:
+    """A warning when candidates name news missing from news.tsv (they score as the empty news)."""
+    rows = int((imps.cand < 0).sum())
+    if not rows:
+        return None
+    return (
+        f"{split_path}: {rows} of {len(imps.cand)} candidate rows name {len(imps.missing_candidate_ids)} news ids "
+        "missing from news.tsv; they are scored as the empty news"
+    )
 
 
 def evaluate_scores(batcher: ImpressionBatcher, scores: np.ndarray) -> dict:

@@ -93,6 +93,19 @@ def save_weights(model: NewsRecModel, cfg: RunConfig, path: Path) -> None:
     tmp.replace(path)
 
 
+def read_weights(path: Path) -> dict[str, torch.Tensor]:
+    """model.safetensors, refused (naming the file) when unreadable or not finite: a model with
+    NaN or infinite weights would score NaN."""
+    try:
+        state = load_file(str(path))
+    except Exception as e:  # truncated or not a safetensors file
+        raise ValueError(f"{path}: unreadable weights ({type(e).__name__}: {str(e)[:200]})") from None
+    bad = [k for k, v in state.items() if v.is_floating_point() and not torch.isfinite(v).all()]
+    if bad:
+        raise ValueError(f"{path}: non-finite weights in {', '.join(bad[:5])}; this model cannot score")
+    return state
+
+
 def load_weights(model: NewsRecModel, state: dict[str, torch.Tensor]) -> None:
     missing, unexpected = model.load_state_dict(state, strict=False)
     # the encoder is the named base when frozen; runs from before standardisation existed load as identity
@@ -131,11 +144,18 @@ def load_run(path: str | Path, device: torch.device | None = None) -> LoadedRun:
         raise FileNotFoundError(f"{path}: run has no model.safetensors (training never finished an epoch)")
     cfg = RunConfig.load(path / "config.json")
     encoder, tokenizer = load_encoder(cfg, path / "tokenizer")
-    users = (path / "users.txt").read_text().split("\n") if (path / "users.txt").is_file() else []
+    try:
+        users = (
+            (path / "users.txt").read_text(encoding="utf-8").split("\n")
+            if (path / "users.txt").is_file()
+            else []
+        )
+    except (OSError, UnicodeDecodeError) as e:
+        raise ValueError(f"{path / 'users.txt'}: unreadable ({e})") from None
     user_index = {u: i + 1 for i, u in enumerate(users) if u}
     vocab = FeatureVocab.load(path / "features.json") if cfg.features.any else None
     model = build_model(cfg, encoder, None)
-    load_weights(model, load_file(str(path / "model.safetensors")))
+    load_weights(model, read_weights(path / "model.safetensors"))
     model.eval()
     if device is not None:
         model.to(device)

@@ -25,7 +25,7 @@ from tqdm import tqdm
 from rmbert.config import RunConfig
 from rmbert.data.batching import Batch, ImpressionBatcher
 from rmbert.data.mind import Split, load_split
-from rmbert.evaluate import evaluate_scores, score_impressions
+from rmbert.evaluate import evaluate_scores, jsonable, score_impressions
 from rmbert.models.base import NEG
 from rmbert.models.features import FeatureVocab
 from rmbert.models.registry import NewsRecModel, resolve
@@ -113,6 +113,18 @@ def save_checkpoint(
     os.replace(tmp, path)
 
 
+def load_checkpoint(path: Path) -> dict:
+    """The resume state, read with `weights_only=True`: a checkpoint holds tensors and plain
+    values only, so a crafted file cannot run code. Any problem names the file."""
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # truncated, not a checkpoint, or a pickle with code in it
+        raise ValueError(f"{path}: not a readable checkpoint ({type(e).__name__}: {str(e)[:200]})") from None
+    if not isinstance(state, dict) or not {"model", "optimizer", "progress", "rng"} <= set(state):
+        raise ValueError(f"{path}: not an rmbert checkpoint (missing keys)")
+    return state
+
+
 def write_log(out: Path, rows: list[dict]) -> None:
     tmp = out / "log.csv.tmp"
     with open(tmp, "w", newline="") as f:
@@ -162,8 +174,12 @@ def train(
     valid_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
+    keep_budget: bool = False,
 ) -> dict:
-    """Train into run folder `out`; returns the final metrics (also written to out/metrics.json)."""
+    """Train into run folder `out`; returns the final metrics (also written to out/metrics.json).
+
+    On `resume` everything comes from the saved config.json but the budget (epochs, max_steps),
+    which is cfg's unless `keep_budget` (the command line's --resume without --epochs)."""
     out = Path(out)
     rank, world = distributed()
     ckpt_path = out / "checkpoint.pt"
@@ -171,9 +187,10 @@ def train(
         if not (out / "config.json").is_file():
             raise FileNotFoundError(f"{out}: nothing to resume (no config.json)")
         saved = RunConfig.load(out / "config.json")
-        # Everything must match but the budget (epochs, max_steps), which a resume may extend.
-        budget = {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps}
-        cfg = replace(saved, train=replace(saved.train, **budget))
+        if not keep_budget:
+            budget = {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps}
+            saved = replace(saved, train=replace(saved.train, **budget))
+        cfg = saved
     elif (out / "config.json").exists() or ckpt_path.exists():
         raise FileExistsError(
             f"{out} already holds a run: pass --resume to continue it, or choose another --out"
@@ -186,10 +203,19 @@ def train(
         torch.cuda.set_device(device)
 
     train_split = load_split(train_dir)
+    if not train_split.impressions.has_labels:
+        raise ValueError(f"{train_dir}: the training split has no labels (a test split)")
     if valid_dir is not None:
         valid_split = load_split(valid_dir)
     else:
+        if len(train_split.impressions) < 2:
+            raise ValueError(
+                f"{train_dir}: {len(train_split.impressions)} impressions; too few to hold out validation"
+            )
         train_split, valid_split = split_validation(train_split, cfg.train.valid_fraction, cfg.train.seed)
+    for name, sp in (("training", train_split), ("validation", valid_split)):
+        if len(sp.impressions) == 0:
+            raise ValueError(f"{sp.path}: the {name} split has no impressions")
 
     encoder, tokenizer = load_encoder(cfg)
     users = train_split.impressions.users
@@ -221,7 +247,7 @@ def train(
 
     prog = Progress()
     if resume and ckpt_path.is_file():
-        state = torch.load(ckpt_path, map_location="cpu", weights_only=False)
+        state = load_checkpoint(ckpt_path)
         load_weights(model, state["model"])
         opt.load_state_dict(state["optimizer"])
         prog = Progress(**state["progress"])
@@ -269,6 +295,14 @@ def train(
             with autocast(cfg, device):
                 logits = net(batch)
             loss = batch_loss(logits, batch, cfg, denom / world)
+            if not torch.isfinite(loss):
+                kept = (
+                    "the last good checkpoint is kept" if ckpt_path.is_file() else "no checkpoint was written"
+                )
+                raise FloatingPointError(
+                    f"non-finite training loss at step {prog.global_step + 1} (epoch {prog.epoch + 1}); "
+                    f"stopped, {kept} in {out}"
+                )
             total = min(tc.epochs * n_steps, tc.max_steps or tc.epochs * n_steps)
             lr_f = tc.lr_factor(prog.global_step, total)
             for g in opt.param_groups:
@@ -363,7 +397,7 @@ def train(
             save_weights(model, cfg, out / "model.safetensors")
         write_log(out, prog.log)
         plot_curves(out, prog.log)
-        (out / "metrics.json").write_text(json.dumps(result, indent=2) + "\n")
+        (out / "metrics.json").write_text(json.dumps(jsonable(result), indent=2) + "\n")
     if world > 1:
         dist.barrier()
     return result

@@ -61,6 +61,10 @@ class RMBERTConfig:
             raise ValueError(f"query_attention must be softmax or sigmoid, not {self.query_attention!r}")
         if self.steps < 1:
             raise ValueError("steps (p) must be at least 1")
+        if self.dim < 1 or self.memory_dim < 0 or self.click_hidden < 0:
+            raise ValueError("rmbert.dim must be >= 1, rmbert.memory_dim and rmbert.click_hidden >= 0")
+        if not 0.0 <= self.dropout < 1.0:
+            raise ValueError(f"rmbert.dropout must be in [0, 1), not {self.dropout}")
 
 
 @dataclass
