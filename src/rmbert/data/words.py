@@ -78,3 +78,68 @@ FILLERS = (
     "new the after why how what this year report says could first big top week day more best "
     "latest watch inside update today just now over about finally again ahead"
 ).split()
+
+# ---- Word lists for the planted generators in rmbert.data.generators (invented names, generic phrasing) ----
+
+# Given names (common, generic) and syllables for invented surnames, places and brands.
+FIRST_NAMES = (
+    "Adrian Alana Bianca Carlos Dana Declan Elena Felix Greta Hugo Imani Ivan Jonah Kara Leon Lucia "
+    "Malik Mara Nadia Nico Omar Priya Quentin Rhea Silas Tamsin Ursula Victor Wren Yusuf Zara Tobias "
+    "Ingrid Mateo Celeste Desmond Farah Gideon Hazel Idris Juno Keegan Lena Magnus Noor Otis Petra "
+    "Rafael Sabine Theo Vera Wesley Yara Zeke Anya Bruno Clara Dmitri Esme"
+).split()
+NAME_HEADS = (
+    "Ash Bel Bran Cal Cor Dal Dor Ell Fen Gal Har Hol Kes Kor Lan Lor Mad Mar Mor Nor Orl Pell Quar "
+    "Ren Ros Sal Stan Tal Tor Val Vor Wes Wex Yar Zel Brom Crest Dun Grel"
+).split()
+SURNAME_TAILS = "wick ton ley ford ridge ski ova etti son man berg hurst low well more by dale field stein ardo ena vik".split()
+PLACE_TAILS = "ville port haven burgh field mouth stead bury wood crest dale ton".split()
+PLACE_PREFIXES = ["", "Port ", "Lake ", "North ", "South ", "East ", "West ", "New ", "Mount ", "Fort "]
+BRAND_TAILS = "a ia ex on ix ora ium ant is eon".split()
+TEAM_MASCOTS = (
+    "Hawks Rangers Comets Wolves Titans Falcons Pirates Stallions Vipers Bears Owls Storm Foxes Giants "
+    "Sharks Bulldogs Mustangs Cyclones"
+).split()
+# Organisation suffixes by category (a company, agency or group of that field).
+ORG_SUFFIXES: dict[str, list[str]] = {
+    "sports": ["Athletic Club", "Sports Group", "League"],
+    "finance": ["Capital", "Bank", "Holdings", "Financial", "Securities"],
+    "health": ["Health", "Clinic", "Pharma", "Medical", "Biotech"],
+    "travel": ["Airlines", "Resorts", "Cruises", "Travel"],
+    "foodanddrink": ["Foods", "Brewing", "Kitchen", "Vineyards", "Bakery"],
+    "autos": ["Motors", "Automotive", "Trucks", "Auto Group"],
+    "weather": ["Weather Service", "Climate Center", "Forecast Office", "Emergency Agency"],
+    "entertainment": ["Studios", "Media", "Talent Agency", "Entertainment"],
+    "music": ["Records", "Orchestra", "Music Group", "Band"],
+    "movies": ["Pictures", "Studios", "Films"],
+    "tv": ["Network", "Channel", "Television", "Productions"],
+    "lifestyle": ["Home", "Living", "Designs", "Pet Rescue"],
+    "news": ["Party", "Council", "Agency", "Department", "Institute"],
+    "technology": ["Labs", "Systems", "Software", "Technologies", "Networks"],
+}
+# Generic news verbs and nouns: they carry no topic, so titles built from them and names are topic-neutral.
+ENTITY_VERBS = (
+    "signs wins loses faces announces rejects backs joins leaves plans denies confirms slams praises "
+    "meets sues hires unveils delays cancels extends criticizes defends challenges"
+).split()
+ENTITY_NOUNS = (
+    "deal statement talks move offer plan decision comeback setback criticism backlash rumors future "
+    "partnership lawsuit split return contract visit warning response shakeup"
+).split()
+CONNECTORS = ["after", "amid", "ahead of", "despite", "following", "over"]
+# Attention-grabbing words that make a title more popular with everyone.
+HOOKS = "shocking exclusive revealed stunning surprising incredible secret unbelievable viral heartbreaking".split()
+# Markers of a title that brings news on a running story, or that retells it from the start.
+UPDATE_MARKERS = ["breaking", "developing", "update", "just in", "new details", "confirmed"]
+EXPLAINER_MARKERS = ["explained", "recap", "timeline", "everything to know", "what we know", "the backstory"]
+# Topic-free endings of a title ("... ahead of the weekend").
+TIME_PHRASES = [
+    "this week",
+    "this year",
+    "today",
+    "again",
+    "at last",
+    "for now",
+    "next month",
+    "this weekend",
+]
