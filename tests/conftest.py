@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 
 import pytest
@@ -47,3 +48,56 @@ def write_split(
 
 def news_line(nid: str, title: str, cat: str = "sports", abstract: str = "") -> str:
     return f"{nid}\t{cat}\tsub\t{title}\t{abstract}\thttps://x/{nid}\t[]\t[]"
+
+
+@pytest.fixture(scope="session")
+def served(tiny_encoder, planted, tmp_path_factory) -> Path:
+    """A trained run with every serving-relevant switch on (mean pooling, standardisation, news
+    features, the click product path) and a store encoded from the dev news by `rmbert encode`:
+    serving must reproduce exactly what evaluation computes."""
+    from rmbert.cli import main
+    from rmbert.config import apply_overrides, preset
+    from rmbert.train import train
+
+    tmp = tmp_path_factory.mktemp("serve")
+    cfg = apply_overrides(
+        preset("paper"),
+        [
+            f"encoder.name={tiny_encoder}",
+            "encoder.max_title_len=12",
+            "encoder.pooling=mean",
+            "encoder.standardize=true",
+            "features.category=true",
+            "features.subcategory=true",
+            "features.entities=true",
+            "features.min_count=1",
+            "rmbert.click_product=true",
+            "rmbert.steps=3",
+            "train.epochs=1",
+            "train.batch_size=8",
+            "train.checkpoint_every=0",
+        ],
+    )
+    train(cfg, planted / "train", tmp / "run", planted / "dev", progress=False)
+    news = str(planted / "dev" / "news.tsv")
+    assert main(["--quiet", "encode", str(tmp / "run"), "--news", news, "--out", str(tmp / "store")]) == 0
+    return tmp
+
+
+@pytest.fixture
+def client(served, tmp_path, planted):
+    from fastapi.testclient import TestClient
+
+    from rmbert.serve.app import Limits, create_app
+
+    store = tmp_path / "store"
+    shutil.copytree(served / "store", store)  # each test may append to its own copy
+    app = create_app(
+        served / "run",
+        store,
+        behaviors=planted / "dev" / "behaviors.tsv",
+        limits=Limits(max_history=60, max_candidates=30, fresh_candidates=5, max_news_per_post=3),
+    )
+    with TestClient(app) as c:
+        c.store_path = store
+        yield c

@@ -6,7 +6,6 @@ import threading
 import time
 
 import pytest
-from test_serve import served  # noqa: F401  (module fixture: a tiny run and its store)
 
 pytestmark = pytest.mark.slow
 
@@ -14,7 +13,7 @@ CHROMIUM, DRIVER = shutil.which("chromium"), shutil.which("chromedriver")
 
 
 @pytest.mark.skipif(not (CHROMIUM and DRIVER), reason="needs Debian's chromium and chromium-driver")
-def test_page_ranks_and_shows_heatmaps(served, planted, tmp_path):  # noqa: F811
+def test_page_ranks_and_shows_heatmaps(served, planted, tmp_path):
     import uvicorn
     from selenium import webdriver
     from selenium.webdriver.chrome.service import Service

@@ -2,9 +2,6 @@
 
 import dataclasses
 import json
-import os
-import subprocess
-import sys
 import threading
 
 import numpy as np
@@ -17,54 +14,8 @@ from rmbert.data.mind import load_split
 from rmbert.encoders.store import NewsStore
 from rmbert.evaluate import score_impressions
 from rmbert.run import load_run
-from rmbert.serve.app import Limits, create_app
+from rmbert.serve.app import create_app
 from rmbert.train import train
-
-
-@pytest.fixture(scope="module")
-def served(tiny_encoder, planted, tmp_path_factory):
-    tmp = tmp_path_factory.mktemp("serve")
-    cfg = RunConfig()
-    cfg = dataclasses.replace(
-        cfg,
-        # standardised vectors: serving must apply the run's statistics exactly as evaluation does
-        encoder=dataclasses.replace(cfg.encoder, name=str(tiny_encoder), max_title_len=12, standardize=True),
-        train=dataclasses.replace(cfg.train, epochs=1, batch_size=8, checkpoint_every=0),
-        rmbert=dataclasses.replace(cfg.rmbert, steps=3),
-    )
-    train(cfg, planted / "train", tmp / "run", planted / "dev", progress=False)
-    assert (
-        main(
-            [
-                "--quiet",
-                "encode",
-                str(tmp / "run"),
-                "--news",
-                str(planted / "dev" / "news.tsv"),
-                "--out",
-                str(tmp / "store"),
-            ]
-        )
-        == 0
-    )
-    return tmp
-
-
-@pytest.fixture
-def client(served, tmp_path, planted):
-    import shutil
-
-    store = tmp_path / "store"
-    shutil.copytree(served / "store", store)  # each test may append to its own copy
-    app = create_app(
-        served / "run",
-        store,
-        behaviors=planted / "dev" / "behaviors.tsv",
-        limits=Limits(max_history=60, max_candidates=30, fresh_candidates=5, max_news_per_post=3),
-    )
-    with TestClient(app) as c:
-        c.store_path = store
-        yield c
 
 
 def test_rank_equals_evaluate(client, served, planted):
@@ -193,39 +144,6 @@ def test_page_and_users(client):
     assert r.status_code == 200 and "heat-history" in r.text and "/rank" in r.text
     users = client.get("/users").json()
     assert users and {"user", "history", "candidates"} <= set(users[0])
-
-
-CRASH = """
-import sys
-from rmbert.encoders.store import NewsStore
-from rmbert.run import load_run
-run = load_run(sys.argv[1])
-NewsStore.open(sys.argv[2]).append(["CRASHED"], ["storm"], run.encoder, run.tokenizer)
-"""
-
-
-def test_store_survives_a_crash_mid_append(served, tmp_path):
-    import shutil
-
-    store_dir = tmp_path / "store"
-    shutil.copytree(served / "store", store_dir)
-    before = NewsStore.open(store_dir)
-    env = dict(os.environ, RMBERT_CRASH_AT="before_meta")
-    p = subprocess.run(
-        [sys.executable, "-c", CRASH, str(served / "run"), str(store_dir)], env=env, capture_output=True
-    )
-    assert p.returncode == 86, p.stderr.decode()[-2000:]
-    assert any(d.name == "seg-00001" for d in store_dir.iterdir())  # the half-finished segment is there
-    after = NewsStore.open(store_dir)
-    assert after.ids == before.ids and "CRASHED" not in after.index
-    assert np.array_equal(after.arrays["cls"], before.arrays["cls"])
-    # the next append replaces the stale segment and succeeds
-    run = load_run(served / "run")
-    again = after.append(["N_NEW"], ["snow"], run.encoder, run.tokenizer)
-    assert (
-        "N_NEW" in again.index
-        and json.loads((store_dir / "meta.json").read_text())["segments"][-1] == "seg-00001"
-    )
 
 
 def test_batched_requests_score_as_single_ones(client, planted):

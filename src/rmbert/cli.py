@@ -88,21 +88,22 @@ def cmd_train(a: argparse.Namespace) -> int:
 
     if a.valid is None and a.valid_fraction is None and not a.resume:
         raise ValueError("give --valid SPLIT or --valid-fraction F")
-    sets = [x.strip() for x in a.set or []]
-    budget_sets = [x for x in sets if x.startswith(BUDGET)]
+    cfg = _run_config(a)
+    budget = None
     if a.resume and (a.out / "config.json").is_file():
         from rmbert.config import RunConfig, apply_overrides
 
         saved = RunConfig.load(a.out / "config.json")
-        for x in sets:
-            if not x.startswith(BUDGET) and apply_overrides(saved, [x]) != saved:
+        budget = {"epochs": cfg.train.epochs} if a.epochs is not None else {}
+        for x in (s.strip() for s in a.set or []):
+            if x.startswith(BUDGET):
+                key = x.split("=", 1)[0].split(".")[1]
+                budget[key] = getattr(cfg.train, key)
+            elif apply_overrides(saved, [x]) != saved:
                 raise ValueError(
                     f"--resume continues the saved run: --set {x} differs from it (only the budget may)"
                 )
-    keep = a.resume and a.epochs is None and not budget_sets  # --resume alone keeps the saved budget
-    result = train(
-        _run_config(a), a.train, a.out, a.valid, resume=a.resume, progress=not a.quiet, keep_budget=keep
-    )
+    result = train(cfg, a.train, a.out, a.valid, resume=a.resume, progress=not a.quiet, budget=budget)
     if int(os.environ.get("RANK", "0")) == 0:
         _print(result)
     return 0

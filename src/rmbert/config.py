@@ -31,6 +31,7 @@ class TrainConfig:
     encoder_lr: float = 2e-5  # the news encoder's, in top-k and full modes (the paper's 2e-5)
     weight_decay: float = 0.0
     negatives: int = 0  # K sampled negatives per click; 0 = every candidate, pointwise (the paper)
+    bucket: bool = True  # batches of impressions with similar candidate counts (less padding)
     loss: str = "bce"  # bce (pointwise, the paper) | softmax (over click + K negatives)
     schedule: str = "constant"  # learning rate: constant (the paper) | linear (decay to 0 at the last epoch)
     warmup: float = 0.0  # share of all steps with a linear warm-up from 0

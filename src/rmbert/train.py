@@ -174,12 +174,13 @@ def train(
     valid_dir: str | Path | None = None,
     resume: bool = False,
     progress: bool = True,
-    keep_budget: bool = False,
+    budget: dict[str, int] | None = None,
 ) -> dict:
     """Train into run folder `out`; returns the final metrics (also written to out/metrics.json).
 
-    On `resume` everything comes from the saved config.json but the budget (epochs, max_steps),
-    which is cfg's unless `keep_budget` (the command line's --resume without --epochs)."""
+    On `resume` everything comes from the saved config.json but the budget: `budget` (train
+    fields such as epochs, max_steps; the command line passes what it was given), or by default
+    cfg's epochs and max_steps."""
     out = Path(out)
     rank, world = distributed()
     ckpt_path = out / "checkpoint.pt"
@@ -187,10 +188,9 @@ def train(
         if not (out / "config.json").is_file():
             raise FileNotFoundError(f"{out}: nothing to resume (no config.json)")
         saved = RunConfig.load(out / "config.json")
-        if not keep_budget:
+        if budget is None:
             budget = {"epochs": cfg.train.epochs, "max_steps": cfg.train.max_steps}
-            saved = replace(saved, train=replace(saved.train, **budget))
-        cfg = saved
+        cfg = replace(saved, train=replace(saved.train, **budget))
     elif (out / "config.json").exists() or ckpt_path.exists():
         raise FileExistsError(
             f"{out} already holds a run: pass --resume to continue it, or choose another --out"
@@ -271,7 +271,7 @@ def train(
     tc = cfg.train
     t_start = time.time() - prog.train_time
     while prog.epoch < tc.epochs and not prog.stopped:
-        plan = train_b.epoch_plan(prog.epoch, tc.seed, tc.negatives)
+        plan = train_b.epoch_plan(prog.epoch, tc.seed, tc.negatives, tc.batch_size if tc.bucket else 0)
         n_steps = (len(plan) + tc.batch_size - 1) // tc.batch_size
         bar = tqdm(
             total=n_steps,

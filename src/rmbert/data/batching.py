@@ -102,11 +102,27 @@ class ImpressionBatcher:
         for s in range(0, len(order), batch_size):
             yield self.batch(order[s : s + batch_size])
 
-    def epoch_plan(self, epoch: int, seed: int, negatives: int) -> np.ndarray:
-        """The units of one epoch in order: impression rows, or (row, click position) pairs with negatives."""
+    def epoch_plan(self, epoch: int, seed: int, negatives: int, bucket: int = 0) -> np.ndarray:
+        """The units of one epoch in order: impression rows, or (row, click position) pairs with negatives.
+
+        With `bucket` = the batch size (impressions, all candidates), each run of 64 batches of a
+        random order is sorted by candidate count before it is cut into batches, and the batches
+        are then shuffled: a batch pads to its longest impression, so similar sizes together
+        halve the padded rows while every batch stays a random draw of the epoch."""
         rng = np.random.default_rng([seed, epoch])
         if negatives <= 0:
-            return rng.permutation(len(self.imps))
+            perm = rng.permutation(len(self.imps))
+            if bucket <= 1:
+                return perm
+            sizes = np.diff(self.imps.cand_ptr)
+            chunk = 64 * bucket
+            parts = [perm[s : s + chunk] for s in range(0, len(perm), chunk)]
+            parts = [p[np.argsort(sizes[p], kind="stable")] for p in parts]
+            batches = [p[s : s + bucket] for p in parts for s in range(0, len(p), bucket)]
+            full = [b for b in batches if len(b) == bucket]
+            short = [b for b in batches if len(b) < bucket]  # only the last chunk ends short: kept last
+            order = rng.permutation(len(full))
+            return np.concatenate([full[i] for i in order] + short) if batches else perm
         clicks = np.flatnonzero(self.imps.labels == 1)
         group = np.searchsorted(self.imps.cand_ptr, clicks, side="right") - 1
         units = np.stack([group, clicks], axis=1)

@@ -53,13 +53,20 @@ def cache_dir() -> Path:
 
 
 def encoder_fingerprint(encoder: BertNewsEncoder, tokenizer) -> str:
-    """Hash of the encoder's weights and the tokenizer's vocabulary: equal hash, equal vectors."""
+    """Hash of the encoder's weights and the tokenizer's vocabulary: equal hash, equal vectors.
+    Kept on the encoder while its weights are unchanged (a frozen serving encoder hashes once)."""
+    version = sum(p._version for p in encoder.parameters())
+    cached = getattr(encoder, "_rmbert_fingerprint", None)
+    if cached is not None and cached[:2] == (id(tokenizer), version):
+        return cached[2]
     h = hashlib.sha256()
     for name, t in encoder.state_dict().items():
         h.update(name.encode())
         h.update(t.detach().cpu().contiguous().numpy().tobytes())
     h.update(json.dumps(sorted(tokenizer.get_vocab().items())).encode())
-    return h.hexdigest()[:20]
+    fp = h.hexdigest()[:20]
+    encoder._rmbert_fingerprint = (id(tokenizer), version, fp)
+    return fp
 
 
 def store_key(

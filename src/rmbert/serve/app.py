@@ -15,6 +15,7 @@ from pathlib import Path
 
 import torch
 from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from rmbert.data.mind import MindFormatError, load_impressions
@@ -101,7 +102,13 @@ def create_app(
 
     @app.exception_handler(ValueError)
     async def value_error(request: Request, exc: ValueError):
-        return JSONResponse(status_code=422, content={"detail": str(exc)})
+        return JSONResponse(status_code=422, content={"detail": str(exc)[:1000]})
+
+    @app.exception_handler(RequestValidationError)
+    async def invalid(request: Request, exc: RequestValidationError):
+        """Where and what, never the offending input itself (it may be megabytes)."""
+        errors = [{"loc": list(e["loc"]), "msg": e["msg"], "type": e["type"]} for e in exc.errors()[:20]]
+        return JSONResponse(status_code=422, content={"detail": errors})
 
     return app
 

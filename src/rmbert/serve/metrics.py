@@ -73,7 +73,8 @@ class MetricsMiddleware:
 
 class BodyLimit:
     """Refuses request bodies over `max_bytes` with 413 before anything parses them: by the
-    Content-Length header when there is one, else by counting the bytes as they arrive."""
+    Content-Length header when there is one (the server then delivers no more than that), else
+    by reading the chunked body up to the limit first and replaying it to the app."""
 
     def __init__(self, app, max_bytes: int) -> None:
         self.app, self.max_bytes = app, max_bytes
@@ -83,33 +84,29 @@ class BodyLimit:
             await self.app(scope, receive, send)
             return
         length = dict(scope.get("headers") or []).get(b"content-length")
-        if length is not None and (not length.isdigit() or int(length) > self.max_bytes):
-            await _too_large(send, self.max_bytes)
-            return
-        seen, started = [0], [False]
-
-        async def counted():
-            message = await receive()
-            if message["type"] == "http.request":
-                seen[0] += len(message.get("body", b""))
-                if seen[0] > self.max_bytes:
-                    raise _TooLarge
-            return message
-
-        async def tracked(message) -> None:
-            if message["type"] == "http.response.start":
-                started[0] = True
-            await send(message)
-
-        try:
-            await self.app(scope, counted, tracked)
-        except _TooLarge:
-            if not started[0]:
+        if length is not None:
+            if not length.isdigit() or int(length) > self.max_bytes:
                 await _too_large(send, self.max_bytes)
+                return
+            await self.app(scope, receive, send)
+            return
+        messages, size = [], 0
+        while True:
+            message = await receive()
+            messages.append(message)
+            if message["type"] != "http.request":
+                break
+            size += len(message.get("body", b""))
+            if size > self.max_bytes:
+                await _too_large(send, self.max_bytes)
+                return
+            if not message.get("more_body", False):
+                break
 
+        async def replay():
+            return messages.pop(0) if messages else await receive()
 
-class _TooLarge(Exception):
-    pass
+        await self.app(scope, replay, send)
 
 
 async def _too_large(send, limit: int) -> None:
