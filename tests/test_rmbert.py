@@ -207,9 +207,37 @@ def test_click_product_adds_a_similarity_path():
     assert not torch.allclose(logits, paper(H, hmask, cand))
     # the new path is exactly W_1p (x * (P m_p + b_P)) before the ReLU: rebuild it by hand
     state = prod.user_state(NewsRepr(H, None, None), hmask)
-    k, m = x, prod.m0.expand(B, C, -1)
-    for i in range(prod.cfg.steps):
-        k, _ = prod.query_step(i, x, k, cand.tokens, cand.mask)
-        m, _ = prod.memory_step(k, m, state, C)
+    m = prod.m0.expand(B, C, -1)
+    for k in prod.query_unit(x, cand.tokens, cand.mask)[0]:
+        logits_i = prod.memory_logits_fast(prod.fast_terms(k), m, state)
+        m = prod.memory_update(torch.softmax(logits_i.masked_fill(~hmask[:, None], -1e9), -1), m, state)
     pre = prod.W_1(torch.cat([x, m], -1)) + (x * (m @ prod.P.weight.T + prod.P.bias)) @ prod.W_1p.weight.T
     assert torch.allclose(logits, prod.W_2(torch.relu(pre)).squeeze(-1))
+
+
+@pytest.mark.parametrize("change", [{}, {"fast_path": False}, {"attention": False}, {"click_product": True}])
+def test_deduplicated_candidates_score_as_expanded(change):
+    """Unique candidates [U, ...] with an index [B, C] give the scores and gradients of the
+    expanded [B, C, ...] form: the query unit just runs once per unique news."""
+    m = model(**change)
+    H, hmask, _ = dbl(*inputs(5))
+    g = torch.Generator().manual_seed(6)
+    U = 4
+    uniq = NewsRepr(
+        torch.randn(U, D, generator=g).double(),
+        torch.randn(U, L, D, generator=g).double(),
+        torch.rand(U, L) > 0.3,
+    )
+    uniq.mask[:, 0] = True
+    idx = torch.randint(0, U, (B, C), generator=g)
+    full = NewsRepr(uniq.cls[idx], uniq.tokens[idx], uniq.mask[idx])
+    dedup = NewsRepr(uniq.cls, uniq.tokens, uniq.mask, index=idx)
+    state = m.user_state(NewsRepr(H, None, None), hmask)
+    a, b = m.reason(state, full, record=True), m.reason(state, dedup, record=True)
+    assert torch.allclose(a.logits, b.logits, atol=1e-10)
+    assert torch.allclose(a.attentions["title"], b.attentions["title"])
+    assert torch.allclose(a.attentions["history"], b.attentions["history"])
+    ga = torch.autograd.grad(a.logits.sum(), list(m.parameters()), allow_unused=True, retain_graph=True)
+    gb = torch.autograd.grad(b.logits.sum(), list(m.parameters()), allow_unused=True)
+    for x, y in zip(ga, gb):
+        assert (x is None and y is None) or torch.allclose(x, y, atol=1e-9)

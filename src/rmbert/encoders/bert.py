@@ -44,6 +44,7 @@ class NewsRepr:
     cls: torch.Tensor  # [N, D] (or [B, K, D])
     tokens: torch.Tensor | None  # [N, L, D]; None where only the [CLS] vectors are needed
     mask: torch.Tensor | None  # [N, L] bool
+    index: torch.Tensor | None = None  # [B, K] into N: positions of deduplicated news, if any
 
 
 def mean_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

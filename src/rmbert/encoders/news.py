@@ -134,7 +134,7 @@ class NewsSide(nn.Module):
         History token states are gathered only when `hist_tokens` (models with their own news encoder).
         """
         B, M = hist.shape
-        C = cand.shape[1]
+        Bc, C = cand.shape  # Bc = 1 when the candidates are a batch's unique news
         if self.mode == "frozen":
             return self._frozen(hist, hist_tokens), self._frozen(cand, True)
         flat = torch.cat([hist.reshape(-1), cand.reshape(-1)])
@@ -148,7 +148,7 @@ class NewsSide(nn.Module):
             self.stats["news_unique"] += flat.numel()
             r = self._encode_rows(flat)
             hi = torch.arange(B * M, device=r.cls.device)
-            ci = torch.arange(B * M, B * M + B * C, device=r.cls.device)
+            ci = torch.arange(B * M, B * M + Bc * C, device=r.cls.device)
         L = r.tokens.shape[1]
         h = NewsRepr(
             cls=r.cls[hi].view(B, M, -1),
@@ -156,5 +156,7 @@ class NewsSide(nn.Module):
             mask=r.mask[hi].view(B, M, L) if hist_tokens else None,
         )
         return h, NewsRepr(
-            cls=r.cls[ci].view(B, C, -1), tokens=r.tokens[ci].view(B, C, L, -1), mask=r.mask[ci].view(B, C, L)
+            cls=r.cls[ci].view(Bc, C, -1),
+            tokens=r.tokens[ci].view(Bc, C, L, -1),
+            mask=r.mask[ci].view(Bc, C, L),
         )

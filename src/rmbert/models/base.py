@@ -63,6 +63,7 @@ class GenericInference(InferenceForm):
 class Recommender(nn.Module, metaclass=ABCMeta):
     name = "base"
     needs_history_tokens = False  # True for models that encode clicked news from their words
+    dedup_candidates = False  # True: score_candidates takes unique candidates [U, ...] + NewsRepr.index
 
     @abstractmethod
     def user_state(self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None) -> Any:

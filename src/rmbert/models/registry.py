@@ -71,6 +71,14 @@ class NewsRecModel(nn.Module):
         return dataclasses.replace(news, cls=news.cls + self.features(ids))
 
     def forward(self, batch: Batch) -> torch.Tensor:
-        hist, cand = self.news(batch.hist, batch.cand, self.rec.needs_history_tokens)
-        hist, cand = self.add_features(hist, batch.hist), self.add_features(cand, batch.cand)
+        if not self.rec.dedup_candidates:
+            hist, cand = self.news(batch.hist, batch.cand, self.rec.needs_history_tokens)
+            hist, cand = self.add_features(hist, batch.hist), self.add_features(cand, batch.cand)
+            return self.rec(hist, batch.hist_mask, cand, batch.users)
+        # each candidate news once: a news shown in several impressions of the batch shares its
+        # candidate-only computation (RMBERT's query unit)
+        uniq, inv = torch.unique(batch.cand, return_inverse=True)  # [U], [B, C]
+        hist, cand = self.news(batch.hist, uniq[None], self.rec.needs_history_tokens)
+        hist, cand = self.add_features(hist, batch.hist), self.add_features(cand, uniq[None])
+        cand = NewsRepr(cls=cand.cls[0], tokens=cand.tokens[0], mask=cand.mask[0], index=inv)
         return self.rec(hist, batch.hist_mask, cand, batch.users)

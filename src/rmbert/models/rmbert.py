@@ -76,6 +76,7 @@ class UserState:
 
 class RMBERT(Recommender):
     name = "rmbert"
+    dedup_candidates = True  # reason() takes unique candidates with an index (see there)
 
     def __init__(self, cfg: RMBERTConfig) -> None:
         super().__init__()
@@ -107,25 +108,34 @@ class RMBERT(Recommender):
         G = self.W_H(H)  # [B, M, D]
         return UserState(H=H, mask=hist_mask, GH=torch.cat([G, H], dim=-1))
 
-    # -- eq. 1-3: the query unit --------------------------------------------------------------
+    # -- eq. 1-3: the query unit (the candidate alone) ------------------------------------------
     def query_step(
         self, i: int, x: torch.Tensor, k: torch.Tensor, X: torch.Tensor, xmask: torch.Tensor
     ) -> tuple[torch.Tensor, torch.Tensor]:
-        """x, k: [B, C, D]; X: [B, C, L, D]; xmask [B, C, L] -> k_i [B, C, D], weights [B, C, L]."""
-        q = self.W_p[i](x)  # (1) [B, C, D]
+        """x, k: [..., D]; X: [..., L, D]; xmask [..., L] -> k_i [..., D], weights [..., L]."""
+        q = self.W_p[i](x)  # (1) [..., D]
         k_prev = k if self.cfg.prev_query else torch.zeros_like(k)
-        kq = self.W_k(torch.cat([q, k_prev], dim=-1))  # (2) [B, C, D]
+        kq = self.W_k(torch.cat([q, k_prev], dim=-1))  # (2) [..., D]
         if not self.cfg.attention:
             a = masked_mean_weights(xmask, X.dtype)
         else:
-            # w_a . (kq * X_j) = (w_a * kq) . X_j: one batched mat-vec, no [B, C, L, D] product
-            logits = torch.einsum("bcld,bcd->bcl", X, kq * self.W_alpha.weight[0]) + self.W_alpha.bias
+            # w_a . (kq * X_j) = (w_a * kq) . X_j: one batched mat-vec, no [..., L, D] product
+            logits = torch.einsum("...ld,...d->...l", X, kq * self.W_alpha.weight[0]) + self.W_alpha.bias
             if self.cfg.query_attention == "softmax":
                 a = masked_softmax(logits, xmask)
             else:
                 a = torch.sigmoid(logits) * xmask
-        k_new = self.W_q(torch.einsum("bcl,bcld->bcd", a, X))  # (3) [B, C, D]
+        k_new = self.W_q(torch.einsum("...l,...ld->...d", a, X))  # (3) [..., D]
         return k_new, a
+
+    def query_unit(self, x: torch.Tensor, X: torch.Tensor, xmask: torch.Tensor):
+        """All p steps of eq. 1-3 (k_0 = x_n): lists of k_i [..., D] and title weights [..., L]."""
+        k, ks, title = x, [], []
+        for i in range(self.cfg.steps):
+            k, a = self.query_step(i, x, k, X, xmask)
+            ks.append(k)
+            title.append(a)
+        return ks, title
 
     # -- eq. 4-6: the memory unit, attention logits over history ---------------------------------
     def memory_logits_direct(self, k: torch.Tensor, m: torch.Tensor, state: UserState) -> torch.Tensor:
@@ -140,52 +150,64 @@ class RMBERT(Recommender):
         I_t = self.W_I(torch.cat([I, H[:, None].expand(-1, C, -1, -1)], dim=-1))  # (5) [B, C, M, D]
         return self.W_beta(I_t * k[:, :, None, :]).squeeze(-1)  # [B, C, M]
 
-    def memory_logits_fast(self, k: torch.Tensor, m: torch.Tensor, state: UserState) -> torch.Tensor:
-        """The exact fast path: O(D^2 + M D) per candidate and step. Returns logits [B, C, M]."""
+    def fast_terms(self, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The candidate's part of the fast path, from k_i [..., D]: with v = w_b * k_i,
+        (W_I1^T v [..., D], W_I2^T v [..., D], v . b_I [...])."""
         D = self.cfg.dim
-        v = k * self.W_beta.weight[0]  # [B, C, D]
-        W_I1, W_I2 = self.W_I.weight[:, :D], self.W_I.weight[:, D:]  # [D, D] each
-        left = v @ W_I1  # [B, C, D] = W_I1^T v
+        v = k * self.W_beta.weight[0]
+        return v @ self.W_I.weight[:, :D], v @ self.W_I.weight[:, D:], v @ self.W_I.bias
+
+    def memory_logits_fast(self, terms: tuple, m: torch.Tensor, state: UserState) -> torch.Tensor:
+        """The exact fast path: O(D^2 + M D) per candidate and step, given `fast_terms` of k_i
+        ([B, C, ...] each). Returns logits [B, C, M]."""
+        left, right, const = terms
         if self.cfg.prev_memory:
             left = left * self.W_r(m)
-        lhs = torch.cat([left, v @ W_I2], dim=-1)  # [B, C, 2D]
+        lhs = torch.cat([left, right], dim=-1)  # [B, C, 2D]
         s = torch.einsum("bce,bme->bcm", lhs, state.GH)  # [B, C, M]
-        return s + (v @ self.W_I.bias)[..., None] + self.W_beta.bias
+        return s + const[..., None] + self.W_beta.bias
 
-    def memory_step(
-        self, k: torch.Tensor, m: torch.Tensor, state: UserState, C: int
-    ) -> tuple[torch.Tensor, torch.Tensor]:
-        """-> m_i [B, C, Dm] and history weights [B, C, M]."""
-        hmask = state.mask[:, None, :].expand(-1, C, -1)  # [B, C, M]
-        if not self.cfg.attention:
-            b = masked_mean_weights(hmask, state.H.dtype)
-        else:
-            memory_logits = self.memory_logits_fast if self.cfg.fast_path else self.memory_logits_direct
-            b = masked_softmax(memory_logits(k, m, state), hmask)
+    def memory_update(self, b: torch.Tensor, m: torch.Tensor, state: UserState) -> torch.Tensor:
+        """History weights b [B, C, M] -> m_i [B, C, Dm]."""
         U = torch.einsum("bcm,bmd->bcd", b, state.H)  # (6) [B, C, D]
-        return self.W_m(torch.cat([m, U], dim=-1)), b  # (7)
+        return self.W_m(torch.cat([m, U], dim=-1))  # (7)
 
     def reason(self, state: UserState, cand: NewsRepr, record: bool = False) -> Scores:
         """Run the p cells: logits [B, C] and, if record, per-step weights over title words
-        (`title` [B, C, p, L]) and clicked news (`history` [B, C, p, M])."""
-        x = self.drop(cand.cls)  # [B, C, D]
-        X = self.drop(cand.tokens)  # [B, C, L, D]
+        (`title` [B, C, p, L]) and clicked news (`history` [B, C, p, M]).
+
+        The query unit and the candidate's part of the fast path depend on the candidate alone:
+        given candidates deduplicated (cand [U, ...] with `cand.index` [B, C] into U), they run
+        once per unique news and are gathered per (user, candidate); otherwise cand is [B, C, ...]."""
+        idx = cand.index
+        x = self.drop(cand.cls)  # [U, D] or [B, C, D]
+        ks, title = self.query_unit(x, self.drop(cand.tokens), cand.mask)
+
+        def per_pair(t: torch.Tensor) -> torch.Tensor:
+            return t if idx is None else t[idx]
+
+        x = per_pair(x)  # [B, C, D]
         B, C, _ = x.shape
-        k = x  # k_0 = x_n
         m = self.m0.expand(B, C, -1)  # m_0
-        title_w, hist_w = [], []
+        hmask = state.mask[:, None, :].expand(-1, C, -1)  # [B, C, M]
+        hist_w = []
         for i in range(self.cfg.steps):
-            k, a = self.query_step(i, x, k, X, cand.mask)
-            m, b = self.memory_step(k, m, state, C)
-            if record:
-                title_w.append(a)
-                hist_w.append(b)
+            if not self.cfg.attention:
+                b = masked_mean_weights(hmask, state.H.dtype)
+            elif self.cfg.fast_path:
+                terms = tuple(per_pair(t) for t in self.fast_terms(ks[i]))
+                b = masked_softmax(self.memory_logits_fast(terms, m, state), hmask)
+            else:
+                b = masked_softmax(self.memory_logits_direct(per_pair(ks[i]), m, state), hmask)
+            m = self.memory_update(b, m, state)
+            hist_w.append(b)
         pre = self.W_1(torch.cat([x, m], dim=-1))  # (8) [B, C, H1]
         if self.cfg.click_product:
             pre = pre + self.W_1p(x * self.P(m))  # (8')
         logits = self.W_2(torch.relu(pre)).squeeze(-1)  # [B, C]
         if record:
-            return Scores(logits, {"title": torch.stack(title_w, 2), "history": torch.stack(hist_w, 2)})
+            att = {"title": per_pair(torch.stack(title, -2)), "history": torch.stack(hist_w, 2)}
+            return Scores(logits, att)
         return Scores(logits)
 
     def score_candidates(self, state: UserState, cand: NewsRepr) -> torch.Tensor:
