@@ -225,6 +225,80 @@ def summarize(results: list[dict]) -> list[dict]:
     return out
 
 
+ROW_NAMES = {
+    "oracle": "oracle (true click probabilities)",
+    "category-ctr": "category CTR (no training)",
+    "max-cosine": "max-cosine (no training)",
+    "logreg": "logistic regression, simple features",
+    "nrms": "NRMS",
+    "rmbert-paper": "RMBERT, paper preset",
+    "rmbert-default": "RMBERT, default",
+}
+
+
+def collect(out: Path) -> list[dict]:
+    return [json.loads(p.read_text()) for p in sorted((out / "results").glob("*/*/seed*/*.json"))]
+
+
+def plot_curves(summary: list[dict], rows: list[str], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    gens = sorted({s["generator"] for s in summary})
+    fig, axes = plt.subplots(1, len(gens), figsize=(4.2 * len(gens), 3.8), squeeze=False)
+    for ax, gen in zip(axes[0], gens):
+        for row in rows:
+            pts = sorted(
+                (s["train_impressions"], s["auc"], s["auc_std"])
+                for s in summary
+                if s["generator"] == gen and s["row"] == row
+            )
+            if len(pts) < 1:
+                continue
+            x, y, e = zip(*pts)
+            style = {"oracle": "k--", "max-cosine": "C7:", "category-ctr": "C7-."}.get(row, "-")
+            ax.errorbar(x, y, yerr=e, fmt=style, marker="o", ms=3, capsize=2, label=ROW_NAMES.get(row, row))
+        ax.set_xscale("log")
+        ax.set(title=gen, xlabel="training impressions", ylabel="dev AUC")
+        ax.grid(alpha=0.3)
+    axes[0][0].legend(fontsize=7, loc="lower right")
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def report_tables(summary: list[dict], rows: list[str]) -> str:
+    """Markdown: one table per scale, generators as columns, AUC mean +- std (% of oracle)."""
+    by = {(s["generator"], s["scale"], s["row"]): s for s in summary}
+    gens = sorted({s["generator"] for s in summary})
+    lines = []
+    for scale in [sc for sc in SCALES if any(s["scale"] == sc for s in summary)]:
+        n = {g: by.get((g, scale, "oracle"), {}).get("train_impressions") for g in gens}
+        lines += [f"### {scale} training impressions", ""]
+        lines.append("| row | " + " | ".join(f"{g} ({n[g]:,})" if n[g] else g for g in gens) + " |")
+        lines.append("|---|" + "---|" * len(gens))
+        for row in rows:
+            cells = []
+            for g in gens:
+                s, o = by.get((g, scale, row)), by.get((g, scale, "oracle"))
+                if s is None:
+                    cells.append("")
+                    continue
+                share = f" ({s['auc'] / o['auc']:.0%})" if o and row != "oracle" else ""
+                sd = f" ± {s['auc_std']:.3f}" if s["seeds"] > 1 else ""
+                cells.append(f"{s['auc']:.4f}{sd}{share}")
+            lines.append(f"| {ROW_NAMES.get(row, row)} | " + " | ".join(cells) + " |")
+        seeds = sorted({s["seeds"] for s in summary if s["scale"] == scale})
+        lines += [
+            "",
+            f"Seeds per cell: {', '.join(map(str, seeds))}; AUC mean ± standard deviation over seeds.",
+            "",
+        ]
+    return "\n".join(lines)
+
+
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     p.add_argument("--out", type=Path, default=Path("quality-out"))
@@ -233,7 +307,15 @@ def main() -> None:
     p.add_argument("--seeds", type=int, default=3, help="seeds at 2k and 20k (100k runs seed 0 only)")
     p.add_argument("--rows", default=",".join(ALL_ROWS))
     p.add_argument("--variant", action="append", default=[], help="NAME=MODEL:PRESET:key=v,key=v")
+    p.add_argument(
+        "--plot", type=Path, default=None, help="write the learning-curve PNG of all cached results"
+    )
     a = p.parse_args()
+    if a.plot:
+        summary = summarize([r for r in collect(a.out) if r["row"] in ALL_ROWS])
+        plot_curves(summary, ALL_ROWS, a.plot)
+        print(report_tables(summary, ALL_ROWS))
+        return
     os.environ.setdefault("RMBERT_CACHE", str(a.out / "cache"))
     specs = dict(TRAINED)
     specs.update(parse_variant(v) for v in a.variant)
