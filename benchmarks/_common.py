@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import dataclasses
 import resource
 from pathlib import Path
 
@@ -23,7 +22,7 @@ def quick_run(data: Path, out: Path, steps: int = 20, **train_kw) -> Path:
     if (out / "model.safetensors").is_file():
         return out
     cfg = RunConfig()
-    cfg = dataclasses.replace(cfg, train=dataclasses.replace(cfg.train, max_steps=steps, **train_kw))
+    cfg = cfg.override({"train.max_steps": steps} | {f"train.{k}": v for k, v in train_kw.items()})
     train(cfg, data / "train", out, data / "dev", progress=False)
     return out
 

@@ -68,7 +68,7 @@ class Frozen:
     """The frozen embedded encoder's mean-pooled news vectors of a dataset (train + dev news)."""
 
     def __init__(self, data: Path) -> None:
-        from rmbert.run import load_encoder, store_for
+        from rmbert.assemble import load_encoder, store_for
 
         cfg = preset("default")
         self.encoder, self.tokenizer = load_encoder(cfg)

@@ -15,8 +15,8 @@ import time
 
 import torch
 
-from rmbert.encoders.bert import NewsRepr
 from rmbert.models.rmbert import RMBERT, RMBERTConfig
+from rmbert.types import NewsRepr
 
 C, M, L, P = 100, 50, 30, 4
 

@@ -71,6 +71,7 @@ def served(tiny_encoder, planted, tmp_path_factory) -> Path:
             "features.subcategory=true",
             "features.entities=true",
             "features.min_count=1",
+            "features.history_position=true",
             "rmbert.click_product=true",
             "rmbert.steps=3",
             "train.epochs=1",

@@ -9,11 +9,11 @@ import pytest
 import torch
 from test_train import tiny_cfg
 
-from rmbert.encoders.bert import NewsRepr
 from rmbert.models.lstur import LSTUR, LSTURConfig
 from rmbert.models.npa import NPA, NPAConfig
 from rmbert.models.nrms import NRMS, NRMSConfig
 from rmbert.train import train
+from rmbert.types import NewsRepr
 
 B, C, M, L, E = 3, 4, 6, 5, 16
 

@@ -45,7 +45,15 @@ def test_vocabulary_ids_unknowns_and_roundtrip(tmp_path):
 
 
 def test_feature_vector_is_the_sum_of_its_embeddings():
-    cfg = FeatureConfig(True, True, True, 3, num_categories=4, num_subcategories=5, num_entities=6)
+    cfg = FeatureConfig(
+        category=True,
+        subcategory=True,
+        entities=True,
+        max_entities=3,
+        num_categories=4,
+        num_subcategories=5,
+        num_entities=6,
+    )
     f = NewsFeatures(cfg, 8)
     ids = torch.tensor([[2, 3, 1, 5, 0], [0, 0, 0, 0, 0]])
     out = f(ids)
@@ -130,7 +138,7 @@ def test_full_mode_mean_pooling_matches_the_frozen_store(tiny_encoder, planted, 
     dev = load_split(planted / "dev")
     frozen = run.store([dev], progress=False)
     full_cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, mode="full"))
-    from rmbert.run import store_for
+    from rmbert.assemble import store_for
 
     tokens = store_for(full_cfg, run.encoder, run.tokenizer, [dev], progress=False)
     side = NewsSide("full", run.encoder, tokens, pooling="mean").eval()
@@ -178,3 +186,84 @@ def test_cli_preset_paper_writes_the_papers_config(tiny_encoder, planted, tmp_pa
     saved = RunConfig.load(tmp_path / "r" / "config.json")
     assert saved.encoder.pooling == "cls" and not saved.rmbert.click_product and saved.train.batch_size == 50
     assert saved.train.max_steps == 1  # --set applies on top of the preset
+
+
+def test_entity_vectors_join_the_vocabulary_and_the_news_vector(tmp_path):
+    from rmbert.data.mind import MindFormatError, load_entity_vectors
+
+    folder = write_split(tmp_path / "s", NEWS, BEHAVIORS)
+    (folder / "entity_embedding.vec").write_text("Q3\t1.0\t2.0\t\nQ1\t0.5\t-1.0\nQ7\t9\t9\n")
+    ids, vecs = load_entity_vectors(folder / "entity_embedding.vec")
+    assert ids == ["Q3", "Q1", "Q7"] and vecs.shape == (3, 2) and vecs[0].tolist() == [1.0, 2.0]
+    news = load_split(folder).news
+    cfg = FeatureConfig(entities=True, entity_vectors=True, min_count=2)
+    v = FeatureVocab.fit(news, cfg, folder / "entity_embedding.vec")
+    assert v.entities == ["Q1", "Q2", "Q3"]  # Q3: one news, but it has a vector; Q7: in no news
+    assert v.vectors.tolist() == [[0, 0], [0.5, -1.0], [0, 0], [1.0, 2.0]]
+    sizes = v.sizes()
+    f = NewsFeatures(dataclasses.replace(cfg, **sizes), 4)
+    f.set_vectors(v.vectors)
+    ids = torch.tensor([[0, 0, 1, 3, 0]])  # Q1 and Q3
+    want = (
+        f.ent.weight[1]
+        + f.ent_proj(torch.tensor([0.5, -1.0]))
+        + f.ent.weight[3]
+        + f.ent_proj(torch.tensor([1.0, 2.0]))
+    ) / 2
+    assert torch.allclose(f(ids)[0], want)
+    with pytest.raises(ValueError, match="entity_embedding.vec"):
+        FeatureVocab.fit(news, cfg, tmp_path / "missing" / "entity_embedding.vec")
+    (folder / "bad.vec").write_text("Q1\t1\t2\nQ2\t1\n")
+    with pytest.raises(MindFormatError, match="bad.vec:2: 1 values; expected 2"):
+        load_entity_vectors(folder / "bad.vec")
+
+
+def test_history_positions_count_back_from_the_most_recent_click():
+    cfg = FeatureConfig(history_position=True, max_history=4)
+    f = NewsFeatures(cfg, 3)
+    mask = torch.tensor([[True, True, True, False], [True, False, False, False], [False] * 4])
+    got = f.positions(mask)
+    w = f.pos.weight
+    assert torch.allclose(got[0], torch.stack([w[3], w[2], w[1], w[0]]))  # oldest first, padding zero
+    assert torch.allclose(got[1, 0], w[1]) and torch.all(got[2] == 0) and torch.all(w[0] == 0)
+
+
+def test_gradient_accumulation_gives_the_same_weights(tiny_encoder, planted, tmp_path):
+    from safetensors.torch import load_file
+
+    runs = {}
+    for acc in (1, 3):
+        cfg = tiny(tiny_encoder, "train.max_steps=4", f"train.accumulate={acc}", "train.checkpoint_every=0")
+        train(cfg, planted / "train", tmp_path / f"a{acc}", planted / "dev", progress=False)
+        runs[acc] = load_file(str(tmp_path / f"a{acc}" / "model.safetensors"))
+    shift_only = {"rec.W_alpha.bias", "rec.W_beta.bias", "rec.W_I.bias", "rec.W_H.bias"}
+    for k in runs[1]:
+        if k not in shift_only:
+            assert torch.allclose(runs[1][k], runs[3][k], atol=1e-5), k
+
+
+def test_override_and_yaml_config(tmp_path, tiny_encoder, planted, capsys):
+    from rmbert.cli import main
+
+    cfg = RunConfig().override({"train.epochs": 5, "rmbert.steps": 2, "features.category": True})
+    assert cfg.train.epochs == 5 and cfg.rmbert.steps == 2 and cfg.features.category
+    with pytest.raises(ValueError, match="train.epochs must be int"):
+        RunConfig().override({"train.epochs": "five"})
+    with pytest.raises(ValueError, match="no field 'nope'"):
+        RunConfig().override({"train.nope": 1})
+    (tmp_path / "run.yaml").write_text("rmbert:\n  steps: 2\ntrain:\n  batch_size: 8\n  max_steps: 2\n")
+    loaded = RunConfig.from_yaml(tmp_path / "run.yaml")
+    assert (
+        loaded.rmbert.steps == 2
+        and loaded.train.batch_size == 8
+        and loaded.train.epochs == RunConfig().train.epochs
+    )
+    args = ["--quiet", "train", "--train", str(planted / "train"), "--valid", str(planted / "dev")]
+    args += ["--encoder", str(tiny_encoder), "--config", str(tmp_path / "run.yaml")]
+    assert main([*args, "--out", str(tmp_path / "r"), "--set", "encoder.max_title_len=12"]) == 0
+    saved = RunConfig.load(tmp_path / "r" / "config.json")
+    assert saved.rmbert.steps == 2 and saved.train.batch_size == 8
+    (tmp_path / "bad.yaml").write_text("train:\n  epochs: [1, 2]\n")
+    capsys.readouterr()
+    assert main([*args[:-1], str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "r2")]) == 2
+    assert "bad.yaml" in capsys.readouterr().err

@@ -5,8 +5,8 @@ import dataclasses
 import pytest
 import torch
 
-from rmbert.encoders.bert import NewsRepr
 from rmbert.models.rmbert import RMBERT, RMBERTConfig
+from rmbert.types import NewsRepr
 
 B, C, M, L, D = 3, 5, 7, 6, 16
 ABLATIONS = [

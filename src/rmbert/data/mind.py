@@ -375,6 +375,36 @@ class Split:
     impressions: Impressions
 
 
+def load_entity_vectors(path: str | Path) -> tuple[list[str], np.ndarray]:
+    """MIND's `entity_embedding.vec`: `WikidataId<TAB>v1<TAB>...<TAB>vd` per line (a trailing tab
+    is allowed) -> ids and a float32 [n, d] array. Errors name the file and line."""
+    path = Path(path)
+    ids: list[str] = []
+    rows: list[np.ndarray] = []
+    seen: dict[str, int] = {}
+    for lineno, line in enumerate(read_lines(path), 1):
+        cols = line.strip().split("\t")
+        if not cols[0]:
+            continue
+        try:
+            vec = np.array(cols[1:], dtype=np.float32)
+        except ValueError:
+            raise MindFormatError(path, lineno, "a vector value is not a number") from None
+        if len(vec) == 0 or (rows and len(vec) != len(rows[0])):
+            want = len(rows[0]) if rows else "at least 1"
+            raise MindFormatError(path, lineno, f"{len(vec)} values; expected {want}")
+        if not np.isfinite(vec).all():
+            raise MindFormatError(path, lineno, "non-finite value")
+        if cols[0] in seen:
+            raise MindFormatError(
+                path, lineno, f"duplicate entity {cols[0]!r} (first on line {seen[cols[0]]})"
+            )
+        seen[cols[0]] = lineno
+        ids.append(cols[0])
+        rows.append(vec)
+    return ids, (np.stack(rows) if rows else np.zeros((0, 0), np.float32))
+
+
 def load_split(path: str | Path) -> Split:
     path = Path(path)
     if not path.is_dir():

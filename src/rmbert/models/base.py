@@ -12,24 +12,14 @@ A recommender splits scoring in two so that serving computes the user side once 
 from __future__ import annotations
 
 from abc import ABC, ABCMeta, abstractmethod
-from dataclasses import dataclass
 from typing import Any
 
 import torch
 from torch import nn
 
-from rmbert.encoders.bert import NewsRepr
+from rmbert.types import NewsRepr, Scores
 
 NEG = -1e9  # added to masked attention logits (finite, so fully masked rows give no NaN)
-
-
-@dataclass
-class Scores:
-    """What scoring returns: click logits, and (when asked) attention weights by name, e.g.
-    RMBERT's `title` [B, C, p, L] and `history` [B, C, p, M], as Hugging Face models return attentions."""
-
-    logits: torch.Tensor  # [B, C]
-    attentions: dict[str, torch.Tensor] | None = None
 
 
 class InferenceForm(ABC):

@@ -4,11 +4,14 @@ MIND gives every news a category, a subcategory and linked entities (WikidataIds
 encoder reads titles only. With `features.*` switched on, every news vector that a recommender
 sees (x_n for candidates, h_i for clicked news) becomes
 
-    x_n + E_cat[category] + E_sub[subcategory] + mean_e E_ent[e]        [D]
+    x_n + E_cat[category] + E_sub[subcategory] + mean_e (E_ent[e] + W_v v_e)        [D]
 
-with embeddings learned from the training clicks, zero for a value never seen in training (row 0).
+with embeddings learned from the training clicks, zero for a value never seen in training (row 0),
+and v_e the entity's pretrained vector from the training split's `entity_embedding.vec` (MIND's
+100-d TransE vectors; `entity_vectors`), projected by a learned W_v. With `history_position`,
+clicked news also get E_pos[r], r = 1 for the most recent click, 2 for the one before, ...
 The vocabulary is fitted on the training split's news only and saved in the run as
-`features.json`. Shape letters: N news, F = 2 + max_entities feature slots, D hidden.
+`features.json`. Shape letters: N news, F = 2 + max_entities feature slots, D hidden, V vector width.
 """
 
 from __future__ import annotations
@@ -22,7 +25,7 @@ import numpy as np
 import torch
 from torch import nn
 
-from rmbert.data.mind import News
+from rmbert.data.mind import News, load_entity_vectors
 
 
 @dataclass(frozen=True)
@@ -30,50 +33,72 @@ class FeatureConfig:
     category: bool = False
     subcategory: bool = False
     entities: bool = False
+    entity_vectors: bool = False  # add the projected entity_embedding.vec vectors (with entities)
+    history_position: bool = False  # clicked news get a learned embedding of their recency rank
     max_entities: int = 5  # entity slots per news (title entities first, then the abstract's)
     min_count: int = 2  # an entity needs this many training news to get its own embedding
     # resolved from the training data (the vocabulary sizes, unknown = row 0 included)
     num_categories: int = 0
     num_subcategories: int = 0
     num_entities: int = 0
+    vector_dim: int = 0  # V: the width of entity_embedding.vec
+    max_history: int = 0  # positions for history_position (train.max_history)
 
     def __post_init__(self) -> None:
         if self.max_entities < 1 or self.min_count < 1:
             raise ValueError("features.max_entities and features.min_count must be >= 1")
+        if self.entity_vectors and not self.entities:
+            raise ValueError("features.entity_vectors needs features.entities=true")
 
     @property
     def any(self) -> bool:
-        return self.category or self.subcategory or self.entities
+        return self.category or self.subcategory or self.entities or self.history_position
 
 
 @dataclass
 class FeatureVocab:
-    """Training-split values -> embedding rows (0 = unknown)."""
+    """Training-split values -> embedding rows (0 = unknown), and the entities' pretrained vectors."""
 
     categories: list[str] = field(default_factory=list)
     subcategories: list[str] = field(default_factory=list)
     entities: list[str] = field(default_factory=list)
+    vectors: np.ndarray | None = None  # [len(entities) + 1, V] (row 0 and entities without one: zero)
 
     @classmethod
-    def fit(cls, news: News, cfg: FeatureConfig) -> FeatureVocab:
+    def fit(cls, news: News, cfg: FeatureConfig, vectors_file: Path | None = None) -> FeatureVocab:
+        """Categories and subcategories of the training news; entities named by at least
+        `min_count` of them, or (with entity vectors) by one and present in `vectors_file`."""
         counts: Counter[str] = Counter()
         for i in range(len(news)):
             counts.update(news.entities(i)[: cfg.max_entities])
-        return cls(
-            sorted(set(news.category)),
-            sorted(set(news.subcategory)),
-            sorted(e for e, c in counts.items() if c >= cfg.min_count),
-        )
+        table: dict[str, np.ndarray] = {}
+        if cfg.entity_vectors:
+            if vectors_file is None or not Path(vectors_file).is_file():
+                raise ValueError(f"features.entity_vectors=true but there is no {vectors_file}")
+            ids, vecs = load_entity_vectors(vectors_file)
+            table = dict(zip(ids, vecs))
+        entities = sorted(e for e, c in counts.items() if c >= cfg.min_count or e in table)
+        vectors = None
+        if table:
+            width = len(next(iter(table.values())))
+            vectors = np.zeros((len(entities) + 1, width), np.float32)
+            for i, e in enumerate(entities, 1):
+                if e in table:
+                    vectors[i] = table[e]
+        return cls(sorted(set(news.category)), sorted(set(news.subcategory)), entities, vectors)
 
     def sizes(self) -> dict[str, int]:
         return {
             "num_categories": len(self.categories) + 1,
             "num_subcategories": len(self.subcategories) + 1,
             "num_entities": len(self.entities) + 1,
+            "vector_dim": 0 if self.vectors is None else int(self.vectors.shape[1]),
         }
 
     def save(self, path: str | Path) -> None:
-        Path(path).write_text(json.dumps(self.__dict__, indent=1) + "\n")
+        """The names only: the vectors are saved with the model's weights."""
+        names = {k: getattr(self, k) for k in ("categories", "subcategories", "entities")}
+        Path(path).write_text(json.dumps(names, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureVocab:
@@ -103,7 +128,8 @@ class FeatureVocab:
 
 
 class NewsFeatures(nn.Module):
-    """Feature ids [..., F] -> the vector added to a news vector [..., D]."""
+    """Feature ids [..., F] -> the vector added to a news vector [..., D]; and the recency
+    embedding of clicked news (`positions`)."""
 
     def __init__(self, cfg: FeatureConfig, dim: int) -> None:
         super().__init__()
@@ -111,10 +137,19 @@ class NewsFeatures(nn.Module):
         self.cat = nn.Embedding(cfg.num_categories, dim, padding_idx=0) if cfg.category else None
         self.sub = nn.Embedding(cfg.num_subcategories, dim, padding_idx=0) if cfg.subcategory else None
         self.ent = nn.Embedding(cfg.num_entities, dim, padding_idx=0) if cfg.entities else None
-        for emb in (self.cat, self.sub, self.ent):
+        self.pos = nn.Embedding(cfg.max_history + 1, dim, padding_idx=0) if cfg.history_position else None
+        for emb in (self.cat, self.sub, self.ent, self.pos):
             if emb is not None:
                 nn.init.normal_(emb.weight, std=0.1)
                 emb.weight.data[0].zero_()
+        self.ent_proj = None
+        if cfg.entity_vectors:
+            self.register_buffer("ent_vec", torch.zeros(cfg.num_entities, cfg.vector_dim))  # [E, V], saved
+            self.ent_proj = nn.Linear(cfg.vector_dim, dim, bias=False)  # W_v
+
+    def set_vectors(self, vectors: np.ndarray | None) -> None:
+        if self.ent_proj is not None and vectors is not None:
+            self.ent_vec.copy_(torch.from_numpy(vectors))
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         out = 0.0
@@ -125,5 +160,16 @@ class NewsFeatures(nn.Module):
         if self.ent is not None:
             e = ids[..., 2:]  # [..., E]
             n = (e > 0).sum(-1, keepdim=True).clamp(min=1)
-            out = out + self.ent(e).sum(-2) / n
+            per = self.ent(e)  # [..., E, D]
+            if self.ent_proj is not None:
+                per = per + self.ent_proj(self.ent_vec[e])  # row 0 is zero: padding adds nothing
+            out = out + per.sum(-2) / n
         return out  # type: ignore[return-value]
+
+    def positions(self, mask: torch.Tensor) -> torch.Tensor | float:
+        """History mask [B, M] (left-aligned, most recent last) -> recency embeddings [B, M, D]."""
+        if self.pos is None:
+            return 0.0
+        n = mask.sum(-1, keepdim=True)  # [B, 1]
+        rank = n - torch.arange(mask.shape[-1], device=mask.device)  # 1 = the most recent click
+        return self.pos((rank * mask).clamp(0, self.cfg.max_history).long())

@@ -13,9 +13,9 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rmbert.encoders.bert import NewsRepr
 from rmbert.models.base import Recommender
 from rmbert.models.layers import AdditiveAttention, flatten_news
+from rmbert.types import NewsRepr
 
 
 @dataclass(frozen=True)

@@ -38,8 +38,8 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rmbert.encoders.bert import NewsRepr
-from rmbert.models.base import NEG, Recommender, Scores, masked_mean_weights, masked_softmax
+from rmbert.models.base import NEG, Recommender, masked_mean_weights, masked_softmax
+from rmbert.types import NewsRepr, Scores
 
 
 @dataclass(frozen=True)

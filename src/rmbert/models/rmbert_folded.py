@@ -11,9 +11,9 @@ from dataclasses import dataclass
 
 import torch
 
-from rmbert.encoders.bert import NewsRepr
-from rmbert.models.base import InferenceForm, Scores, masked_mean_weights, masked_softmax
+from rmbert.models.base import InferenceForm, masked_mean_weights, masked_softmax
 from rmbert.models.rmbert import RMBERT
+from rmbert.types import NewsRepr, Scores
 
 
 @dataclass

@@ -12,10 +12,10 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
-from rmbert.encoders.bert import NewsRepr
 from rmbert.run import LoadedRun
 from rmbert.serve import explain
 from rmbert.serve.index import Snapshot
+from rmbert.types import NewsRepr
 
 
 class Busy(Exception):
@@ -197,6 +197,8 @@ class Ranker:
         Lb = int(xmask.any(0).nonzero().max()) + 1 if xmask.any() else 1  # the batch's longest title
         D = T["cls"].shape[1]
         H = T["cls"].index_select(0, hist_t.flatten()).view(B, M, D)
+        if self.run.model.features is not None:
+            H = H + self.run.model.features.positions(hm)  # recency embeddings (history_position)
         x = T["cls"].index_select(0, cand_t).view(B, C, D)
         X = self._take("tokens", T["tokens"], cand_t)[:, :Lb].view(B, C, Lb, D)
         xmask = xmask[:, :Lb].reshape(B, C, Lb)

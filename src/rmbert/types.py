@@ -1,0 +1,27 @@
+"""The small types every layer shares: what a news side hands a recommender, and what scoring returns.
+
+Shape letters: N news, B users, K news per user (M clicked or C candidates), L title tokens, D hidden.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+
+@dataclass
+class NewsRepr:
+    cls: torch.Tensor  # [N, D] (or [B, K, D])
+    tokens: torch.Tensor | None  # [N, L, D]; None where only the [CLS] vectors are needed
+    mask: torch.Tensor | None  # [N, L] bool
+    index: torch.Tensor | None = None  # [B, K] into N: positions of deduplicated news, if any
+
+
+@dataclass
+class Scores:
+    """What scoring returns: click logits, and (when asked) attention weights by name, e.g.
+    RMBERT's `title` [B, C, p, L] and `history` [B, C, p, M], as Hugging Face models return attentions."""
+
+    logits: torch.Tensor  # [B, C]
+    attentions: dict[str, torch.Tensor] | None = None
