@@ -211,8 +211,9 @@ def test_entity_vectors_join_the_vocabulary_and_the_news_vector(tmp_path):
         + f.ent_proj(torch.tensor([1.0, 2.0]))
     ) / 2
     assert torch.allclose(f(ids)[0], want)
-    with pytest.raises(ValueError, match="entity_embedding.vec"):
-        FeatureVocab.fit(news, cfg, tmp_path / "missing" / "entity_embedding.vec")
+    without = FeatureVocab.fit(news, cfg, tmp_path / "missing" / "entity_embedding.vec")
+    assert without.vectors is None and without.sizes()["vector_dim"] == 0 and without.entities == ["Q1", "Q2"]
+    assert NewsFeatures(dataclasses.replace(cfg, **without.sizes()), 4).ent_proj is None
     (folder / "bad.vec").write_text("Q1\t1\t2\nQ2\t1\n")
     with pytest.raises(MindFormatError, match="bad.vec:2: 1 values; expected 2"):
         load_entity_vectors(folder / "bad.vec")

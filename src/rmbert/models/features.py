@@ -33,7 +33,7 @@ class FeatureConfig:
     category: bool = False
     subcategory: bool = False
     entities: bool = False
-    entity_vectors: bool = False  # add the projected entity_embedding.vec vectors (with entities)
+    entity_vectors: bool = False  # add the projected entity_embedding.vec vectors where the split has one
     history_position: bool = False  # clicked news get a learned embedding of their recency rank
     max_entities: int = 5  # entity slots per news (title entities first, then the abstract's)
     min_count: int = 2  # an entity needs this many training news to get its own embedding
@@ -72,10 +72,8 @@ class FeatureVocab:
         for i in range(len(news)):
             counts.update(news.entities(i)[: cfg.max_entities])
         table: dict[str, np.ndarray] = {}
-        if cfg.entity_vectors:
-            if vectors_file is None or not Path(vectors_file).is_file():
-                raise ValueError(f"features.entity_vectors=true but there is no {vectors_file}")
-            ids, vecs = load_entity_vectors(vectors_file)
+        if cfg.entity_vectors and vectors_file is not None and Path(vectors_file).is_file():
+            ids, vecs = load_entity_vectors(vectors_file)  # no file: learned embeddings only (vector_dim 0)
             table = dict(zip(ids, vecs))
         entities = sorted(e for e, c in counts.items() if c >= cfg.min_count or e in table)
         vectors = None
@@ -143,7 +141,7 @@ class NewsFeatures(nn.Module):
                 nn.init.normal_(emb.weight, std=0.1)
                 emb.weight.data[0].zero_()
         self.ent_proj = None
-        if cfg.entity_vectors:
+        if cfg.entity_vectors and cfg.vector_dim:
             self.register_buffer("ent_vec", torch.zeros(cfg.num_entities, cfg.vector_dim))  # [E, V], saved
             self.ent_proj = nn.Linear(cfg.vector_dim, dim, bias=False)  # W_v
 
