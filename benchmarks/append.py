@@ -19,7 +19,7 @@ import numpy as np
 
 from rmbert.data.words import FILLERS, TOPICS
 from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer, save_tiny_encoder
-from rmbert.encoders.store import NewsStore, build_store
+from rmbert.encoders.store import Encoding, NewsStore, build_store
 
 
 def rss_mb() -> float:
@@ -38,21 +38,22 @@ def main() -> None:
     enc_dir = save_tiny_encoder(root / "encoder", words, hidden=384, layers=1)
     enc = BertNewsEncoder.from_pretrained(str(enc_dir), max_title_len=30)
     tok = load_tokenizer(str(enc_dir))
+    encoding = Encoding.of(enc, tok)
     rng = np.random.default_rng(0)
     titles = [" ".join(rng.choice(words, int(rng.integers(6, 14)))) for _ in range(a.news)]
     t0 = time.perf_counter()
     store_dir = root / "store"
     if not (store_dir / "meta.json").is_file():
-        build_store(store_dir, [f"N{i}" for i in range(a.news)], titles, enc, tok, progress=False)
+        build_store(store_dir, [f"N{i}" for i in range(a.news)], titles, encoding, progress=False)
     build_s = time.perf_counter() - t0
     store = NewsStore.open(store_dir)
     enc.eval()
-    store = store.append(["WARM"], ["storm snow"], enc, tok)  # first call: thread pools, tokenizer
+    store = store.append(["WARM"], ["storm snow"], encoding)  # first call: thread pools, tokenizer
     times, rss = [], []
     base = rss_mb()
     for k in range(a.appends):
         t = time.perf_counter()
-        store = store.append([f"A{k}"], [titles[k]], enc, tok)
+        store = store.append([f"A{k}"], [titles[k]], encoding)
         times.append((time.perf_counter() - t) * 1e3)
         rss.append(rss_mb() - base)
     reopen_t = time.perf_counter()

@@ -71,9 +71,11 @@ class Frozen:
         from rmbert.assemble import load_encoder, store_for
 
         cfg = preset("default")
-        self.encoder, self.tokenizer = load_encoder(cfg)
+        from rmbert.encoders.store import Encoding
+
+        self.encoding = Encoding.of(*load_encoder(cfg))
         self.train, self.dev = load_split(data / "train"), load_split(data / "dev")
-        self.store = store_for(cfg, self.encoder, self.tokenizer, [self.train, self.dev], progress=False)
+        self.store = store_for(cfg, self.encoding, [self.train, self.dev], progress=False)
         vec = np.asarray(self.store.pooled(), dtype=np.float32)
         self.unit = vec / np.maximum(np.linalg.norm(vec, axis=1, keepdims=True), 1e-6)
 

@@ -106,15 +106,7 @@ def main() -> None:
 
         run = load_run(run_dir)
         news = load_news(data / "dev" / "news.tsv")
-        build_store(
-            store_dir,
-            news.ids,
-            news.title,
-            run.encoder,
-            run.tokenizer,
-            progress=False,
-            fingerprint=run.fingerprint,
-        )
+        build_store(store_dir, news.ids, news.title, run.encoding, progress=False)
         ids = news.ids
     else:
         ids = (store_dir / "seg-00000" / "ids.txt").read_text().split("\n")

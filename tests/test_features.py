@@ -140,7 +140,7 @@ def test_full_mode_mean_pooling_matches_the_frozen_store(tiny_encoder, planted, 
     full_cfg = dataclasses.replace(cfg, encoder=dataclasses.replace(cfg.encoder, mode="full"))
     from rmbert.assemble import store_for
 
-    tokens = store_for(full_cfg, run.encoder, run.tokenizer, [dev], progress=False)
+    tokens = store_for(full_cfg, run.encoding, [dev], progress=False)
     side = NewsSide("full", run.encoder, tokens, pooling="mean").eval()
     rows = torch.tensor([[1, 2, 3]])
     with torch.no_grad():

@@ -45,7 +45,7 @@ def encode(served, news_tsv, store_dir):
 def test_a_stale_writer_never_deletes_another_writers_news(served, store_dir, run, tmp_path):
     stale = NewsStore.open(store_dir)  # a server's view, opened before the other writer
     encode(served, extra_news(tmp_path, ["E1", "E2"]), store_dir)  # the other writer
-    after = stale.append(["P1"], ["storm"], run.encoder, run.tokenizer)
+    after = stale.append(["P1"], ["storm"], run.encoding)
     assert {"E1", "E2", "P1"} <= set(after.index)
     again = NewsStore.open(store_dir)
     assert {"E1", "E2", "P1"} <= set(again.index) and len(again.segments) == 3
@@ -78,7 +78,7 @@ def test_the_server_takes_in_other_writers_segments(served, store_dir, tmp_path)
 def test_segments_are_viewed_not_copied(served, store_dir, run):
     one = NewsStore.open(store_dir)
     assert isinstance(one.arrays["cls"], np.memmap)  # one segment: the memmap itself
-    two = one.append(["A1", "A2"], ["storm", "snow"], run.encoder, run.tokenizer)
+    two = one.append(["A1", "A2"], ["storm", "snow"], run.encoding)
     cls = two.arrays["cls"]
     assert isinstance(cls, Segmented) and all(isinstance(p, np.memmap) for p in cls.parts)
     whole = np.concatenate(cls.parts)
@@ -99,7 +99,7 @@ import sys
 from rmbert.encoders.store import NewsStore
 from rmbert.run import load_run
 run = load_run(sys.argv[1])
-NewsStore.open(sys.argv[2]).append(["CRASHED"], ["storm"], run.encoder, run.tokenizer)
+NewsStore.open(sys.argv[2]).append(["CRASHED"], ["storm"], run.encoding)
 """
 
 
@@ -117,7 +117,7 @@ def test_crash_clean_up_removes_only_the_dead_writers_segment(served, store_dir,
     after = NewsStore.open(store_dir)
     assert after.ids == before.ids and "CRASHED" not in after.index
     assert np.array_equal(after.arrays["cls"], before.arrays["cls"])
-    again = after.append(["N_NEW"], ["snow"], run.encoder, run.tokenizer)
+    again = after.append(["N_NEW"], ["snow"], run.encoding)
     assert (
         "N_NEW" in again.index
         and json.loads((store_dir / "meta.json").read_text())["segments"][-1] == "seg-00001"
@@ -144,12 +144,12 @@ def test_a_full_disk_leaves_the_store_as_it_was(served, store_dir, run, monkeypa
     meta = (store_dir / "meta.json").read_text()
     monkeypatch.setattr(store_mod, "_open", failing)
     with pytest.raises(OSError):
-        before.append(["F1"], ["storm"], run.encoder, run.tokenizer)
+        before.append(["F1"], ["storm"], run.encoding)
     assert "tokens" in calls
     assert (store_dir / "meta.json").read_text() == meta
     assert sorted(p.name for p in store_dir.glob("seg-*")) == ["seg-00000"]
     monkeypatch.setattr(store_mod, "_open", real)
-    assert "F1" in before.append(["F1"], ["storm"], run.encoder, run.tokenizer).index
+    assert "F1" in before.append(["F1"], ["storm"], run.encoding).index
 
 
 def test_post_news_on_a_full_disk_is_a_json_507(served, store_dir, monkeypatch):

@@ -14,7 +14,7 @@ from rmbert.data.batching import ImpressionBatcher
 from rmbert.data.mind import load_split
 from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer
 from rmbert.encoders.news import NewsSide
-from rmbert.encoders.store import NewsStore, build_store, cached_store
+from rmbert.encoders.store import Encoding, NewsStore, build_store, cached_store
 from rmbert.run import load_run
 from rmbert.train import train
 
@@ -36,7 +36,7 @@ def test_store_roundtrip_and_reuse(tiny_encoder, planted, tmp_path):
     enc = BertNewsEncoder.from_pretrained(str(tiny_encoder), max_title_len=12)
     tok = load_tokenizer(str(tiny_encoder))
     ids, titles = split.news.ids[:20], split.news.title[:20]
-    store = build_store(tmp_path / "s", ids, titles, enc, tok, progress=False)
+    store = build_store(tmp_path / "s", ids, titles, Encoding.of(enc, tok), progress=False)
     again = NewsStore.open(tmp_path / "s")
     assert again.ids == ids and again.arrays["cls"].shape == (21, 32)
     assert again.arrays["cls"].dtype == np.float16 and isinstance(again.arrays["cls"], np.memmap)
@@ -53,9 +53,9 @@ def test_store_roundtrip_and_reuse(tiny_encoder, planted, tmp_path):
     assert np.allclose(store.arrays["tokens"][4, :n], direct.tokens[0, :n].numpy(), atol=2e-3)
     assert store.rows(["N_missing", ids[0]]).tolist() == [0, 1]
     # the cache returns the same folder for the same news and encoder, a new one otherwise
-    c1 = cached_store(ids, titles, enc, tok, progress=False)
-    c2 = cached_store(ids, titles, enc, tok, progress=False)
-    c3 = cached_store(ids, [t + " new" for t in titles], enc, tok, progress=False)
+    c1 = cached_store(ids, titles, Encoding.of(enc, tok), progress=False)
+    c2 = cached_store(ids, titles, Encoding.of(enc, tok), progress=False)
+    c3 = cached_store(ids, [t + " new" for t in titles], Encoding.of(enc, tok), progress=False)
     assert c1.path == c2.path != c3.path
 
 
@@ -145,8 +145,15 @@ def test_top_k_store_matches_full_encoder(tiny_encoder, planted):
     enc = BertNewsEncoder.from_pretrained(str(tiny_encoder), max_title_len=12).eval()
     tok = load_tokenizer(str(tiny_encoder))
     ids, titles = split.news.ids[:10], split.news.title[:10]
-    full = NewsSide("full", enc, cached_store(ids, titles, enc, tok, "tokens", progress=False))
-    topk = NewsSide("top-k", enc, cached_store(ids, titles, enc, tok, "lower", 1, progress=False), top_k=1)
+    full = NewsSide(
+        "full", enc, cached_store(ids, titles, Encoding.of(enc, tok), kind="tokens", progress=False)
+    )
+    topk = NewsSide(
+        "top-k",
+        enc,
+        cached_store(ids, titles, Encoding.of(enc, tok), kind="lower", k=1, progress=False),
+        top_k=1,
+    )
     rows = torch.arange(1, 11)
     with torch.no_grad():
         a, b = full._encode_rows(rows), topk._encode_rows(rows)
@@ -198,7 +205,7 @@ def test_standardizer_centres_and_scales(tiny_encoder, planted):
     split = load_split(planted / "dev")
     enc = BertNewsEncoder.from_pretrained(str(tiny_encoder), max_title_len=12)
     tok = load_tokenizer(str(tiny_encoder))
-    store = cached_store(split.news.ids, split.news.title, enc, tok, progress=False)
+    store = cached_store(split.news.ids, split.news.title, Encoding.of(enc, tok), progress=False)
     side = NewsSide("frozen", enc, store)
     rows = torch.arange(1, len(store) + 1)[None]
     raw = side._frozen(rows, tokens=False).cls[0]

@@ -21,7 +21,7 @@ from rmbert.data.batching import Batch
 from rmbert.data.mind import News, Split
 from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer
 from rmbert.encoders.news import STORE_KIND, NewsSide, make_encoder
-from rmbert.encoders.store import NewsStore, cached_store
+from rmbert.encoders.store import Encoding, NewsStore, cached_store
 from rmbert.models.base import Recommender
 from rmbert.models.features import FeatureVocab, NewsFeatures
 from rmbert.models.lstur import LSTUR
@@ -119,18 +119,12 @@ def split_news(*splits: Split) -> tuple[list[str], list[str]]:
     return list(seen), list(seen.values())
 
 
-def store_for(
-    cfg: RunConfig,
-    encoder: BertNewsEncoder,
-    tokenizer,
-    splits: list[Split],
-    progress: bool,
-    fp: str | None = None,
-) -> NewsStore:
+def store_for(cfg: RunConfig, enc: Encoding, splits: list[Split], progress: bool) -> NewsStore:
+    """The (cached) store of the splits' news, of the kind the encoder mode reads."""
     ids, titles = split_news(*splits)
     kind = STORE_KIND[cfg.encoder.mode]
     k = cfg.encoder.top_k if kind == "lower" else 0
-    return cached_store(ids, titles, encoder, tokenizer, kind, k, progress=progress, fingerprint=fp)
+    return cached_store(ids, titles, enc, kind=kind, k=k, progress=progress)
 
 
 def build_model(cfg: RunConfig, encoder: BertNewsEncoder, store: NewsStore | None) -> NewsRecModel:
@@ -162,8 +156,7 @@ class Built:
     model: NewsRecModel
     store: NewsStore
     vocab: FeatureVocab | None
-    encoder: BertNewsEncoder
-    tokenizer: object
+    encoding: Encoding
 
 
 def assemble(
@@ -181,12 +174,13 @@ def assemble(
     import torch.distributed as dist
 
     encoder, tokenizer = load_encoder(cfg)
+    enc = Encoding.of(encoder, tokenizer)
     vectors = splits[0].path / "entity_embedding.vec"
     vocab = FeatureVocab.fit(train_news, cfg.features, vectors) if cfg.features.any else None
     cfg = resolve(cfg, encoder.dim, len(users), vocab)
     if rank != 0:
         dist.barrier()  # rank 0 builds the news store first; the others then open it
-    store = store_for(cfg, encoder, tokenizer, splits, progress and rank == 0)
+    store = store_for(cfg, enc, splits, progress and rank == 0)
     if world > 1 and rank == 0:
         dist.barrier()
     torch.manual_seed(cfg.train.seed)  # the recommender's initial weights depend on the seed only
@@ -196,4 +190,4 @@ def assemble(
         model.features.set_vectors(vocab.vectors)
     if cfg.encoder.mode == "frozen" and cfg.encoder.standardize:
         model.news.fit_standardizer(seed=cfg.train.seed)
-    return Built(cfg, model, store, vocab, encoder, tokenizer)
+    return Built(cfg, model, store, vocab, enc)

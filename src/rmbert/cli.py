@@ -177,24 +177,13 @@ def cmd_encode(a: argparse.Namespace) -> int:
             store = store.append(
                 [news.ids[i] for i in todo],
                 [news.title[i] for i in todo],
-                run.encoder,
-                run.tokenizer,
-                [info[i] for i in todo],
+                run.encoding,
+                info=[info[i] for i in todo],
                 progress=not a.quiet,
             )
         encoded = len(todo)
     else:
-        store = build_store(
-            a.out,
-            news.ids,
-            news.title,
-            run.encoder,
-            run.tokenizer,
-            "vectors",
-            info=info,
-            progress=not a.quiet,
-            fingerprint=run.fingerprint,
-        )
+        store = build_store(a.out, news.ids, news.title, run.encoding, info=info, progress=not a.quiet)
         encoded = len(news)
     _print(
         {"store": str(a.out), "news": len(store.index), "encoded": encoded, "skipped": len(news) - encoded}

@@ -21,7 +21,7 @@ from rmbert.config import RunConfig
 from rmbert.data.batching import ImpressionBatcher
 from rmbert.data.mind import Split
 from rmbert.encoders.bert import BertNewsEncoder
-from rmbert.encoders.store import NewsStore, encoder_fingerprint
+from rmbert.encoders.store import Encoding, NewsStore
 from rmbert.models.features import FeatureVocab
 
 
@@ -66,14 +66,24 @@ class LoadedRun:
     path: Path
     cfg: RunConfig
     model: NewsRecModel
-    encoder: BertNewsEncoder
-    tokenizer: object
+    encoding: Encoding
     user_index: dict[str, int]
-    fingerprint: str
     vocab: FeatureVocab | None = None
 
+    @property
+    def encoder(self) -> BertNewsEncoder:
+        return self.encoding.encoder
+
+    @property
+    def tokenizer(self):
+        return self.encoding.tokenizer
+
+    @property
+    def fingerprint(self) -> str:
+        return self.encoding.fingerprint
+
     def store(self, splits: list[Split], progress: bool = True) -> NewsStore:
-        return store_for(self.cfg, self.encoder, self.tokenizer, splits, progress, self.fingerprint)
+        return store_for(self.cfg, self.encoding, splits, progress)
 
     def batcher(self, split: Split, store: NewsStore) -> ImpressionBatcher:
         self.model.news.set_store(store)
@@ -105,6 +115,4 @@ def load_run(path: str | Path, device: torch.device | None = None) -> LoadedRun:
     model.eval()
     if device is not None:
         model.to(device)
-    return LoadedRun(
-        path, cfg, model, encoder, tokenizer, user_index, encoder_fingerprint(encoder, tokenizer), vocab
-    )
+    return LoadedRun(path, cfg, model, Encoding.of(encoder, tokenizer), user_index, vocab)

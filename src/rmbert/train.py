@@ -293,7 +293,7 @@ def prepare(cfg, train_dir: Path, out: Path, valid_dir, resume: bool, progress: 
     if resume and (out / "checkpoint.pt").is_file():
         prog = restore(out / "checkpoint.pt", model, opt, scaler)
     if rank == 0:
-        save_run_files(out, cfg, built.tokenizer, users, vocab)
+        save_run_files(out, cfg, built.encoding.tokenizer, users, vocab)
     net: torch.nn.Module = model
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None

@@ -26,7 +26,7 @@ from __future__ import annotations
 
 import json
 from collections.abc import Callable
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -189,6 +189,80 @@ DrawFn = Callable[[np.random.Generator, np.ndarray, np.ndarray], np.ndarray]
 ProbFn = Callable[[np.ndarray, np.ndarray, np.ndarray], np.ndarray]
 
 
+def _repair(
+    rng: np.random.Generator,
+    imp: np.ndarray,
+    ru: np.ndarray,
+    rt: np.ndarray,
+    cand: np.ndarray,
+    n_news: int,
+    uniform: _Pool,
+    hist_keys: np.ndarray,
+    window: int,
+) -> np.ndarray:
+    """Refill (in place, up to 8 rounds) -1 slots, repeats and history news of `cand`; returns the still bad."""
+    bad = np.zeros(len(cand), bool)
+    for _fix in range(8):
+        key = imp * (n_news + 1) + np.maximum(cand, 0)
+        order = np.argsort(key, kind="stable")
+        dup = np.zeros(len(cand), bool)
+        dup[order[1:]] = key[order[1:]] == key[order[:-1]]
+        bad = (cand < 0) | dup | _isin_sorted(ru * n_news + cand, hist_keys)
+        if not bad.any():
+            break
+        cand[bad] = uniform.draw(rng, np.zeros(int(bad.sum()), np.int64), rt[bad] - window, rt[bad])
+    return bad
+
+
+_Kept = tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]  # impression, candidate, label, probability
+
+
+def _attempt(
+    rng: np.random.Generator,
+    sched: _Schedule,
+    pending: np.ndarray,
+    n_news: int,
+    uniform: _Pool,
+    draw: DrawFn,
+    prob: ProbFn,
+    hist_keys: np.ndarray,
+    window: int,
+) -> tuple[np.ndarray, _Kept]:
+    """One round for the `pending` impressions: draw, repair and click candidates; returns which got a
+    click (and >= 5 candidates) and their rows."""
+    sizes = _sizes(rng, len(pending))
+    imp = np.repeat(np.arange(len(pending)), sizes)
+    ru, rt = sched.user[pending][imp], sched.time[pending][imp]
+    cand = np.asarray(draw(rng, ru, rt), np.int64)
+    bad = _repair(rng, imp, ru, rt, cand, n_news, uniform, hist_keys, window)
+    imp, ru, rt, cand = imp[~bad], ru[~bad], rt[~bad], cand[~bad]
+    p = prob(ru, rt, cand)
+    y = rng.random(len(p)) < p
+    n_rows = np.bincount(imp, minlength=len(pending))
+    ok = (np.bincount(imp, weights=y, minlength=len(pending)) > 0) & (n_rows >= 5)
+    sel = ok[imp]
+    return ok, (pending[imp[sel]], cand[sel], y[sel], p[sel])
+
+
+def _order_logs(
+    rng: np.random.Generator,
+    sched: _Schedule,
+    imp: np.ndarray,
+    cand: np.ndarray,
+    y: np.ndarray,
+    p: np.ndarray,
+) -> _Logs:
+    """Impressions ordered by split then time; candidates shuffled within each impression."""
+    rank = np.empty(len(sched.user), np.int64)
+    rank[np.lexsort((np.arange(len(sched.user)), sched.time, sched.split))] = np.arange(len(sched.user))
+    order = np.lexsort((rng.random(len(imp)), rank[imp]))
+    imp, cand, y, p = imp[order], cand[order], y[order], p[order]
+    first = np.flatnonzero(np.r_[True, imp[1:] != imp[:-1]])
+    s = imp[first]
+    ptr = np.append(first, len(imp)).astype(np.int64)
+    return _Logs(sched.user[s], sched.time[s], sched.split[s], ptr, cand, y.astype(np.int8), p)
+
+
 def _simulate(
     rng: np.random.Generator,
     sched: _Schedule,
@@ -205,46 +279,15 @@ def _simulate(
     `attempts` times); -1 slots, repeats within an impression and news in the user's history
     (`hist_keys`: sorted user * n_news + news) are refilled uniformly from the window."""
     pending = np.arange(len(sched.user))
-    kept_imp, kept_cand, kept_y, kept_p = [], [], [], []
+    kept: list[_Kept] = []
     for _ in range(attempts):
         if len(pending) == 0:
             break
-        sizes = _sizes(rng, len(pending))
-        imp = np.repeat(np.arange(len(pending)), sizes)
-        ru, rt = sched.user[pending][imp], sched.time[pending][imp]
-        cand = np.asarray(draw(rng, ru, rt), np.int64)
-        bad = np.zeros(len(cand), bool)
-        for _fix in range(8):
-            key = imp * (n_news + 1) + np.maximum(cand, 0)
-            order = np.argsort(key, kind="stable")
-            dup = np.zeros(len(cand), bool)
-            dup[order[1:]] = key[order[1:]] == key[order[:-1]]
-            bad = (cand < 0) | dup | _isin_sorted(ru * n_news + cand, hist_keys)
-            if not bad.any():
-                break
-            cand[bad] = uniform.draw(rng, np.zeros(int(bad.sum()), np.int64), rt[bad] - window, rt[bad])
-        imp, ru, rt, cand = imp[~bad], ru[~bad], rt[~bad], cand[~bad]
-        p = prob(ru, rt, cand)
-        y = rng.random(len(p)) < p
-        n_rows = np.bincount(imp, minlength=len(pending))
-        ok = (np.bincount(imp, weights=y, minlength=len(pending)) > 0) & (n_rows >= 5)
-        sel = ok[imp]
-        kept_imp.append(pending[imp[sel]])
-        kept_cand.append(cand[sel])
-        kept_y.append(y[sel])
-        kept_p.append(p[sel])
+        ok, rows = _attempt(rng, sched, pending, n_news, uniform, draw, prob, hist_keys, window)
+        kept.append(rows)
         pending = pending[~ok]
-    imp = np.concatenate(kept_imp)
-    cand, y, p = np.concatenate(kept_cand), np.concatenate(kept_y), np.concatenate(kept_p)
-    # impressions ordered by split then time; candidates shuffled within each impression
-    rank = np.empty(len(sched.user), np.int64)
-    rank[np.lexsort((np.arange(len(sched.user)), sched.time, sched.split))] = np.arange(len(sched.user))
-    order = np.lexsort((rng.random(len(imp)), rank[imp]))
-    imp, cand, y, p = imp[order], cand[order], y[order], p[order]
-    first = np.flatnonzero(np.r_[True, imp[1:] != imp[:-1]])
-    s = imp[first]
-    ptr = np.append(first, len(imp)).astype(np.int64)
-    return _Logs(sched.user[s], sched.time[s], sched.split[s], ptr, cand, y.astype(np.int8), p)
+    imp, cand, y, p = (np.concatenate([k[j] for k in kept]) for j in range(4))
+    return _order_logs(rng, sched, imp, cand, y, p)
 
 
 @dataclass
@@ -255,6 +298,57 @@ class _News:
     abstract: list[str]
     title_entities: list[str] | None = None  # JSON per news
     abstract_entities: list[str] | None = None
+
+
+def _write_news(path: Path, news: _News, news_ids: list[str], rows: np.ndarray) -> None:
+    """news.tsv: the news `rows`, with their (JSON) title and abstract entities if any."""
+    n = len(news.time)
+    te = news.title_entities or ["[]"] * n
+    ae = news.abstract_entities or ["[]"] * n
+    with open(path, "w", encoding="utf-8") as f:
+        for i in rows.tolist():
+            c, s, _ = _TOPICS[int(news.sub[i])]
+            f.write(
+                f"{news_ids[i]}\t{c}\t{s}\t{news.title[i]}\t{news.abstract[i]}\t"
+                f"https://example.org/{news_ids[i]}\t{te[i]}\t{ae[i]}\n"
+            )
+
+
+def _write_behaviors(path: Path, logs: _Logs, imps: np.ndarray, toks: list[str], hist_str: list[str]) -> None:
+    """behaviors.tsv: the impressions `imps` (numbered from 1), `toks` = "N<id>-<label>" per candidate row."""
+    with open(path, "w", encoding="utf-8") as f:
+        for k, i in enumerate(imps.tolist(), 1):
+            u = int(logs.user[i])
+            line = " ".join(toks[logs.ptr[i] : logs.ptr[i + 1]])
+            f.write(f"{k}\tU{u + 1}\t{format_time(int(logs.time[i]))}\t{hist_str[u]}\t{line}\n")
+
+
+def _write_embedding(
+    path: Path, embedding: tuple[list[str], np.ndarray, list[np.ndarray]], rows: np.ndarray
+) -> None:
+    """entity_embedding.vec: the vectors of the entities mentioned by the news `rows`."""
+    qids, vecs, ents_of = embedding
+    used = np.unique(np.concatenate([ents_of[i] for i in rows.tolist()] or [np.zeros(0, np.int64)]))
+    with open(path, "w", encoding="utf-8") as f:
+        for e in used.tolist():
+            f.write(qids[e] + "\t" + "\t".join(f"{v:.6f}" for v in vecs[e]) + "\n")
+
+
+def _split_metrics(logs: _Logs, imps: np.ndarray, hist_ptr: np.ndarray, n_rows: int) -> tuple[dict, dict]:
+    """The oracle metrics and the summary stats of the impressions `imps` (contiguous in `logs`)."""
+    a, b = logs.ptr[imps[0]] if len(imps) else 0, logs.ptr[imps[-1] + 1] if len(imps) else 0
+    ptr = logs.ptr[imps[0] : imps[-1] + 2] - a if len(imps) else np.zeros(1, np.int64)
+    oracle = mind_metrics(logs.label[a:b], logs.prob[a:b], ptr)
+    stats = {
+        "impressions": len(imps),
+        "users": len(np.unique(logs.user[imps])),
+        "candidate_rows": int(b - a),
+        "ctr": round(float(logs.label[a:b].mean()), 4) if b > a else 0.0,
+        "mean_candidates": round(float((b - a) / max(len(imps), 1)), 2),
+        "empty_histories": int(sum(hist_ptr[u + 1] == hist_ptr[u] for u in logs.user[imps].tolist())),
+        "news": n_rows,
+    }
+    return oracle, stats
 
 
 def _write(
@@ -282,43 +376,16 @@ def _write(
     toks = [news_ids[c] + labs[k] for c, k in zip(logs.cand.tolist(), logs.label.tolist())]
     oracle: dict[str, dict] = {}
     stats: dict[str, dict] = {}
-    te = news.title_entities or ["[]"] * n
-    ae = news.abstract_entities or ["[]"] * n
     for split_i, split in enumerate(("train", "dev")):
         d = out / split
         d.mkdir(parents=True, exist_ok=True)
         rows = np.flatnonzero(news.time < dev_start) if split == "train" else np.arange(n)
-        with open(d / "news.tsv", "w", encoding="utf-8") as f:
-            for i in rows.tolist():
-                c, s, _ = _TOPICS[int(news.sub[i])]
-                f.write(
-                    f"{news_ids[i]}\t{c}\t{s}\t{news.title[i]}\t{news.abstract[i]}\t"
-                    f"https://example.org/{news_ids[i]}\t{te[i]}\t{ae[i]}\n"
-                )
         imps = np.flatnonzero(logs.split == split_i)
-        with open(d / "behaviors.tsv", "w", encoding="utf-8") as f:
-            for k, i in enumerate(imps.tolist(), 1):
-                u = int(logs.user[i])
-                line = " ".join(toks[logs.ptr[i] : logs.ptr[i + 1]])
-                f.write(f"{k}\tU{u + 1}\t{format_time(int(logs.time[i]))}\t{hist_str[u]}\t{line}\n")
+        _write_news(d / "news.tsv", news, news_ids, rows)
+        _write_behaviors(d / "behaviors.tsv", logs, imps, toks, hist_str)
         if embedding is not None:
-            qids, vecs, ents_of = embedding
-            used = np.unique(np.concatenate([ents_of[i] for i in rows.tolist()] or [np.zeros(0, np.int64)]))
-            with open(d / "entity_embedding.vec", "w", encoding="utf-8") as f:
-                for e in used.tolist():
-                    f.write(qids[e] + "\t" + "\t".join(f"{v:.6f}" for v in vecs[e]) + "\n")
-        a, b = logs.ptr[imps[0]] if len(imps) else 0, logs.ptr[imps[-1] + 1] if len(imps) else 0
-        ptr = logs.ptr[imps[0] : imps[-1] + 2] - a if len(imps) else np.zeros(1, np.int64)
-        oracle[split] = mind_metrics(logs.label[a:b], logs.prob[a:b], ptr)
-        stats[split] = {
-            "impressions": len(imps),
-            "users": len(np.unique(logs.user[imps])),
-            "candidate_rows": int(b - a),
-            "ctr": round(float(logs.label[a:b].mean()), 4) if b > a else 0.0,
-            "mean_candidates": round(float((b - a) / max(len(imps), 1)), 2),
-            "empty_histories": int(sum(hist_ptr[u + 1] == hist_ptr[u] for u in logs.user[imps].tolist())),
-            "news": len(rows),
-        }
+            _write_embedding(d / "entity_embedding.vec", embedding, rows)
+        oracle[split], stats[split] = _split_metrics(logs, imps, hist_ptr, len(rows))
     meta = {"generator": name, "config": asdict(cfg), "oracle": oracle, "news": n, "stats": stats}
     if truth:
         meta["truth"] = truth
@@ -396,6 +463,304 @@ def _invented_names(rng: np.random.Generator, kind: str, cat: str, taken: set[st
     raise RuntimeError("could not invent a new entity name")
 
 
+@dataclass
+class _Entities:
+    """The entity world: invented entities in hidden clusters, with categories, types and popularity."""
+
+    n_cl: int  # hidden clusters
+    cluster: np.ndarray  # [E] cluster K(e)
+    cluster_cat: np.ndarray  # [n_cl] category of each cluster
+    cat: np.ndarray  # [E] category (20% from another category than the cluster's)
+    sub: np.ndarray  # [E] subcategory
+    type: np.ndarray  # [E] 0 = P, 1 = O, 2 = G
+    names: list[str]
+    qids: list[str]
+    pop: np.ndarray  # [E] Zipf-like popularity
+    cl_ptr: np.ndarray  # CSR: the members of each cluster
+    cl_members: np.ndarray
+    cat_ptr: np.ndarray  # CSR: the entities of each category
+    cat_ents: np.ndarray
+
+
+@dataclass
+class _EntityNews:
+    """The news table of "entity" and its mentions (CSR by news)."""
+
+    news: _News
+    cat: np.ndarray  # [N] category (that of the first entity)
+    ents_of: list[np.ndarray]  # entities mentioned by each news
+    ment_ptr: np.ndarray  # [N+1]
+    ment_ent: np.ndarray  # [M] entity of each mention
+    ment_news: np.ndarray  # [M] news of each mention
+
+
+@dataclass
+class _EntityPools:
+    """Pools for the history and the logging policy."""
+
+    uniform: _Pool
+    by_cat: _Pool
+    by_ent: _Pool
+    by_cluster: _Pool
+
+
+@dataclass
+class _EntityUsers:
+    """Users: category affinities, the global subcategory bias, histories (CSR by user)."""
+
+    aff: np.ndarray  # [U, N_CAT] a_u
+    aff_p: np.ndarray  # [U, N_CAT] softmax(a_u)
+    g_sub: np.ndarray  # [N_SUB] g
+    hist_ptr: np.ndarray
+    hist: np.ndarray
+
+
+def _entity_world(rng: np.random.Generator, cfg: EntityConfig, n_ent: int) -> _Entities:
+    """Entities and the hidden graph (clusters), names, ids and popularity."""
+    sizes = rng.integers(cfg.cluster_min, cfg.cluster_max + 1, n_ent)
+    n_cl = int(np.searchsorted(np.cumsum(sizes), n_ent)) + 1
+    ent_cluster = np.repeat(np.arange(n_cl), sizes[:n_cl])[:n_ent]
+    cluster_cat = rng.integers(0, N_CAT, n_cl)
+    ent_cat = cluster_cat[ent_cluster]
+    cross = rng.random(n_ent) < cfg.cross_category
+    ent_cat[cross] = rng.integers(0, N_CAT, int(cross.sum()))
+    ent_sub = np.array([_CAT_SUBS[c][rng.integers(0, 3)] for c in ent_cat.tolist()], np.int64)
+    r = rng.random(n_ent)
+    ent_type = np.where(r < 0.45, 0, np.where(r < 0.8, 1, 2))  # P, O, G
+    type_code = ("P", "O", "G")
+    taken: set[str] = set()
+    names = [
+        _invented_names(rng, type_code[t], _CATS[c], taken)
+        for t, c in zip(ent_type.tolist(), ent_cat.tolist())
+    ]
+    qids = [f"Q{q}" for q in rng.choice(np.arange(1000, 10_000_000), n_ent, replace=False).tolist()]
+    ent_pop = 1.0 / (rng.permutation(n_ent) + 5.0) ** 0.7
+    cl_ptr, cl_members = _csr(ent_cluster, np.arange(n_ent), n_cl)
+    cat_ptr, cat_ents = _csr(ent_cat, np.arange(n_ent), N_CAT)
+    return _Entities(
+        n_cl,
+        ent_cluster,
+        cluster_cat,
+        ent_cat,
+        ent_sub,
+        ent_type,
+        names,
+        qids,
+        ent_pop,
+        cl_ptr,
+        cl_members,
+        cat_ptr,
+        cat_ents,
+    )
+
+
+def _mentioned_entities(
+    rng: np.random.Generator, cfg: EntityConfig, world: _Entities, e1: int, k: int, cat: int
+) -> list[int]:
+    """The entities of a news: `e1`, then up to k - 1 more from its cluster (or else its category)."""
+    ents = [e1]
+    for _ in range(k - 1):
+        if rng.random() < cfg.same_cluster_mention:
+            c = int(world.cluster[e1])
+            pool = world.cl_members[world.cl_ptr[c] : world.cl_ptr[c + 1]]
+        else:
+            c = cat
+            pool = world.cat_ents[world.cat_ptr[c] : world.cat_ptr[c + 1]]
+        e = int(rng.choice(pool))
+        if e not in ents:
+            ents.append(e)
+    return ents
+
+
+def _entity_abstract(rng: np.random.Generator, world: _Entities, e1: int, sub: int) -> tuple[str, str]:
+    """An abstract naming the first entity (or none, 35%) and its abstract_entities JSON."""
+    if rng.random() < 0.35:
+        return "", "[]"
+    lead = f"The latest on {world.names[e1]}"
+    mention = (e1, len("The latest on "), world.names[e1])
+    return f"{lead} in {_TOPICS[sub][1]}.", _entity_json([mention], world.names, world.type, world.qids)
+
+
+def _entity_news(rng: np.random.Generator, cfg: EntityConfig, world: _Entities, n_news: int) -> _EntityNews:
+    """News: publish times, entities, category, subcategory, title and abstract (with entity JSON)."""
+    times = _news_times(rng, n_news, cfg.history_days, cfg.train_days)
+    first = rng.choice(len(world.cluster), n_news, p=world.pop / world.pop.sum())
+    n_cat = world.cat[first]
+    sub = np.where(
+        rng.random(n_news) < 0.7,
+        world.sub[first],
+        np.array([_CAT_SUBS[c][rng.integers(0, 3)] for c in n_cat.tolist()]),
+    )
+    k_ent = rng.choice([1, 2, 3], n_news, p=[0.35, 0.45, 0.2])
+    titles, abstracts, t_json, a_json, ents_of = [], [], [], [], []
+    for i in range(n_news):
+        e1 = int(first[i])
+        ents = _mentioned_entities(rng, cfg, world, e1, int(k_ent[i]), int(n_cat[i]))
+        title, mentions = _entity_title(rng, ents, world.names, world.type, int(sub[i]), cfg.topic_word_rate)
+        titles.append(title)
+        t_json.append(_entity_json(mentions, world.names, world.type, world.qids))
+        abstract, a_ents = _entity_abstract(rng, world, e1, int(sub[i]))
+        abstracts.append(abstract)
+        a_json.append(a_ents)
+        ents_of.append(np.array(ents, np.int64))
+    news = _News(times, sub, titles, abstracts, t_json, a_json)
+    ment_ptr = np.zeros(n_news + 1, np.int64)
+    np.cumsum([len(e) for e in ents_of], out=ment_ptr[1:])
+    ment_ent = np.concatenate(ents_of)
+    ment_news = np.repeat(np.arange(n_news), np.diff(ment_ptr))
+    return _EntityNews(news, n_cat, ents_of, ment_ptr, ment_ent, ment_news)
+
+
+def _entity_pools(world: _Entities, en: _EntityNews) -> _EntityPools:
+    """News pools: all, by category, by mentioned entity, by cluster of a mentioned entity."""
+    times, n_news, n_cl = en.news.time, len(en.news.time), world.n_cl
+    ment_cl = world.cluster[en.ment_ent]
+    nc = np.unique(en.ment_news * n_cl + ment_cl)
+    return _EntityPools(
+        _Pool(np.arange(n_news), np.zeros(n_news, np.int64), times),
+        _Pool(np.arange(n_news), en.cat, times),
+        _Pool(en.ment_news, en.ment_ent, times),
+        _Pool(nc // n_cl, nc % n_cl, times),
+    )
+
+
+def _entity_history(
+    rng: np.random.Generator,
+    cfg: EntityConfig,
+    pools: _EntityPools,
+    aff_p: np.ndarray,
+    follows: np.ndarray,
+    n_follow: np.ndarray,
+    times: np.ndarray,
+) -> tuple[np.ndarray, np.ndarray]:
+    """Histories: news of followed clusters, of a category ~ softmax(a_u), or any (CSR by user)."""
+    lengths = _users_history(rng, cfg.users, 3, cfg.max_history, cfg.empty_history)
+    hu = np.repeat(np.arange(cfg.users), lengths)
+    lo, hi = np.full(len(hu), START - cfg.history_days * DAY), np.full(len(hu), START)
+    kind = rng.random(len(hu))
+    fol = follows[hu, (rng.random(len(hu)) * n_follow[hu]).astype(np.int64)]
+    hn = np.where(
+        kind < cfg.history_follow,
+        pools.by_cluster.draw(rng, fol, lo, hi),
+        np.where(
+            kind < 1.0 - cfg.history_noise,
+            pools.by_cat.draw(rng, _categorical(rng, aff_p, hu), lo, hi),
+            pools.uniform.draw(rng, np.zeros(len(hu), np.int64), lo, hi),
+        ),
+    )
+    return _finish_history(cfg.users, hu, hn, times)
+
+
+def _entity_users(
+    rng: np.random.Generator, cfg: EntityConfig, world: _Entities, pools: _EntityPools, times: np.ndarray
+) -> _EntityUsers:
+    """Users: category affinities, 1-3 followed clusters, histories; and the subcategory bias g."""
+    U = cfg.users
+    aff = rng.normal(0.0, cfg.category_affinity_std, (U, N_CAT))
+    aff_p = np.exp(aff) / np.exp(aff).sum(axis=1, keepdims=True)
+    g_sub = rng.normal(0.0, cfg.subcategory_bias_std, N_SUB)
+    n_follow = rng.integers(1, 4, U)
+    fu = np.repeat(np.arange(U), 3)
+    cl_by_cat_ptr, cl_by_cat = _csr(world.cluster_cat, np.arange(world.n_cl), N_CAT)
+    pos = _pick_in_csr(rng, cl_by_cat_ptr, _categorical(rng, aff_p, fu))
+    follows = np.where(pos >= 0, cl_by_cat[np.maximum(pos, 0)], -1).reshape(U, 3)
+    hist_ptr, hist = _entity_history(rng, cfg, pools, aff_p, follows, n_follow, times)
+    return _EntityUsers(aff, aff_p, g_sub, hist_ptr, hist)
+
+
+@dataclass
+class _EntityClicks:
+    """The click model (`prob`) and the logging policy (`draw`) of "entity"."""
+
+    cfg: EntityConfig
+    world: _Entities
+    en: _EntityNews
+    pools: _EntityPools
+    users: _EntityUsers
+    ue_keys: np.ndarray  # sorted user * E + entity of the history's mentions
+    uc_keys: np.ndarray  # sorted user * n_cl + cluster of the history's mentions
+
+    def prob(self, ru: np.ndarray, rt: np.ndarray, rn: np.ndarray) -> np.ndarray:
+        """P(click) = sigmoid(base + w_same * same + w_rel * rel + a_u[cat(c)] + g[sub(c)])."""
+        cfg, en, n_ent, n_cl = self.cfg, self.en, len(self.world.cluster), self.world.n_cl
+        row = np.repeat(np.arange(len(rn)), np.diff(en.ment_ptr)[rn])
+        e = en.ment_ent[_expand(en.ment_ptr, rn)]
+        same = (
+            np.bincount(row, weights=_isin_sorted(ru[row] * n_ent + e, self.ue_keys), minlength=len(rn)) > 0
+        )
+        rel = (
+            np.bincount(
+                row,
+                weights=_isin_sorted(ru[row] * n_cl + self.world.cluster[e], self.uc_keys),
+                minlength=len(rn),
+            )
+            > 0
+        )
+        logit = (
+            cfg.base_logit
+            + cfg.same_entity_weight * same
+            + cfg.related_entity_weight * rel
+            + self.users.aff[ru, en.cat[rn]]
+            + self.users.g_sub[en.news.sub[rn]]
+        )
+        return _sigmoid(logit)
+
+    def draw(self, rng: np.random.Generator, ru: np.ndarray, rt: np.ndarray) -> np.ndarray:
+        """Candidates sharing an entity / a cluster with a random history item, of an affine category, or any."""
+        cfg, en, pools, ent_cluster = self.cfg, self.en, self.pools, self.world.cluster
+        lo = rt - 2 * DAY
+        kind = rng.random(len(ru))
+        hpos = _pick_in_csr(rng, self.users.hist_ptr, ru)
+        hn = np.where(hpos >= 0, self.users.hist[np.maximum(hpos, 0)], -1)
+        mpos = _pick_in_csr(rng, en.ment_ptr, hn)
+        e = np.where(mpos >= 0, en.ment_ent[np.maximum(mpos, 0)], -1)
+        c1 = cfg.cand_same_entity
+        c2 = c1 + cfg.cand_related
+        c3 = c2 + cfg.cand_category
+        return np.where(
+            kind < c1,
+            pools.by_ent.draw(rng, e, lo, rt),
+            np.where(
+                kind < c2,
+                pools.by_cluster.draw(rng, np.where(e >= 0, ent_cluster[np.maximum(e, 0)], -1), lo, rt),
+                np.where(
+                    kind < c3,
+                    pools.by_cat.draw(rng, _categorical(rng, self.users.aff_p, ru), lo, rt),
+                    pools.uniform.draw(rng, np.zeros(len(ru), np.int64), lo, rt),
+                ),
+            ),
+        )
+
+
+def _entity_clicks(
+    cfg: EntityConfig, world: _Entities, en: _EntityNews, pools: _EntityPools, users: _EntityUsers
+) -> _EntityClicks:
+    """The click model, with its membership tables: (user, entity) and (user, cluster) pairs of the history."""
+    hist_ptr, hist = users.hist_ptr, users.hist
+    h_user = np.repeat(np.arange(cfg.users), np.diff(hist_ptr))
+    h_ment = np.repeat(np.arange(len(hist)), np.diff(en.ment_ptr)[hist])
+    h_ment_ent = en.ment_ent[_expand(en.ment_ptr, hist)]
+    ue_keys = _member_keys(h_user[h_ment], h_ment_ent, len(world.cluster))
+    uc_keys = _member_keys(h_user[h_ment], world.cluster[h_ment_ent], world.n_cl)
+    return _EntityClicks(cfg, world, en, pools, users, ue_keys, uc_keys)
+
+
+def _entity_vectors(rng: np.random.Generator, cfg: EntityConfig, world: _Entities) -> np.ndarray:
+    """Entity vectors: noisy reflections of cluster, category and type."""
+    dim = cfg.embedding_dim
+
+    def unit(n: int) -> np.ndarray:
+        v = rng.normal(size=(n, dim))
+        return v / np.linalg.norm(v, axis=1, keepdims=True)
+
+    return (
+        cfg.embedding_cluster * unit(world.n_cl)[world.cluster]
+        + cfg.embedding_category * unit(N_CAT)[world.cat]
+        + cfg.embedding_type * unit(3)[world.type]
+        + cfg.embedding_noise * unit(len(world.cluster))
+    ) * 0.3
+
+
 def entity(out: str | Path, cfg: EntityConfig = EntityConfig()) -> dict:
     """Clicks follow entities of specific history items, a hidden entity graph and category affinity.
 
@@ -429,193 +794,22 @@ def entity(out: str | Path, cfg: EntityConfig = EntityConfig()) -> dict:
     """
     out = Path(out)
     rng = np.random.default_rng(cfg.seed)
-    U = cfg.users
-    n_news = int(cfg.news_base + cfg.news_per_user * U)
-    n_ent = max(60, int(n_news / cfg.news_per_entity))
-
-    # Entities and the hidden graph (clusters).
-    sizes = rng.integers(cfg.cluster_min, cfg.cluster_max + 1, n_ent)
-    n_cl = int(np.searchsorted(np.cumsum(sizes), n_ent)) + 1
-    ent_cluster = np.repeat(np.arange(n_cl), sizes[:n_cl])[:n_ent]
-    cluster_cat = rng.integers(0, N_CAT, n_cl)
-    ent_cat = cluster_cat[ent_cluster]
-    cross = rng.random(n_ent) < cfg.cross_category
-    ent_cat[cross] = rng.integers(0, N_CAT, int(cross.sum()))
-    ent_sub = np.array([_CAT_SUBS[c][rng.integers(0, 3)] for c in ent_cat.tolist()], np.int64)
-    r = rng.random(n_ent)
-    ent_type = np.where(r < 0.45, 0, np.where(r < 0.8, 1, 2))  # P, O, G
-    type_code = ("P", "O", "G")
-    taken: set[str] = set()
-    names = [
-        _invented_names(rng, type_code[t], _CATS[c], taken)
-        for t, c in zip(ent_type.tolist(), ent_cat.tolist())
-    ]
-    qids = [f"Q{q}" for q in rng.choice(np.arange(1000, 10_000_000), n_ent, replace=False).tolist()]
-    ent_pop = 1.0 / (rng.permutation(n_ent) + 5.0) ** 0.7
-    cl_ptr, cl_members = _csr(ent_cluster, np.arange(n_ent), n_cl)
-    cat_ptr, cat_ents = _csr(ent_cat, np.arange(n_ent), N_CAT)
-
-    # News: entities, category, title.
-    times = _news_times(rng, n_news, cfg.history_days, cfg.train_days)
-    first = rng.choice(n_ent, n_news, p=ent_pop / ent_pop.sum())
-    n_cat = ent_cat[first]
-    sub = np.where(
-        rng.random(n_news) < 0.7,
-        ent_sub[first],
-        np.array([_CAT_SUBS[c][rng.integers(0, 3)] for c in n_cat.tolist()]),
-    )
-    k_ent = rng.choice([1, 2, 3], n_news, p=[0.35, 0.45, 0.2])
-    titles, abstracts, t_json, a_json, ents_of = [], [], [], [], []
-    for i in range(n_news):
-        e1 = int(first[i])
-        ents = [e1]
-        for _ in range(int(k_ent[i]) - 1):
-            if rng.random() < cfg.same_cluster_mention:
-                c = int(ent_cluster[e1])
-                pool = cl_members[cl_ptr[c] : cl_ptr[c + 1]]
-            else:
-                c = int(n_cat[i])
-                pool = cat_ents[cat_ptr[c] : cat_ptr[c + 1]]
-            e = int(rng.choice(pool))
-            if e not in ents:
-                ents.append(e)
-        title, mentions = _entity_title(rng, ents, names, ent_type, int(sub[i]), cfg.topic_word_rate)
-        titles.append(title)
-        t_json.append(_entity_json(mentions, names, ent_type, qids))
-        if rng.random() < 0.35:
-            abstracts.append("")
-            a_json.append("[]")
-        else:
-            lead = f"The latest on {names[e1]}"
-            abstracts.append(f"{lead} in {_TOPICS[int(sub[i])][1]}.")
-            a_json.append(_entity_json([(e1, len("The latest on "), names[e1])], names, ent_type, qids))
-        ents_of.append(np.array(ents, np.int64))
-    news = _News(times, sub, titles, abstracts, t_json, a_json)
-    ment_ptr = np.zeros(n_news + 1, np.int64)
-    np.cumsum([len(e) for e in ents_of], out=ment_ptr[1:])
-    ment_ent = np.concatenate(ents_of)
-    ment_news = np.repeat(np.arange(n_news), np.diff(ment_ptr))
-    ment_cl = ent_cluster[ment_ent]
-
-    # Pools for the history and the logging policy.
-    uniform = _Pool(np.arange(n_news), np.zeros(n_news, np.int64), times)
-    by_cat = _Pool(np.arange(n_news), n_cat, times)
-    by_ent = _Pool(ment_news, ment_ent, times)
-    nc = np.unique(ment_news * n_cl + ment_cl)
-    by_cluster = _Pool(nc // n_cl, nc % n_cl, times)
-
-    # Users.
-    aff = rng.normal(0.0, cfg.category_affinity_std, (U, N_CAT))
-    aff_p = np.exp(aff) / np.exp(aff).sum(axis=1, keepdims=True)
-    g_sub = rng.normal(0.0, cfg.subcategory_bias_std, N_SUB)
-    n_follow = rng.integers(1, 4, U)
-    fu = np.repeat(np.arange(U), 3)
-    cl_by_cat_ptr, cl_by_cat = _csr(cluster_cat, np.arange(n_cl), N_CAT)
-    pos = _pick_in_csr(rng, cl_by_cat_ptr, _categorical(rng, aff_p, fu))
-    follows = np.where(pos >= 0, cl_by_cat[np.maximum(pos, 0)], -1).reshape(U, 3)
-
-    lengths = _users_history(rng, U, 3, cfg.max_history, cfg.empty_history)
-    hu = np.repeat(np.arange(U), lengths)
-    lo, hi = np.full(len(hu), START - cfg.history_days * DAY), np.full(len(hu), START)
-    kind = rng.random(len(hu))
-    fol = follows[hu, (rng.random(len(hu)) * n_follow[hu]).astype(np.int64)]
-    hn = np.where(
-        kind < cfg.history_follow,
-        by_cluster.draw(rng, fol, lo, hi),
-        np.where(
-            kind < 1.0 - cfg.history_noise,
-            by_cat.draw(rng, _categorical(rng, aff_p, hu), lo, hi),
-            uniform.draw(rng, np.zeros(len(hu), np.int64), lo, hi),
-        ),
-    )
-    hist_ptr, hist = _finish_history(U, hu, hn, times)
-
-    # Membership tables: (user, entity) and (user, cluster) pairs of the history.
-    h_user = np.repeat(np.arange(U), np.diff(hist_ptr))
-    h_ment = np.repeat(np.arange(len(hist)), np.diff(ment_ptr)[hist])
-    h_ment_ent = ment_ent[_expand(ment_ptr, hist)]
-    ue_keys = _member_keys(h_user[h_ment], h_ment_ent, n_ent)
-    uc_keys = _member_keys(h_user[h_ment], ent_cluster[h_ment_ent], n_cl)
-
-    def prob(ru: np.ndarray, rt: np.ndarray, rn: np.ndarray) -> np.ndarray:
-        row = np.repeat(np.arange(len(rn)), np.diff(ment_ptr)[rn])
-        e = ment_ent[_expand(ment_ptr, rn)]
-        same = np.bincount(row, weights=_isin_sorted(ru[row] * n_ent + e, ue_keys), minlength=len(rn)) > 0
-        rel = (
-            np.bincount(
-                row, weights=_isin_sorted(ru[row] * n_cl + ent_cluster[e], uc_keys), minlength=len(rn)
-            )
-            > 0
-        )
-        logit = (
-            cfg.base_logit
-            + cfg.same_entity_weight * same
-            + cfg.related_entity_weight * rel
-            + aff[ru, n_cat[rn]]
-            + g_sub[sub[rn]]
-        )
-        return _sigmoid(logit)
-
-    def draw(rng: np.random.Generator, ru: np.ndarray, rt: np.ndarray) -> np.ndarray:
-        lo = rt - 2 * DAY
-        kind = rng.random(len(ru))
-        hpos = _pick_in_csr(rng, hist_ptr, ru)
-        hn = np.where(hpos >= 0, hist[np.maximum(hpos, 0)], -1)
-        mpos = _pick_in_csr(rng, ment_ptr, hn)
-        e = np.where(mpos >= 0, ment_ent[np.maximum(mpos, 0)], -1)
-        c1 = cfg.cand_same_entity
-        c2 = c1 + cfg.cand_related
-        c3 = c2 + cfg.cand_category
-        return np.where(
-            kind < c1,
-            by_ent.draw(rng, e, lo, rt),
-            np.where(
-                kind < c2,
-                by_cluster.draw(rng, np.where(e >= 0, ent_cluster[np.maximum(e, 0)], -1), lo, rt),
-                np.where(
-                    kind < c3,
-                    by_cat.draw(rng, _categorical(rng, aff_p, ru), lo, rt),
-                    uniform.draw(rng, np.zeros(len(ru), np.int64), lo, rt),
-                ),
-            ),
-        )
-
-    logs = _simulate(
-        rng,
-        _schedule(rng, U, cfg.train_days),
-        n_news,
-        uniform,
-        draw,
-        prob,
-        _hist_keys(hist_ptr, hist, n_news),
-    )
-
-    # Entity vectors: noisy reflections of cluster, category and type.
-    dim = cfg.embedding_dim
-
-    def unit(n: int) -> np.ndarray:
-        v = rng.normal(size=(n, dim))
-        return v / np.linalg.norm(v, axis=1, keepdims=True)
-
-    vecs = (
-        cfg.embedding_cluster * unit(n_cl)[ent_cluster]
-        + cfg.embedding_category * unit(N_CAT)[ent_cat]
-        + cfg.embedding_type * unit(3)[ent_type]
-        + cfg.embedding_noise * unit(n_ent)
-    ) * 0.3
-    clusters = [[qids[e] for e in cl_members[cl_ptr[c] : cl_ptr[c + 1]].tolist()] for c in range(n_cl)]
+    n_news = int(cfg.news_base + cfg.news_per_user * cfg.users)
+    world = _entity_world(rng, cfg, max(60, int(n_news / cfg.news_per_entity)))
+    en = _entity_news(rng, cfg, world, n_news)
+    pools = _entity_pools(world, en)
+    users = _entity_users(rng, cfg, world, pools, en.news.time)
+    clicks = _entity_clicks(cfg, world, en, pools, users)
+    hk = _hist_keys(users.hist_ptr, users.hist, n_news)
+    sched = _schedule(rng, cfg.users, cfg.train_days)
+    logs = _simulate(rng, sched, n_news, pools.uniform, clicks.draw, clicks.prob, hk)
+    vecs = _entity_vectors(rng, cfg, world)
+    c_ptr, members = world.cl_ptr, world.cl_members
+    clusters = [[world.qids[e] for e in members[c_ptr[c] : c_ptr[c + 1]].tolist()] for c in range(world.n_cl)]
+    embedding = (world.qids, vecs, en.ents_of)
+    truth = {"entity_clusters": clusters}
     return _write(
-        out,
-        rng,
-        "entity",
-        cfg,
-        news,
-        hist_ptr,
-        hist,
-        logs,
-        cfg.train_days,
-        (qids, vecs, ents_of),
-        {"entity_clusters": clusters},
+        out, rng, "entity", cfg, en.news, users.hist_ptr, users.hist, logs, cfg.train_days, embedding, truth
     )
 
 
@@ -778,6 +972,114 @@ class DriftConfig:
     cand_twohop: float = 0.12  # ... from f(that subcategory); the rest uniform
 
 
+def _drift_news(rng: np.random.Generator, cfg: DriftConfig, n_news: int) -> tuple[_News, np.ndarray]:
+    """News: times, subcategories (of varying sizes), titles (25% with a hook) and appeal q_n."""
+    times = _news_times(rng, n_news, cfg.history_days, cfg.train_days)
+    sub_w = rng.lognormal(0.0, 0.5, N_SUB)
+    sub = rng.choice(N_SUB, n_news, p=sub_w / sub_w.sum())
+    hook = rng.random(n_news) < cfg.hook_rate
+    appeal = cfg.hook_effect * hook + rng.normal(0.0, cfg.appeal_std, n_news)
+    titles, abstracts = [], []
+    for i in range(n_news):
+        s = int(sub[i])
+        t = _topic_title(rng, s, int(rng.integers(2, 4)))
+        titles.append(f"{rng.choice(W.HOOKS).capitalize()} {t}" if hook[i] else t.capitalize())
+        w1, w2 = rng.choice(_TOPICS[s][2], 2, replace=False)
+        abstracts.append("" if rng.random() < 0.3 else f"More on {w1} and {w2} in {_TOPICS[s][1]}.")
+    return _News(times, sub, titles, abstracts), appeal
+
+
+def _drift_history(
+    rng: np.random.Generator, cfg: DriftConfig, times: np.ndarray, by_sub: _Pool
+) -> tuple[np.ndarray, np.ndarray]:
+    """Histories drifting from past to current interests (CSR by user, oldest first)."""
+    U = cfg.users
+    past, cur = _interest_sets(rng, U, cfg.min_interests, cfg.max_interests, cfg.keep_interest)
+    h0 = START - cfg.history_days * DAY
+
+    def profile_at(users: np.ndarray, t: np.ndarray) -> np.ndarray:
+        x = ((t - h0) / (cfg.history_days * DAY))[:, None]
+        return (1.0 - x) * past[users] + x * cur[users]
+
+    lengths = _users_history(rng, U, 3, cfg.max_history, cfg.empty_history)
+    hu, hn = _history_by_subcategory(rng, lengths, profile_at, by_sub, cfg.history_noise, cfg.history_days)
+    return _finish_history(U, hu, hn, times)
+
+
+def _recency_profile(
+    hist_ptr: np.ndarray, hist: np.ndarray, sub: np.ndarray, users: int, tau: float
+) -> np.ndarray:
+    """The recency-weighted history profile m_u [U, N_SUB], normalised by its max."""
+    h_user = np.repeat(np.arange(users), np.diff(hist_ptr))
+    after = hist_ptr[h_user + 1] - 1 - np.arange(len(hist))
+    w = np.exp(-after / tau)
+    prof = np.bincount(h_user * N_SUB + sub[hist], weights=w, minlength=users * N_SUB).reshape(users, N_SUB)
+    prof /= np.maximum(prof.max(axis=1, keepdims=True), 1e-12)
+    return prof
+
+
+@dataclass
+class _DriftClicks:
+    """The click model (`prob`) and the logging policy (`draw`) of "drift"."""
+
+    cfg: DriftConfig
+    news: _News
+    appeal: np.ndarray  # [N] q_n
+    cat_bias: np.ndarray  # [N_CAT] b
+    f: np.ndarray  # [N_SUB] the hidden two-hop map
+    f_inv: np.ndarray
+    uniform: _Pool
+    by_sub: _Pool
+    hist_ptr: np.ndarray
+    hist: np.ndarray
+    prof: np.ndarray  # [U, N_SUB] m_u
+
+    def prob(self, ru: np.ndarray, rt: np.ndarray, rn: np.ndarray) -> np.ndarray:
+        """P(click) = sigmoid(base + alpha m_u(s) + beta m_u(f^-1(s)) + q_c + A(age_c) + b[cat(c)])."""
+        cfg, prof = self.cfg, self.prof
+        age_h = (rt - self.news.time[rn]) / HOUR
+        s = self.news.sub[rn]
+        logit = (
+            cfg.base_logit
+            + cfg.interest_weight * prof[ru, s]
+            + cfg.twohop_weight * prof[ru, self.f_inv[s]]
+            + self.appeal[rn]
+            + cfg.age_rise * np.log1p(age_h / 2.0)
+            - age_h / cfg.age_decay_hours
+            + self.cat_bias[_SUB_CAT[s]]
+        )
+        return _sigmoid(logit)
+
+    def draw(self, rng: np.random.Generator, ru: np.ndarray, rt: np.ndarray) -> np.ndarray:
+        """Candidates of the subcategory of a random history item, of f of it, or any."""
+        cfg, f = self.cfg, self.f
+        lo = rt - 2 * DAY
+        kind = rng.random(len(ru))
+        hpos = _pick_in_csr(rng, self.hist_ptr, ru)
+        hs = np.where(hpos >= 0, self.news.sub[self.hist[np.maximum(hpos, 0)]], -1)
+        target = np.where(kind < cfg.cand_history, hs, np.where(hs >= 0, f[np.maximum(hs, 0)], -1))
+        return np.where(
+            kind < cfg.cand_history + cfg.cand_twohop,
+            self.by_sub.draw(rng, target, lo, rt),
+            self.uniform.draw(rng, np.zeros(len(ru), np.int64), lo, rt),
+        )
+
+
+def _drift_clicks(
+    rng: np.random.Generator, cfg: DriftConfig, news: _News, appeal: np.ndarray
+) -> _DriftClicks:
+    """Category biases, the two-hop map, users and histories, and the click model built on them."""
+    n_news, times, sub = len(news.time), news.time, news.sub
+    cat_bias = rng.normal(0.0, cfg.category_bias_std, N_CAT)
+    f = _other_category_map(rng)
+    f_inv = np.argsort(f)
+    uniform = _Pool(np.arange(n_news), np.zeros(n_news, np.int64), times)
+    by_sub = _Pool(np.arange(n_news), sub, times)
+    hist_ptr, hist = _drift_history(rng, cfg, times, by_sub)
+    prof = _recency_profile(hist_ptr, hist, sub, cfg.users, cfg.recency_tau)
+    return _DriftClicks(cfg, news, appeal, cat_bias, f, f_inv, uniform, by_sub, hist_ptr, hist, prof)
+
+
 def drift(out: str | Path, cfg: DriftConfig = DriftConfig()) -> dict:
     """Drifting multi-interest users + a hidden two-hop subcategory map + popularity over age.
 
@@ -806,76 +1108,14 @@ def drift(out: str | Path, cfg: DriftConfig = DriftConfig()) -> dict:
     """
     out = Path(out)
     rng = np.random.default_rng(cfg.seed)
-    U = cfg.users
-    n_news = int(cfg.news_base + cfg.news_per_user * U)
-    times = _news_times(rng, n_news, cfg.history_days, cfg.train_days)
-    sub_w = rng.lognormal(0.0, 0.5, N_SUB)
-    sub = rng.choice(N_SUB, n_news, p=sub_w / sub_w.sum())
-    hook = rng.random(n_news) < cfg.hook_rate
-    appeal = cfg.hook_effect * hook + rng.normal(0.0, cfg.appeal_std, n_news)
-    titles, abstracts = [], []
-    for i in range(n_news):
-        s = int(sub[i])
-        t = _topic_title(rng, s, int(rng.integers(2, 4)))
-        titles.append(f"{rng.choice(W.HOOKS).capitalize()} {t}" if hook[i] else t.capitalize())
-        w1, w2 = rng.choice(_TOPICS[s][2], 2, replace=False)
-        abstracts.append("" if rng.random() < 0.3 else f"More on {w1} and {w2} in {_TOPICS[s][1]}.")
-    news = _News(times, sub, titles, abstracts)
-    cat_bias = rng.normal(0.0, cfg.category_bias_std, N_CAT)
-    f = _other_category_map(rng)
-    f_inv = np.argsort(f)
-
-    uniform = _Pool(np.arange(n_news), np.zeros(n_news, np.int64), times)
-    by_sub = _Pool(np.arange(n_news), sub, times)
-    past, cur = _interest_sets(rng, U, cfg.min_interests, cfg.max_interests, cfg.keep_interest)
-    h0 = START - cfg.history_days * DAY
-
-    def profile_at(users: np.ndarray, t: np.ndarray) -> np.ndarray:
-        x = ((t - h0) / (cfg.history_days * DAY))[:, None]
-        return (1.0 - x) * past[users] + x * cur[users]
-
-    lengths = _users_history(rng, U, 3, cfg.max_history, cfg.empty_history)
-    hu, hn = _history_by_subcategory(rng, lengths, profile_at, by_sub, cfg.history_noise, cfg.history_days)
-    hist_ptr, hist = _finish_history(U, hu, hn, times)
-
-    # The recency-weighted history profile m_u, normalised by its max.
-    h_user = np.repeat(np.arange(U), np.diff(hist_ptr))
-    after = hist_ptr[h_user + 1] - 1 - np.arange(len(hist))
-    w = np.exp(-after / cfg.recency_tau)
-    prof = np.bincount(h_user * N_SUB + sub[hist], weights=w, minlength=U * N_SUB).reshape(U, N_SUB)
-    prof /= np.maximum(prof.max(axis=1, keepdims=True), 1e-12)
-
-    def prob(ru: np.ndarray, rt: np.ndarray, rn: np.ndarray) -> np.ndarray:
-        age_h = (rt - times[rn]) / HOUR
-        s = sub[rn]
-        logit = (
-            cfg.base_logit
-            + cfg.interest_weight * prof[ru, s]
-            + cfg.twohop_weight * prof[ru, f_inv[s]]
-            + appeal[rn]
-            + cfg.age_rise * np.log1p(age_h / 2.0)
-            - age_h / cfg.age_decay_hours
-            + cat_bias[_SUB_CAT[s]]
-        )
-        return _sigmoid(logit)
-
-    def draw(rng: np.random.Generator, ru: np.ndarray, rt: np.ndarray) -> np.ndarray:
-        lo = rt - 2 * DAY
-        kind = rng.random(len(ru))
-        hpos = _pick_in_csr(rng, hist_ptr, ru)
-        hs = np.where(hpos >= 0, sub[hist[np.maximum(hpos, 0)]], -1)
-        target = np.where(kind < cfg.cand_history, hs, np.where(hs >= 0, f[np.maximum(hs, 0)], -1))
-        return np.where(
-            kind < cfg.cand_history + cfg.cand_twohop,
-            by_sub.draw(rng, target, lo, rt),
-            uniform.draw(rng, np.zeros(len(ru), np.int64), lo, rt),
-        )
-
-    hk = _hist_keys(hist_ptr, hist, n_news)
-    logs = _simulate(rng, _schedule(rng, U, cfg.train_days), n_news, uniform, draw, prob, hk)
-    twohop = {_TOPICS[a][1]: _TOPICS[int(f[a])][1] for a in range(N_SUB)}
+    n_news = int(cfg.news_base + cfg.news_per_user * cfg.users)
+    news, appeal = _drift_news(rng, cfg, n_news)
+    m = _drift_clicks(rng, cfg, news, appeal)
+    hk = _hist_keys(m.hist_ptr, m.hist, n_news)
+    logs = _simulate(rng, _schedule(rng, cfg.users, cfg.train_days), n_news, m.uniform, m.draw, m.prob, hk)
+    twohop = {_TOPICS[a][1]: _TOPICS[int(m.f[a])][1] for a in range(N_SUB)}
     return _write(
-        out, rng, "drift", cfg, news, hist_ptr, hist, logs, cfg.train_days, truth={"twohop": twohop}
+        out, rng, "drift", cfg, news, m.hist_ptr, m.hist, logs, cfg.train_days, truth={"twohop": twohop}
     )
 
 
@@ -919,6 +1159,196 @@ class NoveltyConfig:
 _PLAIN, _UPDATE, _EXPLAINER = 0, 1, 2
 
 
+@dataclass
+class _StoryBook:
+    """The running stories of "novelty" (subcategory, signature word, invented name) and each news' story."""
+
+    story: np.ndarray  # [N] story of each news
+    sub: list[int] = field(default_factory=list)
+    sig: list[str] = field(default_factory=list)
+    name: list[str] = field(default_factory=list)
+    taken: set[tuple[int, str, str]] = field(default_factory=set)
+
+    def new(self, rng: np.random.Generator, s: int) -> int:
+        """Start a new story in subcategory `s` (a name and signature word not used there yet)."""
+        while True:
+            name = f"{rng.choice(W.NAME_HEADS)}{rng.choice(W.SURNAME_TAILS + W.PLACE_TAILS)}"
+            sig = str(rng.choice(_TOPICS[s][2]))
+            if (s, name, sig) not in self.taken:
+                self.taken.add((s, name, sig))
+                self.sub.append(s)
+                self.sig.append(sig)
+                self.name.append(name)
+                return len(self.sub) - 1
+
+
+def _run_stories(
+    rng: np.random.Generator,
+    cfg: NoveltyConfig,
+    book: _StoryBook,
+    s: int,
+    rows: np.ndarray,
+    times: np.ndarray,
+    rate: float,
+    window: tuple[int, int],
+) -> None:
+    """Stories of subcategory `s` (a Poisson process, log-uniform lifetimes); assign its news `rows`."""
+    t_lo, t_hi = window
+    lmin, lmax = np.log(cfg.story_days_min * DAY), np.log(cfg.story_days_max * DAY)
+    span = t_hi - (t_lo - cfg.story_days_max * DAY)
+    k = max(1, int(rng.poisson(rate * span / DAY)))
+    start = t_lo - cfg.story_days_max * DAY + rng.integers(0, int(span), k)
+    end = start + np.exp(rng.uniform(lmin, lmax, k)).astype(np.int64)
+    size = rng.lognormal(0.0, 0.7, k)
+    ids = np.array([book.new(rng, s) for _ in range(k)])
+    t = times[rows]
+    wts = ((start[None, :] <= t[:, None]) & (t[:, None] < end[None, :])) * size[None, :]
+    tot = wts.sum(axis=1)
+    pick = (np.cumsum(wts, axis=1) < (rng.random(len(rows)) * tot)[:, None]).sum(axis=1)
+    book.story[rows] = ids[np.minimum(pick, k - 1)]
+    for r in rows[tot == 0].tolist():  # no story running: this news starts one
+        book.story[r] = book.new(rng, s)
+
+
+def _novelty_stories(
+    rng: np.random.Generator, cfg: NoveltyConfig, times: np.ndarray, sub: np.ndarray
+) -> _StoryBook:
+    """The stories of every subcategory (about news-per-day / articles_per_story_day run at once)."""
+    n_news = len(times)
+    t_lo, t_hi = START - cfg.history_days * DAY, START + (cfg.train_days + 1) * DAY
+    per_sub_day = n_news / N_SUB / ((t_hi - t_lo) / DAY)
+    running = float(np.clip(per_sub_day / cfg.articles_per_story_day, cfg.min_running, cfg.max_running))
+    mean_life = (cfg.story_days_max - cfg.story_days_min) / np.log(cfg.story_days_max / cfg.story_days_min)
+    rate = running / mean_life  # new stories per day and subcategory
+    book = _StoryBook(np.zeros(n_news, np.int64))
+    for s in range(N_SUB):
+        _run_stories(rng, cfg, book, s, np.flatnonzero(sub == s), times, rate, (t_lo, t_hi))
+    return book
+
+
+def _novelty_title(rng: np.random.Generator, book: _StoryBook, s: int, st: int, kind: int) -> tuple[str, str]:
+    """A title (story name, signature word, 1-2 topic words, a filler; marked by kind) and an abstract."""
+    others = [w for w in _TOPICS[s][2] if w != book.sig[st]]
+    rest = list(rng.choice(others, int(rng.integers(1, 3)), replace=False)) + [str(rng.choice(_FILLERS))]
+    core = f"{book.name[st]} {book.sig[st]} " + " ".join(rest[j] for j in rng.permutation(len(rest)))
+    if kind == _UPDATE:
+        title = f"{str(rng.choice(W.UPDATE_MARKERS)).capitalize()}: {core}"
+    elif kind == _EXPLAINER:
+        title = f"{core[0].upper()}{core[1:]}: {rng.choice(W.EXPLAINER_MARKERS)}"
+    else:
+        title = core[0].upper() + core[1:]
+    abstract = "" if rng.random() < 0.4 else f"The {book.name[st]} {book.sig[st]} story in {_TOPICS[s][1]}."
+    return title, abstract
+
+
+def _novelty_news(
+    rng: np.random.Generator, cfg: NoveltyConfig, times: np.ndarray, sub: np.ndarray, book: _StoryBook
+) -> tuple[_News, np.ndarray]:
+    """The kind of each news (update, explainer, plain) and its title and abstract."""
+    n_news = len(times)
+    r = rng.random(n_news)
+    kind = np.where(
+        r < cfg.update_share,
+        _UPDATE,
+        np.where(r < cfg.update_share + cfg.explainer_share, _EXPLAINER, _PLAIN),
+    )
+    titles, abstracts = [], []
+    for i in range(n_news):
+        title, abstract = _novelty_title(rng, book, int(sub[i]), int(book.story[i]), int(kind[i]))
+        titles.append(title)
+        abstracts.append(abstract)
+    return _News(times, sub, titles, abstracts), kind
+
+
+@dataclass
+class _NoveltyClicks:
+    """The click model (`prob`) and the logging policy (`draw`) of "novelty"."""
+
+    cfg: NoveltyConfig
+    news: _News
+    story: np.ndarray  # [N]
+    kind: np.ndarray  # [N] k(n)
+    n_story: int
+    cat_bias: np.ndarray  # [N_CAT] b
+    pi: np.ndarray  # [U, N_SUB] interest strengths
+    interest: np.ndarray  # [U, N_SUB] I_u
+    hist_ptr: np.ndarray
+    hist: np.ndarray
+    seen_keys: np.ndarray  # sorted user * n_story + story of the history
+    uniform: _Pool
+    by_sub: _Pool
+    by_story: _Pool
+
+    def prob(self, ru: np.ndarray, rt: np.ndarray, rn: np.ndarray) -> np.ndarray:
+        """P(click) = sigmoid(base + alpha I_u(s(c)) + b[cat(c)] + (phi if seen else psi)[k(c)])."""
+        cfg, sub = self.cfg, self.news.sub
+        phi = np.array([cfg.seen_plain, cfg.seen_update, cfg.seen_explainer])
+        psi = np.array([0.0, cfg.new_update, cfg.new_explainer])
+        seen = _isin_sorted(ru * self.n_story + self.story[rn], self.seen_keys)
+        k = self.kind[rn]
+        logit = (
+            cfg.base_logit
+            + cfg.interest_weight * self.interest[ru, sub[rn]]
+            + self.cat_bias[_SUB_CAT[sub[rn]]]
+            + np.where(seen, phi[k], psi[k])
+        )
+        return _sigmoid(logit)
+
+    def draw(self, rng: np.random.Generator, ru: np.ndarray, rt: np.ndarray) -> np.ndarray:
+        """Candidates of a subcategory ~ pi_u, of the story of a random history item, or any."""
+        cfg = self.cfg
+        lo = rt - 2 * DAY
+        u = rng.random(len(ru))
+        hpos = _pick_in_csr(rng, self.hist_ptr, ru)
+        hst = np.where(hpos >= 0, self.story[self.hist[np.maximum(hpos, 0)]], -1)
+        return np.where(
+            u < cfg.cand_interest,
+            self.by_sub.draw(rng, _categorical(rng, self.pi, ru), lo, rt),
+            np.where(
+                u < cfg.cand_interest + cfg.cand_story,
+                self.by_story.draw(rng, hst, lo, rt),
+                self.uniform.draw(rng, np.zeros(len(ru), np.int64), lo, rt),
+            ),
+        )
+
+
+def _novelty_clicks(
+    rng: np.random.Generator, cfg: NoveltyConfig, news: _News, kind: np.ndarray, book: _StoryBook
+) -> _NoveltyClicks:
+    """Category biases, users (interests, histories, stories seen) and the click model built on them."""
+    U, n_news, times, sub, story = cfg.users, len(news.time), news.time, news.sub, book.story
+    cat_bias = rng.normal(0.0, cfg.category_bias_std, N_CAT)
+    uniform = _Pool(np.arange(n_news), np.zeros(n_news, np.int64), times)
+    by_sub = _Pool(np.arange(n_news), sub, times)
+    by_story = _Pool(np.arange(n_news), story, times)
+    _, pi = _interest_sets(rng, U, cfg.min_interests, cfg.max_interests, 0.0)
+    interest = pi / pi.max(axis=1, keepdims=True)
+    lengths = _users_history(rng, U, 3, cfg.max_history, cfg.empty_history)
+    hu, hn = _history_by_subcategory(
+        rng, lengths, lambda users, t: pi[users], by_sub, cfg.history_noise, cfg.history_days
+    )
+    hist_ptr, hist = _finish_history(U, hu, hn, times)
+    h_user = np.repeat(np.arange(U), np.diff(hist_ptr))
+    n_story = len(book.sub)
+    seen_keys = _member_keys(h_user, story[hist], n_story)
+    return _NoveltyClicks(
+        cfg,
+        news,
+        story,
+        kind,
+        n_story,
+        cat_bias,
+        pi,
+        interest,
+        hist_ptr,
+        hist,
+        seen_keys,
+        uniform,
+        by_sub,
+        by_story,
+    )
+
+
 def novelty(out: str | Path, cfg: NoveltyConfig = NoveltyConfig()) -> dict:
     """Users want new stories on their topics: fatigue on stories already read, updates, explainers.
 
@@ -948,117 +1378,16 @@ def novelty(out: str | Path, cfg: NoveltyConfig = NoveltyConfig()) -> dict:
     """
     out = Path(out)
     rng = np.random.default_rng(cfg.seed)
-    U = cfg.users
-    n_news = int(cfg.news_base + cfg.news_per_user * U)
+    n_news = int(cfg.news_base + cfg.news_per_user * cfg.users)
     times = _news_times(rng, n_news, cfg.history_days, cfg.train_days)
     sub = rng.integers(0, N_SUB, n_news)
-    t_lo, t_hi = START - cfg.history_days * DAY, START + (cfg.train_days + 1) * DAY
-    per_sub_day = n_news / N_SUB / ((t_hi - t_lo) / DAY)
-    running = float(np.clip(per_sub_day / cfg.articles_per_story_day, cfg.min_running, cfg.max_running))
-    mean_life = (cfg.story_days_max - cfg.story_days_min) / np.log(cfg.story_days_max / cfg.story_days_min)
-    rate = running / mean_life  # new stories per day and subcategory
-    story = np.zeros(n_news, np.int64)
-    story_sub, story_sig, story_name = [], [], []
-    taken: set[tuple[int, str, str]] = set()
-    lmin, lmax = np.log(cfg.story_days_min * DAY), np.log(cfg.story_days_max * DAY)
-
-    def new_story(s: int) -> int:
-        while True:
-            name = f"{rng.choice(W.NAME_HEADS)}{rng.choice(W.SURNAME_TAILS + W.PLACE_TAILS)}"
-            sig = str(rng.choice(_TOPICS[s][2]))
-            if (s, name, sig) not in taken:
-                taken.add((s, name, sig))
-                story_sub.append(s)
-                story_sig.append(sig)
-                story_name.append(name)
-                return len(story_sub) - 1
-
-    for s in range(N_SUB):
-        rows = np.flatnonzero(sub == s)
-        span = t_hi - (t_lo - cfg.story_days_max * DAY)
-        k = max(1, int(rng.poisson(rate * span / DAY)))
-        start = t_lo - cfg.story_days_max * DAY + rng.integers(0, int(span), k)
-        end = start + np.exp(rng.uniform(lmin, lmax, k)).astype(np.int64)
-        size = rng.lognormal(0.0, 0.7, k)
-        ids = np.array([new_story(s) for _ in range(k)])
-        t = times[rows]
-        wts = ((start[None, :] <= t[:, None]) & (t[:, None] < end[None, :])) * size[None, :]
-        tot = wts.sum(axis=1)
-        pick = (np.cumsum(wts, axis=1) < (rng.random(len(rows)) * tot)[:, None]).sum(axis=1)
-        story[rows] = ids[np.minimum(pick, k - 1)]
-        for r in rows[tot == 0].tolist():  # no story running: this news starts one
-            story[r] = new_story(s)
-    n_story = len(story_sub)
-    r = rng.random(n_news)
-    kind = np.where(
-        r < cfg.update_share,
-        _UPDATE,
-        np.where(r < cfg.update_share + cfg.explainer_share, _EXPLAINER, _PLAIN),
-    )
-    titles, abstracts = [], []
-    for i in range(n_news):
-        s, st = int(sub[i]), int(story[i])
-        others = [w for w in _TOPICS[s][2] if w != story_sig[st]]
-        rest = list(rng.choice(others, int(rng.integers(1, 3)), replace=False)) + [str(rng.choice(_FILLERS))]
-        core = f"{story_name[st]} {story_sig[st]} " + " ".join(rest[j] for j in rng.permutation(len(rest)))
-        if kind[i] == _UPDATE:
-            title = f"{str(rng.choice(W.UPDATE_MARKERS)).capitalize()}: {core}"
-        elif kind[i] == _EXPLAINER:
-            title = f"{core[0].upper()}{core[1:]}: {rng.choice(W.EXPLAINER_MARKERS)}"
-        else:
-            title = core[0].upper() + core[1:]
-        titles.append(title)
-        abstracts.append(
-            "" if rng.random() < 0.4 else f"The {story_name[st]} {story_sig[st]} story in {_TOPICS[s][1]}."
-        )
-    news = _News(times, sub, titles, abstracts)
-    cat_bias = rng.normal(0.0, cfg.category_bias_std, N_CAT)
-    phi = np.array([cfg.seen_plain, cfg.seen_update, cfg.seen_explainer])
-    psi = np.array([0.0, cfg.new_update, cfg.new_explainer])
-
-    uniform = _Pool(np.arange(n_news), np.zeros(n_news, np.int64), times)
-    by_sub = _Pool(np.arange(n_news), sub, times)
-    by_story = _Pool(np.arange(n_news), story, times)
-    _, pi = _interest_sets(rng, U, cfg.min_interests, cfg.max_interests, 0.0)
-    interest = pi / pi.max(axis=1, keepdims=True)
-    lengths = _users_history(rng, U, 3, cfg.max_history, cfg.empty_history)
-    hu, hn = _history_by_subcategory(
-        rng, lengths, lambda users, t: pi[users], by_sub, cfg.history_noise, cfg.history_days
-    )
-    hist_ptr, hist = _finish_history(U, hu, hn, times)
-    h_user = np.repeat(np.arange(U), np.diff(hist_ptr))
-    seen_keys = _member_keys(h_user, story[hist], n_story)
-
-    def prob(ru: np.ndarray, rt: np.ndarray, rn: np.ndarray) -> np.ndarray:
-        seen = _isin_sorted(ru * n_story + story[rn], seen_keys)
-        k = kind[rn]
-        logit = (
-            cfg.base_logit
-            + cfg.interest_weight * interest[ru, sub[rn]]
-            + cat_bias[_SUB_CAT[sub[rn]]]
-            + np.where(seen, phi[k], psi[k])
-        )
-        return _sigmoid(logit)
-
-    def draw(rng: np.random.Generator, ru: np.ndarray, rt: np.ndarray) -> np.ndarray:
-        lo = rt - 2 * DAY
-        u = rng.random(len(ru))
-        hpos = _pick_in_csr(rng, hist_ptr, ru)
-        hst = np.where(hpos >= 0, story[hist[np.maximum(hpos, 0)]], -1)
-        return np.where(
-            u < cfg.cand_interest,
-            by_sub.draw(rng, _categorical(rng, pi, ru), lo, rt),
-            np.where(
-                u < cfg.cand_interest + cfg.cand_story,
-                by_story.draw(rng, hst, lo, rt),
-                uniform.draw(rng, np.zeros(len(ru), np.int64), lo, rt),
-            ),
-        )
-
-    hk = _hist_keys(hist_ptr, hist, n_news)
-    logs = _simulate(rng, _schedule(rng, U, cfg.train_days), n_news, uniform, draw, prob, hk)
+    book = _novelty_stories(rng, cfg, times, sub)
+    news, kind = _novelty_news(rng, cfg, times, sub, book)
+    m = _novelty_clicks(rng, cfg, news, kind, book)
+    hk = _hist_keys(m.hist_ptr, m.hist, n_news)
+    logs = _simulate(rng, _schedule(rng, cfg.users, cfg.train_days), n_news, m.uniform, m.draw, m.prob, hk)
     return _write(
-        out, rng, "novelty", cfg, news, hist_ptr, hist, logs, cfg.train_days, truth={"stories": n_story}
+        out, rng, "novelty", cfg, news, m.hist_ptr, m.hist, logs, cfg.train_days, truth={"stories": m.n_story}
     )
 
 

@@ -49,6 +49,19 @@ def read_lines(path: str | Path) -> list[str]:
     return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
 
 
+def read_rows(path: str | Path, columns: int):
+    """(1-based line number, columns) of every non-blank line of a tab-separated file, each
+    checked to have `columns` columns."""
+    path = Path(path)
+    for lineno, line in enumerate(read_lines(path), 1):
+        if not line.strip():
+            continue
+        cols = line.split("\t")
+        if len(cols) != columns:
+            raise MindFormatError(path, lineno, f"expected {columns} tab-separated columns, got {len(cols)}")
+        yield lineno, cols
+
+
 @dataclass
 class Entities:
     """Entity columns of news.tsv as CSR arrays: news `i` links `names[ids[ptr[i]:ptr[i+1]]]`
@@ -143,20 +156,17 @@ def load_news(path: str | Path) -> News:
     title: list[str] = []
     abstract: list[str] = []
     index: dict[str, int] = {}
+    first_line: dict[str, int] = {}
     entities = _EntityReader()
-    for lineno, line in enumerate(read_lines(path), 1):
-        if not line.strip():
-            continue
-        cols = line.split("\t")
-        if len(cols) != NEWS_COLUMNS:
-            raise MindFormatError(
-                path, lineno, f"expected {NEWS_COLUMNS} tab-separated columns, got {len(cols)}"
-            )
+    for lineno, cols in read_rows(path, NEWS_COLUMNS):
         nid = cols[0].strip()
         if not nid:
             raise MindFormatError(path, lineno, "empty news id")
         if nid in index:
-            raise MindFormatError(path, lineno, f"duplicate news id {nid!r} (first on line {index[nid] + 1})")
+            raise MindFormatError(
+                path, lineno, f"duplicate news id {nid!r} (first on line {first_line[nid]})"
+            )
+        first_line[nid] = lineno
         entities.add(path, lineno, "title_entities", cols[6])
         entities.add(path, lineno, "abstract_entities", cols[7])
         index[nid] = len(ids)
@@ -264,106 +274,125 @@ def format_time(ts: int) -> str:
     return f"{t.tm_mon}/{t.tm_mday}/{t.tm_year} {h12}:{t.tm_min:02d}:{t.tm_sec:02d} {ampm}"
 
 
-def load_impressions(path: str | Path, news: News) -> Impressions:
-    """Parse behaviors.tsv against `news`; missing history ids are dropped and counted."""
-    path = Path(path)
-    index = news.index
-    imp_ids = array("q")
-    user_idx = array("i")
-    times = array("q")
-    hist = array("i")
-    hist_ptr = array("q", [0])
-    cand = array("i")
-    cand_ptr = array("q", [0])
-    labels = array("b")
-    raw_cands: list[str] = []
-    users: dict[str, int] = {}
-    empty = missing_refs = 0
-    missing_hist: set[str] = set()
-    missing_cand: set[str] = set()
-    labeled: bool | None = None
-    seen_imp: dict[int, int] = {}
-    for lineno, line in enumerate(read_lines(path), 1):
-        if not line.strip():
-            continue
-        cols = line.split("\t")
-        if len(cols) != BEHAVIOR_COLUMNS:
-            raise MindFormatError(
-                path, lineno, f"expected {BEHAVIOR_COLUMNS} tab-separated columns, got {len(cols)}"
-            )
+class _BehaviorsReader:
+    """Accumulates behaviors.tsv rows into column arrays (one phase per column group)."""
+
+    def __init__(self, path: Path, news: News) -> None:
+        self.path, self.index = path, news.index
+        self.imp_ids, self.user_idx, self.times = array("q"), array("i"), array("q")
+        self.hist, self.hist_ptr = array("i"), array("q", [0])
+        self.cand, self.cand_ptr, self.labels = array("i"), array("q", [0]), array("b")
+        self.raw_cands: list[str] = []
+        self.users: dict[str, int] = {}
+        self.empty = self.missing_refs = 0
+        self.missing_hist: set[str] = set()
+        self.missing_cand: set[str] = set()
+        self.labeled: bool | None = None
+        self.seen_imp: dict[int, int] = {}
+
+    def row(self, lineno: int, cols: list[str]) -> None:
+        self.header(lineno, cols)
+        self.history(cols[3])
+        self.candidates(lineno, cols[4])
+
+    def header(self, lineno: int, cols: list[str]) -> None:
+        """Impression id (unique integer), user, time."""
         try:
             imp_id = int(cols[0])
         except ValueError:
-            raise MindFormatError(path, lineno, f"impression id {cols[0]!r} is not an integer") from None
-        if imp_id in seen_imp:
+            raise MindFormatError(self.path, lineno, f"impression id {cols[0]!r} is not an integer") from None
+        if imp_id in self.seen_imp:
+            first = self.seen_imp[imp_id]
             raise MindFormatError(
-                path, lineno, f"duplicate impression id {imp_id} (first on line {seen_imp[imp_id]})"
+                self.path, lineno, f"duplicate impression id {imp_id} (first on line {first})"
             )
-        seen_imp[imp_id] = lineno
+        self.seen_imp[imp_id] = lineno
         ts = parse_time(cols[2])
         if ts is None:
-            raise MindFormatError(path, lineno, f"time {cols[2]!r} is not of the form M/D/YYYY h:mm:ss AM")
+            raise MindFormatError(
+                self.path, lineno, f"time {cols[2]!r} is not of the form M/D/YYYY h:mm:ss AM"
+            )
         user = cols[1].strip()
         if not user:
-            raise MindFormatError(path, lineno, "empty user id")
-        h_ids = cols[3].split()
+            raise MindFormatError(self.path, lineno, "empty user id")
+        self.imp_ids.append(imp_id)
+        self.user_idx.append(self.users.setdefault(user, len(self.users)))
+        self.times.append(ts)
+
+    def history(self, text: str) -> None:
+        """Clicked news, oldest first; ids missing from news.tsv are dropped and counted."""
+        h_ids = text.split()
         if not h_ids:
-            empty += 1
-        rows = [index.get(h, -1) for h in h_ids]
+            self.empty += 1
+        rows = [self.index.get(h, -1) for h in h_ids]
         if -1 in rows:
             missing = [h for h, r in zip(h_ids, rows) if r < 0]
-            missing_refs += len(missing)
-            missing_hist.update(missing)
+            self.missing_refs += len(missing)
+            self.missing_hist.update(missing)
             rows = [r for r in rows if r >= 0]
-        hist.extend(rows)
-        hist_ptr.append(len(hist))
-        toks = cols[4].split()
+        self.hist.extend(rows)
+        self.hist_ptr.append(len(self.hist))
+
+    def candidates(self, lineno: int, text: str) -> None:
+        """`N1-1 N2-0 ...` (or ids without labels, in a test split: one or the other per file)."""
+        toks = text.split()
         if not toks:
-            raise MindFormatError(path, lineno, "impression has no candidates")
-        has_label = len(toks[0]) > 2 and toks[0][-2] == "-"
-        if labeled is None:
-            labeled = has_label
-        if labeled:
-            if not all(len(t) > 2 and t[-2] == "-" and t[-1] in "01" for t in toks):
-                bad = next(t for t in toks if not (len(t) > 2 and t[-2] == "-" and t[-1] in "01"))
+            raise MindFormatError(self.path, lineno, "impression has no candidates")
+        if self.labeled is None:
+            self.labeled = len(toks[0]) > 2 and toks[0][-2] == "-"
+        if self.labeled:
+            bad = next((t for t in toks if not (len(t) > 2 and t[-2] == "-" and t[-1] in "01")), None)
+            if bad is not None:
                 raise MindFormatError(
-                    path, lineno, f"candidate {bad!r} is not of the form NewsId-0 or NewsId-1"
+                    self.path, lineno, f"candidate {bad!r} is not of the form NewsId-0 or NewsId-1"
                 )
             ids = [t[:-2] for t in toks]
-            labels.extend([t[-1] == "1" for t in toks])
+            self.labels.extend([t[-1] == "1" for t in toks])
         else:
-            if any("-" in t for t in toks):
-                bad = next(t for t in toks if "-" in t)
+            bad = next((t for t in toks if "-" in t), None)
+            if bad is not None:
                 raise MindFormatError(
-                    path, lineno, f"candidate {bad!r} has a label but earlier lines of this file have none"
+                    self.path,
+                    lineno,
+                    f"candidate {bad!r} has a label but earlier lines of this file have none",
                 )
             ids = toks
-            labels.extend([-1] * len(toks))
-        c_rows = [index.get(c, -1) for c in ids]
-        if -1 in c_rows:
-            missing_cand.update(c for c, r in zip(ids, c_rows) if r < 0)
-        cand.extend(c_rows)
-        raw_cands.extend(ids)
-        cand_ptr.append(len(cand))
-        imp_ids.append(imp_id)
-        user_idx.append(users.setdefault(user, len(users)))
-        times.append(ts)
-    return Impressions(
-        imp_ids=np.frombuffer(imp_ids, dtype=np.int64).copy(),
-        users=list(users),
-        user_idx=np.frombuffer(user_idx, dtype=np.int32).copy(),
-        times=np.frombuffer(times, dtype=np.int64).copy(),
-        hist_ptr=np.frombuffer(hist_ptr, dtype=np.int64).copy(),
-        hist=np.frombuffer(hist, dtype=np.int32).copy(),
-        cand_ptr=np.frombuffer(cand_ptr, dtype=np.int64).copy(),
-        cand=np.frombuffer(cand, dtype=np.int32).copy(),
-        labels=np.frombuffer(labels, dtype=np.int8).copy(),
-        cand_ids=raw_cands if missing_cand else None,
-        empty_histories=empty,
-        missing_history_refs=missing_refs,
-        missing_history_ids=missing_hist,
-        missing_candidate_ids=missing_cand,
-    )
+            self.labels.extend([-1] * len(toks))
+        rows = [self.index.get(c, -1) for c in ids]
+        if -1 in rows:
+            self.missing_cand.update(c for c, r in zip(ids, rows) if r < 0)
+        self.cand.extend(rows)
+        self.raw_cands.extend(ids)
+        self.cand_ptr.append(len(self.cand))
+
+    def finish(self) -> Impressions:
+        def arr(a: array, dtype) -> np.ndarray:
+            return np.frombuffer(a, dtype=dtype).copy()
+
+        return Impressions(
+            imp_ids=arr(self.imp_ids, np.int64),
+            users=list(self.users),
+            user_idx=arr(self.user_idx, np.int32),
+            times=arr(self.times, np.int64),
+            hist_ptr=arr(self.hist_ptr, np.int64),
+            hist=arr(self.hist, np.int32),
+            cand_ptr=arr(self.cand_ptr, np.int64),
+            cand=arr(self.cand, np.int32),
+            labels=arr(self.labels, np.int8),
+            cand_ids=self.raw_cands if self.missing_cand else None,
+            empty_histories=self.empty,
+            missing_history_refs=self.missing_refs,
+            missing_history_ids=self.missing_hist,
+            missing_candidate_ids=self.missing_cand,
+        )
+
+
+def load_impressions(path: str | Path, news: News) -> Impressions:
+    """Parse behaviors.tsv against `news`; missing history ids are dropped and counted."""
+    reader = _BehaviorsReader(Path(path), news)
+    for lineno, cols in read_rows(path, BEHAVIOR_COLUMNS):
+        reader.row(lineno, cols)
+    return reader.finish()
 
 
 @dataclass

@@ -69,6 +69,19 @@ def encoder_fingerprint(encoder: BertNewsEncoder, tokenizer) -> str:
     return fp
 
 
+@dataclass
+class Encoding:
+    """An encoder with its tokenizer and their fingerprint: what a store's vectors came from."""
+
+    encoder: BertNewsEncoder
+    tokenizer: object
+    fingerprint: str
+
+    @classmethod
+    def of(cls, encoder: BertNewsEncoder, tokenizer) -> Encoding:
+        return cls(encoder, tokenizer, encoder_fingerprint(encoder, tokenizer))
+
+
 def store_key(
     fingerprint: str, kind: str, k: int, max_title_len: int, ids: list[str], titles: list[str]
 ) -> str:
@@ -105,11 +118,11 @@ def _crash_point(name: str) -> None:
 @torch.no_grad()
 def _write_segment(
     folder: Path,
+    *,
     ids: list[str],
     titles: list[str],
     info: list[dict],
-    encoder: BertNewsEncoder,
-    tokenizer,
+    enc: Encoding,
     kind: str,
     k: int,
     null_row: bool,
@@ -117,6 +130,7 @@ def _write_segment(
     progress: bool,
 ) -> dict:
     """Encode into a new segment folder; returns its record for meta.json (row count, file sizes)."""
+    encoder, tokenizer = enc.encoder, enc.tokenizer
     if kind not in KIND_ARRAYS:
         raise ValueError(f"unknown store kind {kind!r}")
     if folder.exists():
@@ -414,14 +428,14 @@ class NewsStore:
         self,
         ids: list[str],
         titles: list[str],
-        encoder: BertNewsEncoder,
-        tokenizer,
+        enc: Encoding,
+        *,
         info: list[dict] | None = None,
         progress: bool = False,
     ) -> NewsStore:
         """Encode and append news durably under the writer lock; returns the store with every
         segment committed so far, other writers' included (self is unchanged)."""
-        if self.meta.get("encoder") and self.meta["encoder"] != encoder_fingerprint(encoder, tokenizer):
+        if self.meta.get("encoder") and self.meta["encoder"] != enc.fingerprint:
             raise ValueError(f"{self.path}: built with another encoder; appending would mix vector spaces")
         with writer_lock(self.path):
             cur = self.refresh()  # never work from a stale segment list
@@ -435,16 +449,15 @@ class NewsStore:
             try:
                 record = _write_segment(
                     self.path / name,
-                    ids,
-                    titles,
-                    info or [{} for _ in ids],
-                    encoder,
-                    tokenizer,
-                    cur.meta["kind"],
-                    cur.meta.get("k", 0),
-                    False,
-                    64,
-                    progress,
+                    ids=ids,
+                    titles=titles,
+                    info=info or [{} for _ in ids],
+                    enc=enc,
+                    kind=cur.meta["kind"],
+                    k=cur.meta.get("k", 0),
+                    null_row=False,
+                    batch_size=64,
+                    progress=progress,
                 )
                 _crash_point("before_meta")
                 meta = {
@@ -501,14 +514,13 @@ def build_store(
     out: str | Path,
     ids: list[str],
     titles: list[str],
-    encoder: BertNewsEncoder,
-    tokenizer,
+    enc: Encoding,
+    *,
     kind: str = "vectors",
     k: int = 0,
     batch_size: int = 128,
     progress: bool = True,
     info: list[dict] | None = None,
-    fingerprint: str | None = None,
 ) -> NewsStore:
     """Encode `titles` into a new store at `out` (built beside it, then renamed into place)."""
     out = Path(out)
@@ -517,28 +529,27 @@ def build_store(
         shutil.rmtree(tmp)
     record = _write_segment(
         tmp / "seg-00000",
-        ids,
-        titles,
-        info or [{} for _ in ids],
-        encoder,
-        tokenizer,
-        kind,
-        k,
-        True,
-        batch_size,
-        progress,
+        ids=ids,
+        titles=titles,
+        info=info or [{} for _ in ids],
+        enc=enc,
+        kind=kind,
+        k=k,
+        null_row=True,
+        batch_size=batch_size,
+        progress=progress,
     )
     meta = {
         "version": STORE_VERSION,
         "kind": kind,
         "k": k,
-        "max_title_len": encoder.max_title_len,
-        "dim": encoder.dim,
+        "max_title_len": enc.encoder.max_title_len,
+        "dim": enc.encoder.dim,
         "arrays": ["input_ids", "attn", *KIND_ARRAYS[kind]],
         "segments": ["seg-00000"],
         "segment_info": {"seg-00000": record},
         "uid": os.urandom(8).hex(),  # a rebuilt store is a new store
-        "encoder": fingerprint or encoder_fingerprint(encoder, tokenizer),
+        "encoder": enc.fingerprint,
     }
     _write_json_atomic(tmp / "meta.json", meta)
     if out.exists():
@@ -550,18 +561,16 @@ def build_store(
 def cached_store(
     ids: list[str],
     titles: list[str],
-    encoder: BertNewsEncoder,
-    tokenizer,
+    enc: Encoding,
+    *,
     kind: str = "vectors",
     k: int = 0,
     root: Path | None = None,
     progress: bool = True,
-    fingerprint: str | None = None,
 ) -> NewsStore:
     """The store for these news under this encoder, built once and reused by later runs."""
-    fp = fingerprint or encoder_fingerprint(encoder, tokenizer)
-    key = store_key(fp, kind, k, encoder.max_title_len, ids, titles)
+    key = store_key(enc.fingerprint, kind, k, enc.encoder.max_title_len, ids, titles)
     path = (root or cache_dir() / "stores") / key
     if (path / "meta.json").is_file():
         return NewsStore.open(path)
-    return build_store(path, ids, titles, encoder, tokenizer, kind, k, progress=progress, fingerprint=fp)
+    return build_store(path, ids, titles, enc, kind=kind, k=k, progress=progress)

@@ -109,7 +109,7 @@ def add_news(batch: NewsBatch | list[NewsItem], state: State):
         known = sum(1 for it in items if it.id in index.index)
         try:
             store = index.store.append(
-                [it.id for it in items], [it.title for it in items], run.encoder, run.tokenizer, info
+                [it.id for it in items], [it.title for it in items], run.encoding, info=info
             )
         except StoreError as e:
             return JSONResponse(status_code=503, content={"detail": str(e)}, headers={"Retry-After": "5"})
