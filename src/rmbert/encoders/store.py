@@ -115,7 +115,6 @@ def _crash_point(name: str) -> None:
         os._exit(86)
 
 
-@torch.no_grad()
 def _write_segment(
     folder: Path,
     *,
@@ -130,37 +129,53 @@ def _write_segment(
     progress: bool,
 ) -> dict:
     """Encode into a new segment folder; returns its record for meta.json (row count, file sizes)."""
-    encoder, tokenizer = enc.encoder, enc.tokenizer
     if kind not in KIND_ARRAYS:
         raise ValueError(f"unknown store kind {kind!r}")
     if folder.exists():
         shutil.rmtree(folder)
     folder.mkdir(parents=True)
-    L = encoder.max_title_len
-    S, D = L + 2, encoder.dim
-    pre = [""] if null_row else []
-    input_ids, attn = tokenize_titles(tokenizer, pre + list(titles), L)  # [n, S]
+    L = enc.encoder.max_title_len
+    input_ids, attn = tokenize_titles(enc.tokenizer, ([""] if null_row else []) + list(titles), L)  # [n, S]
     if null_row:
         input_ids[0], attn[0] = 0, False
-    n = len(input_ids)
-    mm = {
-        "input_ids": _open(folder, "input_ids", (n, S), np.int32),
-        "attn": _open(folder, "attn", (n, S), np.bool_),
-    }
+    mm = _allocate(folder, kind, len(input_ids), L, enc.encoder.dim)
     mm["input_ids"][:] = input_ids.numpy()
     mm["attn"][:] = attn.numpy()
+    if kind != "tokens":
+        _encode_rows(mm, enc.encoder, input_ids, attn, kind, k, 1 if null_row else 0, batch_size, progress)
+    for a in mm.values():
+        a.flush()
+    (folder / "ids.txt").write_text("\n".join(ids), encoding="utf-8")
+    now = time.time()
+    with open(folder / "news.jsonl", "w", encoding="utf-8") as f:
+        for nid, t, extra in zip(ids, titles, info):
+            f.write(json.dumps({"id": nid, "title": t, "added": now, **extra}) + "\n")
+    return _sync(folder, len(ids))
+
+
+def _allocate(folder: Path, kind: str, n: int, L: int, D: int) -> dict[str, np.ndarray]:
+    """The segment's arrays, memory-mapped .npy files of n rows."""
+    S = L + 2
+    shapes = {"input_ids": ((n, S), np.int32), "attn": ((n, S), np.bool_)}
     if kind == "vectors":
-        mm["cls"] = _open(folder, "cls", (n, D), np.float16)
-        mm["tokens"] = _open(folder, "tokens", (n, L, D), np.float16)
-        mm["mask"] = _open(folder, "mask", (n, L), np.bool_)
-        mm["pool"] = _open(folder, "pool", (n, D), np.float16)
+        shapes |= {
+            "cls": ((n, D), np.float16),
+            "tokens": ((n, L, D), np.float16),
+            "mask": ((n, L), np.bool_),
+            "pool": ((n, D), np.float16),
+        }
     elif kind == "lower":
-        mm["hidden"] = _open(folder, "hidden", (n, S, D), np.float16)
-    first = 1 if null_row else 0
-    # Encode in order of length so each batch pads only to its own longest title.
+        shapes["hidden"] = ((n, S, D), np.float16)
+    return {name: _open(folder, name, shape, dtype) for name, (shape, dtype) in shapes.items()}
+
+
+@torch.no_grad()
+def _encode_rows(
+    mm, encoder, input_ids, attn, kind: str, k: int, first: int, batch_size: int, progress: bool
+):
+    """Fill the vectors (or lower-layer states) of rows first.. in order of title length, so each
+    batch pads only to its own longest title."""
     order = np.argsort(attn[first:].sum(1).numpy(), kind="stable") + first
-    if kind == "tokens":
-        order = order[:0]
     was_training = encoder.training
     encoder.eval()
     dev = next(encoder.parameters()).device
@@ -180,20 +195,17 @@ def _write_segment(
             h = encoder.lower(b_ids[:, :s], b_attn[:, :s], k)
             mm["hidden"][rows, :s] = h.float().cpu().numpy().astype(np.float16)
     encoder.train(was_training)
-    for a in mm.values():
-        a.flush()
-    (folder / "ids.txt").write_text("\n".join(ids), encoding="utf-8")
-    now = time.time()
-    with open(folder / "news.jsonl", "w", encoding="utf-8") as f:
-        for nid, t, extra in zip(ids, titles, info):
-            f.write(json.dumps({"id": nid, "title": t, "added": now, **extra}) + "\n")
+
+
+def _sync(folder: Path, n: int) -> dict:
+    """fsync every file and the folder; the segment's record (row count, file sizes)."""
     sizes = {}
     for p in sorted(folder.iterdir()):
         with open(p, "rb") as fh:
             os.fsync(fh.fileno())
         sizes[p.name] = p.stat().st_size
     _fsync_dir(folder)
-    return {"n": len(ids), "bytes": sizes}
+    return {"n": n, "bytes": sizes}
 
 
 def _open(folder: Path, name: str, shape: tuple[int, ...], dtype) -> np.ndarray:
