@@ -21,21 +21,31 @@ from rmbert.types import NewsRepr
 C, M, L, P = 100, 50, 30, 4
 
 
+DEVICE = torch.device("cpu")
+
+
+def sync() -> None:
+    if DEVICE.type == "cuda":
+        torch.cuda.synchronize()
+
+
 def median_ms(fn, repeats: int) -> float:
     fn()
     fn()
+    sync()
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
         fn()
+        sync()
         times.append(time.perf_counter() - t0)
     return statistics.median(times) * 1e3
 
 
 def matmul_gflops(repeats: int) -> float:
     """Measured fp32 GEMM rate on this machine (the same BLAS the model uses)."""
-    n = 1024
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    n = 1024 if DEVICE.type == "cpu" else 8192
+    a, b = torch.randn(n, n, device=DEVICE), torch.randn(n, n, device=DEVICE)
     ms = median_ms(lambda: a @ b, repeats)
     return 2 * n**3 / (ms / 1e3) / 1e9
 
@@ -64,12 +74,16 @@ def flops(D: int) -> dict[str, float]:
 def bench(D: int, repeats: int) -> dict:
     torch.manual_seed(0)
     cfg = RMBERTConfig(dim=D, steps=P)
-    fast = RMBERT(cfg).eval()
-    direct = RMBERT(RMBERTConfig(dim=D, steps=P, fast_path=False)).eval()
+    fast = RMBERT(cfg).eval().to(DEVICE)
+    direct = RMBERT(RMBERTConfig(dim=D, steps=P, fast_path=False)).eval().to(DEVICE)
     direct.load_state_dict(fast.state_dict())
-    H = torch.randn(1, M, D)
-    hm = torch.ones(1, M, dtype=torch.bool)
-    cand = NewsRepr(torch.randn(1, C, D), torch.randn(1, C, L, D), torch.ones(1, C, L, dtype=torch.bool))
+    H = torch.randn(1, M, D, device=DEVICE)
+    hm = torch.ones(1, M, dtype=torch.bool, device=DEVICE)
+    cand = NewsRepr(
+        torch.randn(1, C, D, device=DEVICE),
+        torch.randn(1, C, L, D, device=DEVICE),
+        torch.ones(1, C, L, dtype=torch.bool, device=DEVICE),
+    )
     hist = NewsRepr(H, None, None)
     folded = fast.fold()
     news_terms = folded.news_terms(cand)  # computed once per news, stored beside its vectors
@@ -100,12 +114,16 @@ def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--repeats", type=int, default=40)
     ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = default)")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda")
     a = ap.parse_args()
+    global DEVICE
+    DEVICE = torch.device(a.device)
     if a.threads:
         torch.set_num_threads(a.threads)
     peak = matmul_gflops(a.repeats)
     out = {
         "shape": {"C": C, "M": M, "L": L, "p": P},
+        "device": str(DEVICE),
         "threads": torch.get_num_threads(),
         "matmul_gflops_per_s": round(peak, 1),
     }

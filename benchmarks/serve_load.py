@@ -97,6 +97,7 @@ def main() -> None:
     ap.add_argument("--seconds", type=float, default=15.0, help="length of each of the two runs")
     ap.add_argument("--rate", type=float, default=100.0, help="offered load of the open-loop run (req/s)")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "rmbert-bench")
+    ap.add_argument("--device", default="cpu", help="where the server scores (cpu or cuda)")
     a = ap.parse_args()
     data = planted(a.out, 2000)
     run_dir = quick_run(data, a.out / "serve-run", steps=30)
@@ -124,6 +125,8 @@ def main() -> None:
             HOST,
             "--port",
             str(port),
+            "--device",
+            a.device,
             "--quiet",
         ],
         stdout=subprocess.DEVNULL,
@@ -157,6 +160,7 @@ def main() -> None:
         print(
             json.dumps(
                 {
+                    "device": a.device,
                     "candidates": 100,
                     "history": 50,
                     "single_client_p50_ms": round(statistics.median(single) * 1e3, 2),

@@ -203,7 +203,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     from rmbert.serve.app import Limits, create_app
 
-    limits = Limits(max_body_bytes=int(a.max_body_mb * 2**20), max_queue=a.max_queue)
+    limits = Limits(max_body_bytes=int(a.max_body_mb * 2**20), max_queue=a.max_queue, device=a.device)
     app = create_app(a.run, a.store, behaviors=a.behaviors, limits=limits)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if a.quiet else "info")
     return 0
@@ -360,6 +360,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--max-queue", type=int, default=64, help="waiting /rank requests before 503 (default 64)"
     )
+    sv.add_argument("--device", default="cpu", help="where the model scores: cpu (default) or cuda")
     sv.set_defaults(func=cmd_serve)
     rp = sub.add_parser(
         "reproduce",

@@ -80,7 +80,7 @@ def create_app(
             yield
             return
         check_servable(run, store, run_dir, store_dir)
-        ranker = Ranker(run, limits.max_batch, limits.max_queue, limits.queue_timeout_s)
+        ranker = Ranker(run, limits.max_batch, limits.max_queue, limits.queue_timeout_s, limits.device)
         index = ServingIndex(store, ranker.prepare)
         state.run, state.index, state.ranker = run, index, ranker
         state.users = load_users(behaviors, store.live_ids)

@@ -59,8 +59,17 @@ class Ranker:
     whose clients left, or that waited past `queue_timeout`, are dropped unscored.
     """
 
-    def __init__(self, run: LoadedRun, max_batch: int = 8, max_queue: int = 64, queue_timeout: float = 10.0):
+    def __init__(
+        self,
+        run: LoadedRun,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        queue_timeout: float = 10.0,
+        device: str = "cpu",
+    ):
         self.run = run
+        self.device = torch.device(device)
+        run.model.to(self.device)  # the index stays in host memory; each batch moves to the device
         self.form = run.model.rec.inference_form()
         self.max_history = run.cfg.train.max_history
         self.max_batch, self.queue_timeout = max_batch, queue_timeout
@@ -92,20 +101,21 @@ class Ranker:
                 cfg.features.max_entities,
             )
         parts: dict[str, list[torch.Tensor]] = {}
+        dev = self.device
         for i in range(0, len(arrays["cls"]), chunk):
-            x = torch.from_numpy(np.array(vectors[i : i + chunk], dtype=np.float32))
-            X = torch.from_numpy(np.array(arrays["tokens"][i : i + chunk], dtype=np.float32))
+            x = torch.from_numpy(np.array(vectors[i : i + chunk], dtype=np.float32)).to(dev)
+            X = torch.from_numpy(np.array(arrays["tokens"][i : i + chunk], dtype=np.float32)).to(dev)
             got = {}
             if cfg.encoder.standardize:
-                mask = torch.from_numpy(np.array(arrays["mask"][i : i + chunk]))
+                mask = torch.from_numpy(np.array(arrays["mask"][i : i + chunk])).to(dev)
                 x, X = model.news.standardize(x, X, mask)
                 got["tokens"] = X
             if fids is not None:
-                x = x + model.features(torch.from_numpy(fids[i : i + chunk]))
+                x = x + model.features(torch.from_numpy(fids[i : i + chunk]).to(dev))
             got["cls"] = x
             got.update(self.form.news_terms(NewsRepr(x, X, None)))
             for k, v in got.items():
-                parts.setdefault(k, []).append(v)
+                parts.setdefault(k, []).append(v.cpu())
         return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
     async def rank(
@@ -197,8 +207,6 @@ class Ranker:
         Lb = int(xmask.any(0).nonzero().max()) + 1 if xmask.any() else 1  # the batch's longest title
         D = T["cls"].shape[1]
         H = T["cls"].index_select(0, hist_t.flatten()).view(B, M, D)
-        if self.run.model.features is not None:
-            H = H + self.run.model.features.positions(hm)  # recency embeddings (history_position)
         x = T["cls"].index_select(0, cand_t).view(B, C, D)
         X = self._take("tokens", T["tokens"], cand_t)[:, :Lb].view(B, C, Lb, D)
         xmask = xmask[:, :Lb].reshape(B, C, Lb)
@@ -209,7 +217,15 @@ class Ranker:
                 t = t.narrow(t.dim() - a, 0, Lb)
             terms[name] = t.reshape(B, C, *t.shape[1:])
         record = any(j.explain for j in jobs)
+        if self.device.type != "cpu":
+            H, hm, x, X, xmask = (t.to(self.device, non_blocking=True) for t in (H, hm, x, X, xmask))
+            terms = {k: v.to(self.device, non_blocking=True) for k, v in terms.items()}
+        if self.run.model.features is not None:
+            H = H + self.run.model.features.positions(hm)  # recency embeddings (history_position)
         out = self.form.score(H, hm, NewsRepr(x, X, xmask), terms, record=record)
+        out.logits = out.logits.float().cpu()
+        if out.attentions is not None:
+            out.attentions = {k: v.float().cpu() for k, v in out.attentions.items()}
         if not torch.isfinite(out.logits).all():
             raise FloatingPointError("the model produced a non-finite score; nothing was served")
         att = out.attentions if record else None

@@ -24,6 +24,7 @@ class Limits:
     max_queue: int = 64  # /rank requests waiting for the worker; more get 503 + Retry-After
     queue_timeout_s: float = 10.0  # a request still waiting after this gets 503 and is not scored
     store_poll_s: float = 2.0  # how often to look for segments other writers added (0 = never)
+    device: str = "cpu"  # where the model scores (cuda: each batch is moved there)
 
 
 @dataclass
