@@ -53,3 +53,15 @@ def test_clicks_follow_specific_history_items(tmp_path):
         same += y[match].tolist()
         other += y[~match].tolist()
     assert np.mean(same) > 3 * np.mean(other)
+
+
+def test_cli_synth_takes_every_generator(tmp_path, capsys):
+    from rmbert.cli import main
+
+    for gen in ("story", "entity", "drift", "novelty"):
+        assert main(["--quiet", "data", "synth", str(tmp_path / gen), "--users", "60", "--generator", gen]) == 0
+        out = json.loads(capsys.readouterr().out)
+        assert out["generator"] == gen and 0.5 < out["oracle"]["dev"]["auc"] <= 1
+        assert (tmp_path / gen / "train" / "news.tsv").is_file()
+    assert (tmp_path / "entity" / "train" / "entity_embedding.vec").is_file()
+    assert main(["--quiet", "data", "synth", str(tmp_path / "x"), "--users", "0"]) == 2

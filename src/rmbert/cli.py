@@ -20,10 +20,12 @@ def _print(obj: dict) -> None:
 
 
 def cmd_data_synth(a: argparse.Namespace) -> int:
-    from rmbert.data.synth import SynthConfig, synth
+    from rmbert.data.generators import GENERATORS
 
-    meta = synth(a.out, SynthConfig(users=a.users, seed=a.seed))
-    _print({"out": str(a.out), "news": meta["news"], "oracle": meta["oracle"]})
+    if a.users < 1:
+        raise ValueError(f"--users must be at least 1, not {a.users}")
+    meta = GENERATORS[a.generator](a.out, a.users, a.seed)
+    _print({"out": str(a.out), "generator": a.generator, "news": meta["news"], "oracle": meta["oracle"]})
     return 0
 
 
@@ -266,6 +268,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("out", type=Path)
     s.add_argument("--users", type=int, default=2000)
     s.add_argument("--seed", type=int, default=0)
+    s.add_argument(
+        "--generator",
+        default="story",
+        choices=["story", "entity", "drift", "novelty"],
+        help="the click mechanism planted (see docs/results/quality.md)",
+    )
     s.set_defaults(func=cmd_data_synth)
     dl = dsub.add_parser(
         "download", help="download MIND (mind-small | mind-large | mind-demo)", parents=[common]
