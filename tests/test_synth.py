@@ -59,7 +59,9 @@ def test_cli_synth_takes_every_generator(tmp_path, capsys):
     from rmbert.cli import main
 
     for gen in ("story", "entity", "drift", "novelty"):
-        assert main(["--quiet", "data", "synth", str(tmp_path / gen), "--users", "60", "--generator", gen]) == 0
+        assert (
+            main(["--quiet", "data", "synth", str(tmp_path / gen), "--users", "60", "--generator", gen]) == 0
+        )
         out = json.loads(capsys.readouterr().out)
         assert out["generator"] == gen and 0.5 < out["oracle"]["dev"]["auc"] <= 1
         assert (tmp_path / gen / "train" / "news.tsv").is_file()

@@ -215,3 +215,19 @@ def test_standardizer_centres_and_scales(tiny_encoder, planted):
     assert torch.allclose(std.cls[0].std(0), torch.ones(32), atol=1e-2)
     assert not torch.allclose(raw, std.cls[0])
     assert (std.tokens[~std.mask] == 0).all()  # padding stays zero
+
+
+def test_demo_trains_both_presets_and_prints_the_table(tiny_encoder, tmp_path, capsys):
+    from rmbert.demo import demo
+
+    sets = [f"encoder.name={tiny_encoder}", "encoder.max_title_len=12", "rmbert.steps=2", "train.max_steps=4"]
+    result = demo(tmp_path / "d", users=80, epochs=1, progress=False, generator="story", overrides=sets)
+    out = capsys.readouterr().out
+    for label in ("oracle", "paper preset", "default", "max cosine"):
+        assert label in out
+    rows = result["rows"]
+    assert len(rows) == 4 and all(0 <= r["auc"] <= 1 for r in rows.values())
+    paper = json.loads((tmp_path / "d" / "paper" / "config.json").read_text())
+    default = json.loads((tmp_path / "d" / "default" / "config.json").read_text())
+    assert paper["encoder"]["pooling"] == "cls" and not paper["rmbert"]["click_product"]
+    assert paper != default

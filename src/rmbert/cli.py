@@ -236,7 +236,7 @@ def cmd_reproduce(a: argparse.Namespace) -> int:
 def cmd_demo(a: argparse.Namespace) -> int:
     from rmbert.demo import demo
 
-    demo(Path(a.out), users=a.users, epochs=a.epochs, progress=not a.quiet)
+    demo(Path(a.out), users=a.users, epochs=a.epochs, progress=not a.quiet, generator=a.generator)
     return 0
 
 
@@ -258,6 +258,7 @@ def build_parser() -> argparse.ArgumentParser:
     d.add_argument("--out", default="demo-out", help="output folder (default: demo-out)")
     d.add_argument("--users", type=int, default=2000)
     d.add_argument("--epochs", type=int, default=3)
+    d.add_argument("--generator", default="drift", choices=["story", "entity", "drift", "novelty"])
     d.set_defaults(func=cmd_demo)
 
     data = sub.add_parser("data", help="synthesize, download or check MIND-format data", parents=[common])
