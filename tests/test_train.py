@@ -68,9 +68,14 @@ def test_train_evaluate_predict_score(tiny_encoder, planted, tmp_path, capsys):
     assert saved["rmbert"]["dim"] == 32 and saved["encoder"]["mode"] == "frozen"
     assert not any(k.startswith("news.encoder") for k in load_file(str(run / "model.safetensors")))
     assert 0 <= result["valid"]["auc"] <= 1 and result["finished"]
-    assert main(["--quiet", "evaluate", str(run), "--split", str(planted / "dev")]) == 0
+    assert main(["--quiet", "evaluate", str(run), "--split", str(planted / "dev"), "--beyond"]) == 0
     ev = json.loads(capsys.readouterr().out)
     assert ev["auc"] == pytest.approx(result["valid"]["auc"], abs=1e-6)
+    assert 0 < ev["ild_category@10"] <= 1 and 0 < ev["coverage@10"] <= 1 and ev["novelty@10"] > 0
+    assert 0 < ev["personalisation@10"] <= 1 and 0 <= ev["ild_embedding@10"] <= 2
+    pop = json.loads((run / "popularity.json").read_text())
+    train_clicks = int((load_split(planted / "train").impressions.labels == 1).sum())
+    assert sum(pop.values()) == train_clicks
     zp = tmp_path / "prediction.zip"
     assert main(["--quiet", "predict", str(run), "--split", str(planted / "dev"), "--out", str(zp)]) == 0
     capsys.readouterr()

@@ -131,15 +131,33 @@ def _load(a: argparse.Namespace):
 def cmd_evaluate(a: argparse.Namespace) -> int:
     from rmbert.evaluate import evaluate_scores, score_impressions
 
-    run, _, batcher, device = _load(a)
+    run, split, batcher, device = _load(a)
     t0 = time.time()
     scores = score_impressions(
         run.model, batcher, run.cfg.train.eval_batch_size, device, not a.quiet, "evaluating"
     )
     m = evaluate_scores(batcher, scores)
+    if a.beyond:
+        m.update(beyond(run, split, scores))
     m["seconds"] = round(time.time() - t0, 2)
     _print(m)
     return 0
+
+
+def beyond(run, split, scores) -> dict:
+    """Diversity, novelty, coverage and personalisation of the top-10 lists (rmbert.beyond)."""
+    import numpy as np
+
+    from rmbert.beyond import beyond_metrics
+
+    pop_file = run.path / "popularity.json"
+    pop = json.loads(pop_file.read_text()) if pop_file.is_file() else {}
+    news, imps = split.news, split.impressions
+    store = run.model.news.store
+    vectors = np.asarray(store.pooled()[store.rows(news.ids)], dtype=np.float32)
+    categories = np.unique(np.array(news.category), return_inverse=True)[1]
+    clicks = np.array([pop.get(i, 0) for i in news.ids], dtype=np.float64)
+    return beyond_metrics(scores, imps.cand_ptr, np.maximum(imps.cand, 0), categories, vectors, clicks)
 
 
 def cmd_predict(a: argparse.Namespace) -> int:
@@ -336,6 +354,12 @@ def build_parser() -> argparse.ArgumentParser:
         e.add_argument(
             "--strict", action="store_true", help="refuse candidates missing from news.tsv (default: warn)"
         )
+        if name == "evaluate":
+            e.add_argument(
+                "--beyond",
+                action="store_true",
+                help="add diversity, novelty, coverage, personalisation (top 10)",
+            )
         if name == "predict":
             e.add_argument("--out", required=True, type=Path)
         e.set_defaults(func=cmd_evaluate if name == "evaluate" else cmd_predict)

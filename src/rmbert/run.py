@@ -5,6 +5,7 @@ RUN/model.safetensors  best weights (recommender; encoder too unless it was froz
 RUN/tokenizer/         the tokenizer (the encoder itself is the named base when frozen)
 RUN/users.txt          training users (models with user embeddings)
 RUN/features.json      the news-feature vocabulary (runs with `features.*` switched on)
+RUN/popularity.json    training clicks per news (novelty in `rmbert evaluate --beyond`)
 RUN/metrics.json, log.csv, curves.png, checkpoint.pt (resume state)
 """
 

@@ -295,6 +295,7 @@ def prepare(cfg, train_dir: Path, out: Path, valid_dir, resume: bool, progress: 
         prog = restore(out / "checkpoint.pt", model, opt, scaler)
     if rank == 0:
         save_run_files(out, cfg, built.encoding.tokenizer, users, vocab)
+        (out / "popularity.json").write_text(json.dumps(popularity(train_split)) + "\n")
     net: torch.nn.Module = model
     if world > 1:
         ids = [device.index] if device.type == "cuda" else None
@@ -315,6 +316,14 @@ def restore(path: Path, model: NewsRecModel, opt: torch.optim.Optimizer, scaler)
     if state.get("cuda_rng") is not None and torch.cuda.is_available():
         torch.cuda.set_rng_state_all(state["cuda_rng"])
     return Progress(**state["progress"])
+
+
+def popularity(split: Split) -> dict[str, int]:
+    """Training clicks per news id (for novelty in `rmbert evaluate --beyond`)."""
+    imps = split.impressions
+    clicked = imps.cand[(imps.labels == 1) & (imps.cand >= 0)]
+    counts = np.bincount(clicked, minlength=len(split.news))
+    return {split.news.ids[i]: int(c) for i, c in enumerate(counts) if c}
 
 
 def save_run_files(out: Path, cfg: RunConfig, tokenizer, users: list[str], vocab) -> None:

@@ -247,7 +247,9 @@ def make_demo(small: dict[str, Path], out: Path, share: int = 10) -> dict[str, P
                 shutil.copyfile(folder / extra, dest / extra)
         done[split] = dest
     (out / "SOURCE.json").write_text(
-        json.dumps({"built_from": str(next(iter(small.values())).parent), "users": f"sha256(user) % {share} == 0"})
+        json.dumps(
+            {"built_from": str(next(iter(small.values())).parent), "users": f"sha256(user) % {share} == 0"}
+        )
         + "\n"
     )
     return done
