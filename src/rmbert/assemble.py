@@ -9,6 +9,7 @@ build every model through here.
 from __future__ import annotations
 
 import dataclasses
+import functools
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,18 +24,55 @@ from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer
 from rmbert.encoders.news import STORE_KIND, NewsSide, make_encoder
 from rmbert.encoders.store import Encoding, NewsStore, cached_store
 from rmbert.models.base import Recommender
+from rmbert.models.dcn import DCN
+from rmbert.models.deepfm import DeepFM
+from rmbert.models.dkn import DKN
 from rmbert.models.features import FeatureVocab, NewsFeatures
+from rmbert.models.fim import FIM
 from rmbert.models.lstur import LSTUR
+from rmbert.models.naml import NAML
 from rmbert.models.npa import NPA
 from rmbert.models.nrms import NRMS
 from rmbert.models.rmbert import RMBERT
+from rmbert.models.tables import VOCAB_TABLES, build_tables
 from rmbert.types import NewsRepr
 
-MODELS: dict[str, type[Recommender]] = {"rmbert": RMBERT, "nrms": NRMS, "lstur": LSTUR, "npa": NPA}
+MODELS: dict[str, type[Recommender]] = {
+    "rmbert": RMBERT,
+    "nrms": NRMS,
+    "lstur": LSTUR,
+    "npa": NPA,
+    "deepfm": DeepFM,
+    "dcn": DCN,
+    "dkn": DKN,
+    "fim": FIM,
+    "naml": NAML,
+}
+ID_MODELS = ("deepfm", "dcn")  # user, news, category, subcategory id fields (+ TF-IDF of the title)
 
 
-def resolve(cfg: RunConfig, dim: int, num_users: int, vocab: FeatureVocab | None = None) -> RunConfig:
-    """Fill in what comes from the encoder (D) and the data (training users, feature vocabulary)."""
+def for_model(cfg: RunConfig) -> RunConfig:
+    """Switch on what the model needs of the feature vocabulary before it is fitted: `features.vocab`
+    for models with id side inputs, and (DKN, `dkn.pretrained`) the entity vectors."""
+    if cfg.model not in MODELS:
+        raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
+    if not VOCAB_TABLES & set(MODELS[cfg.model].side_inputs):
+        return cfg
+    out: dict = {"features.vocab": True}
+    if cfg.model == "dkn":
+        out["features.entity_vectors"] = cfg.dkn.pretrained or cfg.features.entities
+    return cfg.override(out)
+
+
+def resolve(
+    cfg: RunConfig,
+    dim: int,
+    num_users: int,
+    vocab: FeatureVocab | None = None,
+    vocab_size: int = 0,
+) -> RunConfig:
+    """Fill in what comes from the encoder (D, its WordPiece vocabulary size) and the data
+    (training users, feature vocabulary)."""
     if cfg.model not in MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
     if cfg.encoder.mode == "words" and cfg.model == "rmbert":
@@ -49,7 +87,18 @@ def resolve(cfg: RunConfig, dim: int, num_users: int, vocab: FeatureVocab | None
     out = {"rmbert.dim": dim}
     for m in ("nrms", "lstur", "npa"):
         out |= {f"{m}.dim": dim, f"{m}.word_encoder": words}
-    return cfg.override(out | {"lstur.num_users": num_users, "npa.num_users": num_users})
+    out |= {"lstur.num_users": num_users, "npa.num_users": num_users}
+    f = cfg.features
+    for m in ("deepfm", "dcn", "dkn", "fim", "naml"):
+        out[f"{m}.dim"] = dim
+    for m in ID_MODELS:
+        out |= {f"{m}.num_users": num_users, f"{m}.num_news": f.num_news, f"{m}.vocab_size": vocab_size}
+    for m in (*ID_MODELS, "naml"):
+        out |= {f"{m}.num_categories": f.num_categories, f"{m}.num_subcategories": f.num_subcategories}
+    source = "entity_embedding.vec" if f.vector_dim else "learned"
+    out |= {"dkn.num_entities": f.num_entities, "dkn.vector_dim": f.vector_dim, "dkn.entity_source": source}
+    out |= {"fim.max_history": cfg.train.max_history, "fim.title_len": cfg.encoder.max_title_len}
+    return cfg.override(out)
 
 
 def build_recommender(cfg: RunConfig) -> Recommender:
@@ -59,8 +108,12 @@ def build_recommender(cfg: RunConfig) -> Recommender:
 class NewsRecModel(nn.Module):
     """News side (+ optional news features) + recommender: store rows in, click logits [B, C] out.
 
-    With features, `feature_ids` [rows, F] holds each store row's feature ids (row 0, the null
-    news, all zero); `set_feature_ids` installs it with the store it belongs to."""
+    Per-store-row tables belong to the store, not the run (not buffers); `set_feature_ids`
+    installs them with the store they belong to (row 0, the null news, all zero):
+    with features, `feature_ids` [rows, F] holds each store row's feature ids; for a recommender
+    with side inputs, `side` holds its named tables (models/tables.py), whose rows for a batch's
+    news reach the recommender on `NewsRepr.extra`, token-id tables listed in `rec.word_inputs`
+    embedded by the news side."""
 
     def __init__(self, news: NewsSide, rec: Recommender, features: NewsFeatures | None = None) -> None:
         super().__init__()
@@ -68,9 +121,35 @@ class NewsRecModel(nn.Module):
         self.rec = rec
         self.features = features
         self.feature_ids: torch.Tensor | None = None  # not a buffer: it belongs to the store, not the run
+        self.side: dict[str, torch.Tensor] = {}
 
     def set_feature_ids(self, ids) -> None:
+        """The tables of `feature_ids(...)`: feature ids [rows, F] or None, or a dict of named side
+        tables with the feature ids (or None) under "features"."""
+        if isinstance(ids, dict):
+            tables = dict(ids)
+            ids = tables.pop("features", None)
+            self.side = {k: torch.as_tensor(v, dtype=torch.int64) for k, v in tables.items()}
         self.feature_ids = None if ids is None else torch.as_tensor(ids, dtype=torch.int64)
+
+    def add_side(self, news: NewsRepr, rows: torch.Tensor) -> NewsRepr:
+        """news of store rows [B, K] + the recommender's side inputs on `extra` [B, K, ...]."""
+        names = self.rec.side_inputs
+        if not names:
+            return news
+        missing = [k for k in names if k not in self.side]
+        if missing:
+            raise RuntimeError(f"this model reads side tables {missing}: call set_feature_ids first")
+        extra = {}
+        for k in names:
+            table = self.side[k]
+            if table.device != rows.device:  # moved once per device, then kept there
+                self.side[k] = table = table.to(rows.device)
+            extra[k] = table[rows]
+        for k in self.rec.word_inputs:
+            extra[k + "_mask"] = extra[k] > 0
+            extra[k] = self.news.embed_words(extra[k])
+        return dataclasses.replace(news, extra=extra)
 
     def add_features(self, news: NewsRepr, rows: torch.Tensor) -> NewsRepr:
         """news.cls [B, K, D] + the features of store rows [B, K]."""
@@ -92,13 +171,16 @@ class NewsRecModel(nn.Module):
         if not self.rec.dedup_candidates:
             hist, cand = self.news(batch.hist, batch.cand, self.rec.needs_history_tokens)
             hist, cand = self.add_history_features(hist, batch), self.add_features(cand, batch.cand)
+            hist, cand = self.add_side(hist, batch.hist), self.add_side(cand, batch.cand)
             return self.rec(hist, batch.hist_mask, cand, batch.users)
         # each candidate news once: a news shown in several impressions of the batch shares its
         # candidate-only computation (RMBERT's query unit)
         uniq, inv = torch.unique(batch.cand, return_inverse=True)  # [U], [B, C]
         hist, cand = self.news(batch.hist, uniq[None], self.rec.needs_history_tokens)
         hist, cand = self.add_history_features(hist, batch), self.add_features(cand, uniq[None])
-        cand = NewsRepr(cls=cand.cls[0], tokens=cand.tokens[0], mask=cand.mask[0], index=inv)
+        hist, cand = self.add_side(hist, batch.hist), self.add_side(cand, uniq[None])
+        extra = None if cand.extra is None else {k: v[0] for k, v in cand.extra.items()}
+        cand = NewsRepr(cls=cand.cls[0], tokens=cand.tokens[0], mask=cand.mask[0], index=inv, extra=extra)
         return self.rec(hist, batch.hist_mask, cand, batch.users)
 
 
@@ -131,21 +213,44 @@ def build_model(cfg: RunConfig, encoder: BertNewsEncoder, store: NewsStore | Non
     enc = make_encoder(cfg.encoder.mode, encoder)
     e = cfg.encoder
     news = NewsSide(e.mode, enc, store, e.top_k, e.dedup, e.pooling)  # type: ignore[arg-type]
-    features = NewsFeatures(cfg.features, encoder.dim) if cfg.features.any else None
+    features = NewsFeatures(cfg.features, encoder.dim) if cfg.features.adds else None
     return NewsRecModel(news, build_recommender(cfg), features)
 
 
-def feature_ids(cfg: RunConfig, vocab: FeatureVocab | None, store: NewsStore, splits: list[Split]):
-    """Feature ids [store rows, F] of the splits' news (None when the run reads no features)."""
-    if not cfg.features.any or vocab is None:
-        return None
-    F = 2 + cfg.features.max_entities
-    out = np.zeros((len(store) + 1, F), np.int64)
-    for split in splits:
-        rows = store.rows(split.news.ids)
-        ids = vocab.news_ids(split.news, cfg.features.max_entities)
-        out[rows[rows > 0]] = ids[rows > 0]
-    return out
+@functools.lru_cache(maxsize=4)
+def _tokenizer(name: str):
+    return load_tokenizer(name)
+
+
+def feature_ids(
+    cfg: RunConfig, vocab: FeatureVocab | None, store: NewsStore, splits: list[Split], tokenizer=None
+):
+    """The per-store-row tables of the splits' news: feature ids [store rows, F] (None when the
+    run adds no features); for a model with side inputs, a dict of its side tables with the
+    feature ids under "features". Side tables that read text (title entities, abstracts) use
+    `tokenizer`, by default the encoder's (the one a run saves)."""
+    ids = None
+    if cfg.features.adds and vocab is not None:
+        F = 2 + cfg.features.max_entities
+        ids = np.zeros((len(store) + 1, F), np.int64)
+        for split in splits:
+            rows = store.rows(split.news.ids)
+            news_ids = vocab.news_ids(split.news, cfg.features.max_entities)
+            ids[rows[rows > 0]] = news_ids[rows > 0]
+    names = MODELS[cfg.model].side_inputs
+    if not names:
+        return ids
+    tables = build_tables(
+        names,
+        [s.news for s in splits],
+        [store.rows(s.news.ids) for s in splits],
+        store.arrays,
+        vocab,
+        tokenizer or _tokenizer(cfg.encoder.name),
+        cfg.encoder.max_title_len,
+        cfg.naml.abstract_len,
+    )
+    return {"features": ids, **tables}
 
 
 @dataclass
@@ -176,8 +281,9 @@ def assemble(
     encoder, tokenizer = load_encoder(cfg)
     enc = Encoding.of(encoder, tokenizer)
     vectors = splits[0].path / "entity_embedding.vec"
+    cfg = for_model(cfg)
     vocab = FeatureVocab.fit(train_news, cfg.features, vectors) if cfg.features.any else None
-    cfg = resolve(cfg, encoder.dim, len(users), vocab)
+    cfg = resolve(cfg, encoder.dim, len(users), vocab, encoder.bert.config.vocab_size)
     if rank != 0:
         dist.barrier()  # rank 0 builds the news store first; the others then open it
     store = store_for(cfg, enc, splits, progress and rank == 0)
@@ -185,7 +291,11 @@ def assemble(
         dist.barrier()
     torch.manual_seed(cfg.train.seed)  # the recommender's initial weights depend on the seed only
     model = build_model(cfg, encoder, store)
-    model.set_feature_ids(feature_ids(cfg, vocab, store, splits))
+    tables = feature_ids(cfg, vocab, store, splits, tokenizer)
+    model.set_feature_ids(tables)
+    if isinstance(tables, dict):  # what the recommender fits on the training news (e.g. an IDF)
+        rows = store.rows(train_news.ids)
+        model.rec.fit_training_news(vocab, {k: v.numpy()[rows] for k, v in model.side.items()})
     if model.features is not None and vocab is not None:
         model.features.set_vectors(vocab.vectors)
     if cfg.encoder.mode == "frozen" and cfg.encoder.standardize:

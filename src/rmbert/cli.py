@@ -332,7 +332,11 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--valid", type=Path, default=None, help="validation split folder")
     t.add_argument("--valid-fraction", type=float, default=None, help="or hold out this share of --train")
     t.add_argument("--out", required=True, type=Path, help="the run folder to create")
-    t.add_argument("--model", default="rmbert", choices=["rmbert", "nrms", "lstur", "npa"])
+    t.add_argument(
+        "--model",
+        default="rmbert",
+        choices=["rmbert", "nrms", "lstur", "npa", "deepfm", "dcn", "dkn", "fim", "naml"],
+    )
     t.add_argument("--epochs", type=int, default=None, help="default 3")
     t.add_argument("--resume", action="store_true", help="continue the interrupted run in --out")
     t.add_argument("--config", type=Path, default=None, help="a run written as YAML (instead of --preset)")

@@ -16,11 +16,18 @@ from pathlib import Path
 from typing import Any
 
 from rmbert.encoders.bert import EncoderConfig
+from rmbert.models.dcn import DCNConfig
+from rmbert.models.deepfm import DeepFMConfig
+from rmbert.models.dkn import DKNConfig
 from rmbert.models.features import FeatureConfig
+from rmbert.models.fim import FIMConfig
 from rmbert.models.lstur import LSTURConfig
+from rmbert.models.naml import NAMLConfig
 from rmbert.models.npa import NPAConfig
 from rmbert.models.nrms import NRMSConfig
 from rmbert.models.rmbert import RMBERTConfig
+
+MODEL_NAMES = ("rmbert", "nrms", "lstur", "npa", "deepfm", "dcn", "dkn", "fim", "naml")
 
 
 @dataclass(frozen=True)
@@ -98,7 +105,7 @@ class TrainConfig:
 
 @dataclass(frozen=True)
 class RunConfig:
-    model: str = "rmbert"  # rmbert | nrms | lstur | npa (each reads its own section below)
+    model: str = "rmbert"  # rmbert | nrms | lstur | npa | deepfm | dcn | dkn | fim | naml (its section below)
     encoder: EncoderConfig = field(default_factory=EncoderConfig)
     features: FeatureConfig = field(default_factory=FeatureConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
@@ -106,6 +113,11 @@ class RunConfig:
     nrms: NRMSConfig = field(default_factory=NRMSConfig)
     lstur: LSTURConfig = field(default_factory=LSTURConfig)
     npa: NPAConfig = field(default_factory=NPAConfig)
+    deepfm: DeepFMConfig = field(default_factory=DeepFMConfig)
+    dcn: DCNConfig = field(default_factory=DCNConfig)
+    dkn: DKNConfig = field(default_factory=DKNConfig)
+    fim: FIMConfig = field(default_factory=FIMConfig)
+    naml: NAMLConfig = field(default_factory=NAMLConfig)
 
     def to_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -134,9 +146,8 @@ class RunConfig:
         Path(path).write_text(json.dumps(self.to_dict(), indent=2) + "\n")
 
     def __post_init__(self) -> None:
-        models = ("rmbert", "nrms", "lstur", "npa")
-        if self.model not in models:
-            raise ValueError(f"model must be one of {', '.join(models)}, not {self.model!r}")
+        if self.model not in MODEL_NAMES:
+            raise ValueError(f"model must be one of {', '.join(MODEL_NAMES)}, not {self.model!r}")
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:

@@ -61,6 +61,15 @@ GRIDS: dict[str, list[Row]] = {
         Row("NRMS (word encoder)", "nrms", "words", paper="NRMS"),
         Row("LSTUR (word encoder)", "lstur", "words", paper="LSTUR"),
         Row("NPA (word encoder)", "npa", "words", paper="NPA"),
+        # the RMBERT paper's other baselines, each with its own word-level news encoder (or, for
+        # the CTR models, ID and TF-IDF features over the same WordPiece tokens)
+        Row("DeepFM", "deepfm", "words", paper="DeepFM"),
+        Row("DCN", "dcn", "words", paper="DCN"),
+        Row("DKN", "dkn", "words", paper="DKN"),
+        # FIM's 3D matching volume grows with every candidate of an impression: it trains, as in
+        # its paper, on each click with 4 sampled negatives
+        Row("FIM", "fim", "words", ("train.negatives=4", "train.loss=softmax"), paper="FIM"),
+        Row("NAML", "naml", "words"),
     ],
     "figure2": [
         Row("RMBERT"),

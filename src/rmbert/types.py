@@ -16,6 +16,9 @@ class NewsRepr:
     tokens: torch.Tensor | None  # [N, L, D]; None where only the [CLS] vectors are needed
     mask: torch.Tensor | None  # [N, L] bool
     index: torch.Tensor | None = None  # [B, K] into N: positions of deduplicated news, if any
+    # per-news side inputs of the same news, by name (a recommender's `side_inputs`): [B, K, ...]
+    # rows of per-store-row tables, e.g. category ids [B, K] or title token ids [B, K, L]
+    extra: dict[str, torch.Tensor] | None = None
 
 
 @dataclass

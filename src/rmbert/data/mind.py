@@ -70,9 +70,17 @@ class Entities:
     ptr: np.ndarray  # [N+1] int64
     ids: np.ndarray  # [links] int32 into names
     names: list[str]  # distinct WikidataIds of the table
+    # per link: its mentions in the text, (surface form, character offset or -1 where MIND's
+    # OccurrenceOffsets does not give it); the Label at -1 for a link without SurfaceForms
+    forms: list[tuple[tuple[str, int], ...]] | None = None
 
     def of(self, i: int) -> list[str]:
         return [self.names[j] for j in self.ids[self.ptr[i] : self.ptr[i + 1]]]
+
+    def mentions(self, i: int) -> list[tuple[str, tuple[tuple[str, int], ...]]]:
+        """(WikidataId, its mentions) of news `i`'s links: where and how the text names each entity."""
+        lo, hi = int(self.ptr[i]), int(self.ptr[i + 1])
+        return [(self.names[self.ids[k]], self.forms[k] if self.forms else ()) for k in range(lo, hi)]
 
 
 def _empty_entities(n: int) -> Entities:
@@ -115,9 +123,11 @@ class _EntityReader:
     def __init__(self) -> None:
         self.names: dict[str, int] = {}
         self.cols: dict[str, tuple[array, array]] = {}
+        self.forms: dict[str, list[tuple[tuple[str, int], ...]]] = {}  # per column, per link: its mentions
 
     def add(self, path: Path, lineno: int, name: str, value: str) -> None:
         ptr, ids = self.cols.setdefault(name, (array("q", [0]), array("i")))
+        forms = self.forms.setdefault(name, [])
         v = value.strip()
         if v and v != "[]":
             try:
@@ -126,15 +136,17 @@ class _EntityReader:
                 raise MindFormatError(path, lineno, f"{name} is not valid JSON ({e.msg})") from None
             if not isinstance(items, list):
                 raise MindFormatError(path, lineno, f"{name} is not a JSON list")
-            seen: set[int] = set()
+            seen: dict[int, int] = {}  # entity -> its link's position in `forms`
             for item in items:
                 qid = item.get("WikidataId") if isinstance(item, dict) else None
                 if not isinstance(qid, str) or not qid.strip():
                     raise MindFormatError(path, lineno, f"{name}: an entity without a WikidataId string")
                 j = self.names.setdefault(qid.strip(), len(self.names))
                 if j not in seen:
-                    seen.add(j)
+                    seen[j] = len(forms)
                     ids.append(j)
+                    forms.append(())
+                forms[seen[j]] += _surface_forms(item)
         ptr.append(len(ids))
 
     def table(self, name: str, n: int) -> Entities:
@@ -145,7 +157,24 @@ class _EntityReader:
             np.frombuffer(ptr, dtype=np.int64).copy(),
             np.frombuffer(ids, dtype=np.int32).copy(),
             list(self.names),
+            self.forms[name],
         )
+
+
+def _surface_forms(item: dict) -> tuple[tuple[str, int], ...]:
+    """An entity link's mentions: its SurfaceForms (the words of the text that name it) with
+    their OccurrenceOffsets where both lists agree (else -1), or its Label at -1."""
+    forms, offsets = item.get("SurfaceForms"), item.get("OccurrenceOffsets")
+    forms = forms if isinstance(forms, list) else []
+    if not (isinstance(offsets, list) and len(offsets) == len(forms)):
+        offsets = [-1] * len(forms)
+    got = tuple(
+        (f, o if isinstance(o, int) and not isinstance(o, bool) and o >= 0 else -1)
+        for f, o in zip(forms, offsets)
+        if isinstance(f, str) and f.strip()
+    )
+    label = item.get("Label")
+    return got or (((label, -1),) if isinstance(label, str) and label.strip() else ())
 
 
 def load_news(path: str | Path) -> News:

@@ -73,6 +73,20 @@ class NewsSide(nn.Module):
     def set_store(self, store: NewsStore) -> None:
         self.store = store
 
+    def embed_words(self, ids: torch.Tensor) -> torch.Tensor:
+        """Token ids [..., T] (0 = padding) -> this side's word embeddings [..., T, E], zero at
+        padding: for text the store does not hold (e.g. NAML's abstracts). The trainable word
+        embeddings in words and lstm modes (with their dropout), else BERT's input embeddings
+        (trained in full mode only)."""
+        enc = self.encoder
+        words = enc.words if isinstance(enc, LSTMNewsEncoder) else enc
+        if isinstance(words, WordNewsEncoder):
+            emb, drop = words.embed, words.drop
+        else:
+            emb, drop = enc.bert.get_input_embeddings(), nn.Identity()
+        ids = ids.to(emb.weight.device)
+        return drop(emb(ids)) * (ids > 0)[..., None]
+
     def vector_array(self) -> np.ndarray:
         """The store's news vectors [rows, D] for this pooling (frozen mode)."""
         return self.store.pooled() if self.pooling == "mean" else self.store.arrays["cls"]

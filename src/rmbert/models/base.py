@@ -14,6 +14,7 @@ from __future__ import annotations
 from abc import ABC, ABCMeta, abstractmethod
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -54,6 +55,17 @@ class Recommender(nn.Module, metaclass=ABCMeta):
     name = "base"
     needs_history_tokens = False  # True for models that encode clicked news from their words
     dedup_candidates = False  # True: score_candidates takes unique candidates [U, ...] + NewsRepr.index
+    # Per-news side inputs beyond the news side's vectors, read from NewsRepr.extra (the names of
+    # rmbert.models.tables.TABLES); `word_inputs` are those of them that are token ids, which the
+    # news side passes embedded ([..., T, E], with "<name>_mask" [..., T]).
+    side_inputs: tuple[str, ...] = ()
+    word_inputs: tuple[str, ...] = ()
+    servable = True  # False: needs side inputs, which `rmbert serve` does not build
+
+    def fit_training_news(self, vocab: Any, tables: dict[str, np.ndarray]) -> None:
+        """Fit what the model derives from the training split's news (`tables`: its side-input
+        tables for those news only; `vocab`: the FeatureVocab), kept in buffers saved with the
+        weights: e.g. DeepFM's IDF, DKN's entity vectors. Nothing by default."""
 
     @abstractmethod
     def user_state(self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None) -> Any:
@@ -65,6 +77,11 @@ class Recommender(nn.Module, metaclass=ABCMeta):
 
     def inference_form(self) -> InferenceForm:
         """The form serving scores with (a folded one where a model has it); eval mode only."""
+        if not self.servable:
+            raise ValueError(
+                f"{self.name} reads per-news side inputs ({', '.join(self.side_inputs) or 'title tokens'}) "
+                "that serving does not build: it cannot be served"
+            )
         return GenericInference(self)
 
     def forward(
@@ -84,6 +101,12 @@ def masked_softmax(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
     """Softmax over the last axis where mask is True; all-masked rows give zeros."""
     w = torch.softmax(logits.masked_fill(~mask, NEG), dim=-1)
     return w * mask
+
+
+def masked_logsumexp(logits: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+    """log sum_j exp(logits_j) over the last axis where mask is True; 0 for all-masked rows."""
+    lse = torch.logsumexp(logits.masked_fill(~mask, NEG), dim=-1)
+    return torch.where(mask.any(-1), lse, torch.zeros_like(lse))
 
 
 def masked_mean_weights(mask: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -12,6 +12,10 @@ and v_e the entity's pretrained vector from the training split's `entity_embeddi
 clicked news also get E_pos[r], r = 1 for the most recent click, 2 for the one before, ...
 The vocabulary is fitted on the training split's news only and saved in the run as
 `features.json`. Shape letters: N news, F = 2 + max_entities feature slots, D hidden, V vector width.
+
+Models that read ids themselves (DeepFM, DCN, DKN, NAML: `Recommender.side_inputs`) switch on
+`vocab`: the vocabulary is fitted and saved, with the training news ids too (DeepFM's and DCN's
+news-id field), and nothing is added to the news vectors unless a feature is switched on as well.
 """
 
 from __future__ import annotations
@@ -43,16 +47,24 @@ class FeatureConfig:
     num_entities: int = 0
     vector_dim: int = 0  # V: the width of entity_embedding.vec
     max_history: int = 0  # positions for history_position (train.max_history)
+    vocab: bool = False  # fit and save the vocabulary for a model's own id inputs (set from the model)
+    num_news: int = 0  # training news + 1 (with vocab)
 
     def __post_init__(self) -> None:
         if self.max_entities < 1 or self.min_count < 1:
             raise ValueError("features.max_entities and features.min_count must be >= 1")
-        if self.entity_vectors and not self.entities:
+        if self.entity_vectors and not (self.entities or self.vocab):
             raise ValueError("features.entity_vectors needs features.entities=true")
 
     @property
-    def any(self) -> bool:
+    def adds(self) -> bool:
+        """Something is added to the news vectors (NewsFeatures)."""
         return self.category or self.subcategory or self.entities or self.history_position
+
+    @property
+    def any(self) -> bool:
+        """The run fits and saves a vocabulary (features.json)."""
+        return self.adds or self.vocab
 
 
 @dataclass
@@ -63,6 +75,7 @@ class FeatureVocab:
     subcategories: list[str] = field(default_factory=list)
     entities: list[str] = field(default_factory=list)
     vectors: np.ndarray | None = None  # [len(entities) + 1, V] (row 0 and entities without one: zero)
+    news: list[str] = field(default_factory=list)  # training news ids (with `vocab`), in file order
 
     @classmethod
     def fit(cls, news: News, cfg: FeatureConfig, vectors_file: Path | None = None) -> FeatureVocab:
@@ -83,7 +96,8 @@ class FeatureVocab:
             for i, e in enumerate(entities, 1):
                 if e in table:
                     vectors[i] = table[e]
-        return cls(sorted(set(news.category)), sorted(set(news.subcategory)), entities, vectors)
+        news_ids = list(news.ids) if cfg.vocab else []
+        return cls(sorted(set(news.category)), sorted(set(news.subcategory)), entities, vectors, news_ids)
 
     def sizes(self) -> dict[str, int]:
         return {
@@ -91,18 +105,22 @@ class FeatureVocab:
             "num_subcategories": len(self.subcategories) + 1,
             "num_entities": len(self.entities) + 1,
             "vector_dim": 0 if self.vectors is None else int(self.vectors.shape[1]),
+            "num_news": len(self.news) + 1,
         }
 
     def save(self, path: str | Path) -> None:
         """The names only: the vectors are saved with the model's weights."""
         names = {k: getattr(self, k) for k in ("categories", "subcategories", "entities")}
+        if self.news:
+            names["news"] = self.news
         Path(path).write_text(json.dumps(names, indent=1) + "\n")
 
     @classmethod
     def load(cls, path: str | Path) -> FeatureVocab:
         try:
             data = json.loads(Path(path).read_text())
-            return cls(**{k: list(map(str, data[k])) for k in ("categories", "subcategories", "entities")})
+            names = {k: list(map(str, data[k])) for k in ("categories", "subcategories", "entities")}
+            return cls(**names, news=list(map(str, data.get("news", []))))
         except (OSError, ValueError, KeyError, TypeError) as e:
             raise ValueError(f"{path}: not a features vocabulary ({e})") from None
 

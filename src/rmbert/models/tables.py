@@ -1,0 +1,206 @@
+"""Per-news side inputs beyond the news side's vectors: named tables with one row per store row.
+
+A recommender names the tables it reads (`Recommender.side_inputs`); `build_tables` makes them
+for the news of some splits, in store-row order (row 0, the null news, is all zero), and
+`NewsRecModel` hands a batch's rows of them to the recommender on `NewsRepr.extra` ([B, K, ...]).
+Like the feature ids, the tables belong to a store, not to the run: they are rebuilt (from the
+saved vocabulary and the tokenizer) whenever a run is pointed at another store.
+
+    news_id       [R]     training news id (FeatureVocab.news; 0 = a news not in training)
+    category      [R]     FeatureVocab category id (0 = unknown)
+    subcategory   [R]     FeatureVocab subcategory id (0 = unknown)
+    title_ids     [R, L]  the title's WordPiece ids exactly as the news side reads them (the
+                          store's input_ids without [CLS]/[SEP]; 0 = padding), so position l is
+                          NewsRepr.tokens[..., l, :]
+    title_entity  [R, L]  per title token: the FeatureVocab id of the title entity that names it
+                          (0 = none): by MIND's character offsets, else by surface form (see
+                          `align_entities`)
+    abstract      [R, A]  the abstract's WordPiece ids (A = abstract_len; 0 = padding); the store
+                          keeps titles only, so abstracts are tokenized here with the run's tokenizer
+
+Shape letters: R store rows (row 0 included), L title tokens, A abstract tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from rmbert.data.mind import News
+from rmbert.models.features import FeatureVocab
+
+TABLES = ("news_id", "category", "subcategory", "title_ids", "title_entity", "abstract")
+VOCAB_TABLES = frozenset({"news_id", "category", "subcategory", "title_entity"})  # need the vocabulary
+
+
+def title_ids(input_ids: np.ndarray, attn: np.ndarray, L: int, sep_token_id: int) -> np.ndarray:
+    """Store input ids, attention [R, S] -> title token ids [R, L] (rmbert.encoders.lstm.title_part
+    in numpy), 0 where the news side masks the position."""
+    tok = np.asarray(input_ids[:, 1 : L + 1], dtype=np.int64)
+    mask = np.asarray(attn[:, 1 : L + 1], dtype=bool) & (tok != sep_token_id)
+    out = np.zeros((len(tok), L), np.int64)
+    out[:, : tok.shape[1]] = np.where(mask, tok, 0)
+    return out
+
+
+def align_entities(
+    title: np.ndarray, spans: np.ndarray | None, links: list[tuple[int, list[tuple[list[int], int, int]]]]
+) -> np.ndarray:
+    """The entity id of every title token [L], 0 = none. `title`: token ids [L] (0 = padding);
+    `spans`: each token's character span in the title [L, 2] (None: unknown); `links`: the title's
+    entities in MIND's order, each (vocabulary id, its mentions: (surface form's token ids,
+    character start, end), start -1 where MIND gives no offset). A token gets the entity of the
+    first link that names it:
+    - by offsets (MIND's OccurrenceOffsets against the tokenizer's character spans): exact;
+    - else by the surface form's WordPiece sequence found in the title's (WordPiece splits words
+      independently of their neighbours, so a form tokenizes alone as in the title); forms with
+      an unknown word ([UNK] would match any unknown word) are not searched.
+    Mentions cut off by the title length L are lost."""
+    out = np.zeros(len(title), np.int64)
+    n = int((title > 0).sum())  # the title tokens are a prefix
+    for ent, mentions in links:
+        if ent == 0:
+            continue
+        for form, start, end in mentions:
+            if spans is not None and start >= 0:
+                hit = (spans[:, 0] < end) & (spans[:, 1] > start) & (title > 0) & (out == 0)
+                out[hit] = ent
+                continue
+            k = len(form)
+            if k == 0 or k > n:
+                continue
+            f = np.asarray(form, np.int64)
+            windows = np.lib.stride_tricks.sliding_window_view(title[:n], k)  # [n - k + 1, k]
+            for s in np.flatnonzero((windows == f).all(1)):
+                span = out[s : s + k]
+                span[span == 0] = ent
+    return out
+
+
+def _tokenize(tokenizer, texts: list[str], length: int, chunk: int = 8192) -> np.ndarray:
+    """WordPiece ids [N, length] without special tokens, 0 = padding."""
+    out = np.zeros((len(texts), length), np.int64)
+    for i in range(0, len(texts), chunk):
+        enc = tokenizer(
+            texts[i : i + chunk],
+            add_special_tokens=False,
+            max_length=length,
+            truncation=True,
+            padding="max_length",
+            return_attention_mask=True,
+        )
+        ids = np.asarray(enc["input_ids"], np.int64).reshape(-1, length)
+        out[i : i + chunk] = ids * np.asarray(enc["attention_mask"], np.int64).reshape(-1, length)
+    return out
+
+
+def _entity_links(
+    tokenizer, news: News, rows: np.ndarray, titles: np.ndarray, ent_index: dict[str, int], L: int
+) -> dict[int, tuple[np.ndarray | None, list]]:
+    """For the news `rows` of `news` with title entities: (token spans or None, links) as
+    `align_entities` reads them; `titles` [len(rows), L] are their title token ids in the store."""
+    ents = news.title_entities
+    assert ents is not None
+    per = {int(i): ents.mentions(int(i)) for i in rows}
+    per = {i: m for i, m in per.items() if m}
+    if not per:
+        return {}
+    order = list(per)
+    spans: dict[int, np.ndarray | None] = dict.fromkeys(order)
+    if getattr(tokenizer, "is_fast", False):
+        enc = tokenizer(
+            [news.title[i] for i in order], max_length=L + 2, truncation=True, return_offsets_mapping=True
+        )
+        where = {int(i): j for j, i in enumerate(rows)}
+        for i, ids, offs in zip(order, enc["input_ids"], enc["offset_mapping"]):
+            tok = np.zeros(L, np.int64)
+            got = np.asarray(ids[1 : L + 1], np.int64)
+            tok[: len(got)] = got
+            t = titles[where[i]]
+            if np.array_equal(np.where(t > 0, tok, 0), t):  # tokenized as the store did
+                sp = np.zeros((L, 2), np.int64)
+                o = np.asarray(offs[1 : L + 1], np.int64).reshape(-1, 2)
+                sp[: len(o)] = o
+                spans[i] = sp
+    forms = [f for i in order for _, ms in per[i] for f, _ in ms]
+    ids = iter(tokenizer(forms, add_special_tokens=False)["input_ids"])
+    unk = getattr(tokenizer, "unk_token_id", None)
+    out = {}
+    for i in order:
+        links = []
+        for qid, ms in per[i]:
+            mentions = []
+            for f, start in ms:
+                form = next(ids)
+                mentions.append(([] if unk in form else form, start, start + len(f) if start >= 0 else -1))
+            links.append((ent_index.get(qid, 0), mentions))
+        out[i] = (spans[i], links)
+    return out
+
+
+def build_tables(
+    names: tuple[str, ...],
+    news_list: list[News],
+    rows_list: list[np.ndarray],
+    store_arrays: dict,
+    vocab: FeatureVocab | None,
+    tokenizer,
+    title_len: int,
+    abstract_len: int = 50,
+) -> dict[str, np.ndarray]:
+    """The tables `names` [R, ...] for the news of several splits (`rows_list[i]`: store rows of
+    `news_list[i]`'s news, 0 = not in the store; a news in several splits is read from the first).
+    `store_arrays` is the store's arrays (`input_ids`, `attn`), R = their length."""
+    unknown = set(names) - set(TABLES)
+    if unknown:
+        raise ValueError(f"unknown side input(s) {sorted(unknown)}; known: {', '.join(TABLES)}")
+    if VOCAB_TABLES & set(names) and vocab is None:
+        raise ValueError(f"side inputs {sorted(VOCAB_TABLES & set(names))} need the feature vocabulary")
+    R = len(store_arrays["input_ids"])
+    out: dict[str, np.ndarray] = {}
+    titles = None
+    if {"title_ids", "title_entity"} & set(names):
+        titles = title_ids(
+            np.asarray(store_arrays["input_ids"]),
+            np.asarray(store_arrays["attn"]),
+            title_len,
+            tokenizer.sep_token_id,
+        )
+        titles[0] = 0
+        if "title_ids" in names:
+            out["title_ids"] = titles
+    for name in ("news_id", "category", "subcategory"):
+        if name in names:
+            out[name] = np.zeros(R, np.int64)
+    if "title_entity" in names:
+        out["title_entity"] = np.zeros((R, title_len), np.int64)
+    if "abstract" in names:
+        out["abstract"] = np.zeros((R, abstract_len), np.int64)
+    if vocab is not None:
+        index = {
+            "news_id": {v: i + 1 for i, v in enumerate(vocab.news)},
+            "category": {v: i + 1 for i, v in enumerate(vocab.categories)},
+            "subcategory": {v: i + 1 for i, v in enumerate(vocab.subcategories)},
+        }
+        ent_index = {v: i + 1 for i, v in enumerate(vocab.entities)}
+    filled = np.zeros(R, bool)
+    filled[0] = True
+    for news, rows in zip(news_list, rows_list):
+        take = np.flatnonzero(~filled[rows])  # this split's news not read from an earlier split
+        r = rows[take]
+        filled[r] = True
+        if len(take) == 0:
+            continue
+        values = {"news_id": news.ids, "category": news.category, "subcategory": news.subcategory}
+        for name in ("news_id", "category", "subcategory"):
+            if name in names:
+                lookup = index[name]
+                out[name][r] = [lookup.get(values[name][i], 0) for i in take]
+        if "abstract" in names:
+            out["abstract"][r] = _tokenize(tokenizer, [news.abstract[i] for i in take], abstract_len)
+        if "title_entity" in names:
+            assert titles is not None
+            found = _entity_links(tokenizer, news, take, titles[r], ent_index, title_len)
+            for i, row in zip(take, r):
+                if int(i) in found:
+                    out["title_entity"][row] = align_entities(titles[row], *found[int(i)])
+    return out
