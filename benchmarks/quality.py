@@ -314,9 +314,13 @@ def main() -> None:
     )
     a = p.parse_args()
     if a.plot:
-        summary = summarize([r for r in collect(a.out) if r["row"] in ALL_ROWS])
+        everything = collect(a.out)
+        summary = summarize([r for r in everything if r["row"] in ALL_ROWS])
         plot_curves(summary, ALL_ROWS, a.plot)
         print(report_tables(summary, ALL_ROWS))
+        tried = sorted({r["row"] for r in everything} - set(ALL_ROWS))
+        print("\n## Every configuration tried\n")
+        print(report_tables(summarize(everything), [*ALL_ROWS, *tried]))
         return
     os.environ.setdefault("RMBERT_CACHE", str(a.out / "cache"))
     specs = dict(TRAINED)

@@ -176,6 +176,10 @@ def test_overfits_one_batch():
         {"click_product": True},
         {"click_product": True, "steps": 1, "memory_dim": 9, "click_hidden": 11},
         {"click_product": True, "prev_memory": False},
+        {"match_strength": True},
+        {"match_strength": True, "click_product": True, "steps": 2},
+        {"match_strength": True, "prev_memory": False},
+        {"match_strength": True, "attention": False},
     ],
 )
 def test_folded_inference_equals_the_model(change):
@@ -215,7 +219,10 @@ def test_click_product_adds_a_similarity_path():
     assert torch.allclose(logits, prod.W_2(torch.relu(pre)).squeeze(-1))
 
 
-@pytest.mark.parametrize("change", [{}, {"fast_path": False}, {"attention": False}, {"click_product": True}])
+@pytest.mark.parametrize(
+    "change",
+    [{}, {"fast_path": False}, {"attention": False}, {"click_product": True}, {"match_strength": True}],
+)
 def test_deduplicated_candidates_score_as_expanded(change):
     """Unique candidates [U, ...] with an index [B, C] give the scores and gradients of the
     expanded [B, C, ...] form: the query unit just runs once per unique news."""
@@ -241,3 +248,29 @@ def test_deduplicated_candidates_score_as_expanded(change):
     gb = torch.autograd.grad(b.logits.sum(), list(m.parameters()), allow_unused=True)
     for x, y in zip(ga, gb):
         assert (x is None and y is None) or torch.allclose(x, y, atol=1e-9)
+
+
+def test_match_strength_reads_the_log_sum_exp_of_the_history_logits():
+    """Eq. 8'': with W_1s zeroed the score is the model's without it; the term added is W_1s s with
+    s_i = log sum_j exp(history logit_ij) over clicked news (0 for an empty history), by hand."""
+    H, hmask, cand = dbl(*inputs(11, empty_history_row=2))
+    base, strong = model(seed=9), model(seed=9, match_strength=True)
+    strong.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        strong.W_1s.weight.zero_()
+    assert torch.allclose(strong(H, hmask, cand), base(H, hmask, cand))
+    with torch.no_grad():
+        strong.W_1s.weight.normal_()
+    state = strong.user_state(NewsRepr(H, None, None), hmask)
+    x, m = cand.cls, strong.m0.expand(B, C, -1)
+    hm = hmask[:, None, :].expand(-1, C, -1)
+    lses = []
+    for k in strong.query_unit(x, cand.tokens, cand.mask)[0]:
+        logits = strong.memory_logits_direct(k, m, state)  # the literal form, bias included
+        lse = torch.logsumexp(logits.masked_fill(~hm, float("-inf")), -1)
+        lses.append(torch.where(hm.any(-1), lse, torch.zeros_like(lse)))
+        m = strong.memory_update(torch.softmax(logits.masked_fill(~hm, -1e9), -1) * hm, m, state)
+    pre = strong.W_1(torch.cat([x, m], -1)) + strong.W_1s(torch.stack(lses, -1))
+    want = strong.W_2(torch.relu(pre)).squeeze(-1)
+    assert torch.allclose(strong(H, hmask, cand), want)
+    assert torch.all(torch.stack(lses, -1)[2] == 0)  # the empty history

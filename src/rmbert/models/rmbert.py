@@ -18,6 +18,12 @@ similarity path to the click predictor, as DIN-style matchers do, so that how we
 matches what the memory retrieved reaches the score without the MLP relearning a product:
 
     o = ReLU(W_1 [x_n ; m_p] + W_1p (x_n * (P m_p + b_P)) + b_1)   (8')
+
+and option `match_strength` (not in the paper) hands the click predictor what eq. 6's softmax
+discards: each step's log-sum-exp of the history attention logits, a smooth maximum that grows
+with how well, and with how many, clicked news matched (s = [lse_1 .. lse_p], 0 for no history):
+
+    o = ReLU(... + W_1s s + b_1)                                     (8'')
  `memory_logits_direct` computes (4)-(6) literally
 ([B, C, M, D] tensors); `memory_logits_fast` is the exact fast path: with v = w_b * k_i,
 W_I = [W_I1 W_I2], r = W_r m_{i-1} + b_r and G = W_H H + b_H (per user, computed once),
@@ -38,7 +44,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from rmbert.models.base import NEG, Recommender, masked_mean_weights, masked_softmax
+from rmbert.models.base import NEG, Recommender, masked_logsumexp, masked_mean_weights, masked_softmax
 from rmbert.types import NewsRepr, Scores
 
 
@@ -55,6 +61,7 @@ class RMBERTConfig:
     fast_path: bool = True  # exact fast path for eq. 4-6 (False: the direct form)
     dropout: float = 0.0  # on x_n, X_con and H
     click_product: bool = False  # eq. 8': the product x_n * P m_p inside the click predictor
+    match_strength: bool = False  # eq. 8'': each step's log-sum-exp of the history logits, to the click layer
 
     def __post_init__(self) -> None:
         if self.query_attention not in ("softmax", "sigmoid"):
@@ -99,6 +106,8 @@ class RMBERT(Recommender):
         if cfg.click_product:
             self.P = nn.Linear(Dm, D)  # (8')
             self.W_1p = nn.Linear(D, H1, bias=False)  # (8')
+        if cfg.match_strength:
+            self.W_1s = nn.Linear(cfg.steps, H1, bias=False)  # (8'')
         self.drop = nn.Dropout(cfg.dropout)
 
     def user_state(
@@ -190,20 +199,27 @@ class RMBERT(Recommender):
         B, C, _ = x.shape
         m = self.m0.expand(B, C, -1)  # m_0
         hmask = state.mask[:, None, :].expand(-1, C, -1)  # [B, C, M]
-        hist_w = []
+        hist_w, strength = [], []
         for i in range(self.cfg.steps):
             if not self.cfg.attention:
                 b = masked_mean_weights(hmask, state.H.dtype)
-            elif self.cfg.fast_path:
-                terms = tuple(per_pair(t) for t in self.fast_terms(ks[i]))
-                b = masked_softmax(self.memory_logits_fast(terms, m, state), hmask)
+                lse = torch.zeros(B, C, dtype=x.dtype, device=x.device)
             else:
-                b = masked_softmax(self.memory_logits_direct(per_pair(ks[i]), m, state), hmask)
+                if self.cfg.fast_path:
+                    terms = tuple(per_pair(t) for t in self.fast_terms(ks[i]))
+                    logits = self.memory_logits_fast(terms, m, state)
+                else:
+                    logits = self.memory_logits_direct(per_pair(ks[i]), m, state)
+                b = masked_softmax(logits, hmask)
+                lse = masked_logsumexp(logits, hmask) if self.cfg.match_strength else None
             m = self.memory_update(b, m, state)
             hist_w.append(b)
+            strength.append(lse)
         pre = self.W_1(torch.cat([x, m], dim=-1))  # (8) [B, C, H1]
         if self.cfg.click_product:
             pre = pre + self.W_1p(x * self.P(m))  # (8')
+        if self.cfg.match_strength:
+            pre = pre + self.W_1s(torch.stack(strength, -1))  # (8'') [B, C, p] -> [B, C, H1]
         logits = self.W_2(torch.relu(pre)).squeeze(-1)  # [B, C]
         if record:
             att = {"title": per_pair(torch.stack(title, -2)), "history": torch.stack(hist_w, 2)}

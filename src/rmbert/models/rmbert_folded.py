@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import torch
 
-from rmbert.models.base import InferenceForm, masked_mean_weights, masked_softmax
+from rmbert.models.base import InferenceForm, masked_logsumexp, masked_mean_weights, masked_softmax
 from rmbert.models.rmbert import RMBERT
 from rmbert.types import NewsRepr, Scores
 
@@ -101,6 +101,11 @@ class FoldedRMBERT(InferenceForm):
         self.rho, self.kappa = torch.stack(rho).to(dtype), (W_1m @ mem).to(dtype)  # [p, D], [H1]
         self.y0 = (Pm @ mem + f64["P.bias"]).to(dtype) if Pm is not None else None  # [D]
         self.W_1p = m.W_1p.weight if cfg.click_product else None  # [H1, D]
+        # eq. 8'': the history logits' constant v_t . b_I + b_b (it cancels in the softmax, not in the
+        # log-sum-exp) is s_t . g + h with k_t = W_q s_t + b_q
+        self.W_1s = m.W_1s.weight if cfg.match_strength else None  # [H1, p]
+        wbI = wb * f64["W_I.bias"]
+        self.g, self.h = (W_q.T @ wbI).to(dtype), (b_q @ wbI + f64["W_beta.bias"][0]).to(dtype)
         if not cfg.prev_memory:
             self.rho = torch.ones_like(self.rho)  # eq. 4 without m: I = W_H H + b_H
         self.r0 = self.rho[0]
@@ -158,7 +163,7 @@ class FoldedRMBERT(InferenceForm):
         r = self.r0  # W_r m_(t-1) + b_r: [D] until it depends on the candidate
         a = masked_mean_weights(xmask, X.dtype)  # w/o Att: mean pooling at every step
         bw = X.new_empty(B, C, p * M)  # history weights of every step, [b_0 .. b_(p-1)]
-        title_w = []
+        title_w, strength = [], []
         for t in range(p):
             if cfg.attention:
                 logits = terms["base"][..., t, :]  # [B, C, L]
@@ -171,11 +176,19 @@ class FoldedRMBERT(InferenceForm):
             s = (a[..., None, :] @ X).squeeze(-2)  # [B, C, D]: k_t = W_q s + b_q
             if not cfg.attention:
                 b = masked_mean_weights(hmask, X.dtype)
+                hl = None
             elif cfg.prev_memory and t > 0:  # r_t depends on the candidate
                 left = (s @ self.R2 + self.c2) * r  # [B, C, D]
-                b = masked_softmax((left @ user.Gt).add_(s @ user.Z).add_(user.z[:, None]), hmask)
+                hl = (left @ user.Gt).add_(s @ user.Z).add_(user.z[:, None])
+                b = masked_softmax(hl, hmask)
             else:
-                b = masked_softmax(s @ user.Z0 + user.z0[:, None], hmask)
+                hl = s @ user.Z0 + user.z0[:, None]
+                b = masked_softmax(hl, hmask)
+            if self.W_1s is not None:
+                lse = (
+                    masked_logsumexp(hl + (s @ self.g + self.h)[..., None], hmask) if hl is not None else None
+                )
+                strength.append(lse if lse is not None else torch.zeros_like(s[..., 0]))
             bw[..., t * M : (t + 1) * M] = b
             if cfg.attention and cfg.prev_memory and t + 1 < p:
                 r = self.rho[t + 1] + bw[..., : (t + 1) * M] @ user.P[:, (p - 2 - t) * M :]  # [B, C, D]
@@ -184,6 +197,8 @@ class FoldedRMBERT(InferenceForm):
         pre = terms["click"] + self.kappa + bw @ user.Q  # (8), [B, C, H1]
         if self.y0 is not None and user.Y is not None:
             pre = pre + (cand.cls * (self.y0 + bw @ user.Y)) @ self.W_1p.T  # (8')
+        if self.W_1s is not None:
+            pre = pre + torch.stack(strength, -1) @ self.W_1s.T  # (8'')
         logits = torch.relu(pre) @ self.W_2 + self.b_2
         if record:
             return Scores(logits, {"title": torch.stack(title_w, 2), "history": bw.view(B, C, p, M)})
