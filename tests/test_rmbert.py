@@ -180,6 +180,8 @@ def test_overfits_one_batch():
         {"match_strength": True, "click_product": True, "steps": 2},
         {"match_strength": True, "prev_memory": False},
         {"match_strength": True, "attention": False},
+        {"similarity": True},
+        {"similarity": True, "match_strength": True, "click_product": True, "steps": 2},
     ],
 )
 def test_folded_inference_equals_the_model(change):
@@ -221,7 +223,14 @@ def test_click_product_adds_a_similarity_path():
 
 @pytest.mark.parametrize(
     "change",
-    [{}, {"fast_path": False}, {"attention": False}, {"click_product": True}, {"match_strength": True}],
+    [
+        {},
+        {"fast_path": False},
+        {"attention": False},
+        {"click_product": True},
+        {"match_strength": True},
+        {"similarity": True},
+    ],
 )
 def test_deduplicated_candidates_score_as_expanded(change):
     """Unique candidates [U, ...] with an index [B, C] give the scores and gradients of the
@@ -274,3 +283,32 @@ def test_match_strength_reads_the_log_sum_exp_of_the_history_logits():
     want = strong.W_2(torch.relu(pre)).squeeze(-1)
     assert torch.allclose(strong(H, hmask, cand), want)
     assert torch.all(torch.stack(lses, -1)[2] == 0)  # the empty history
+
+
+def test_similarity_reads_max_and_mean_cosine_to_clicked_news():
+    """Eq. 8''': with W_1c zeroed the score is the model's without it; S starts as the identity, so
+    the features are the no-training max and mean cosine of x_n to the clicked news, by hand
+    (0 for an empty history); S is trained (it gets a gradient)."""
+    H, hmask, cand = dbl(*inputs(12, empty_history_row=1))
+    base, sim = model(seed=10), model(seed=10, similarity=True)
+    sim.load_state_dict(base.state_dict(), strict=False)
+    assert set(sim.state_dict()) - set(base.state_dict()) == {"S.weight", "W_1c.weight"}
+    with torch.no_grad():
+        sim.W_1c.weight.zero_()
+    assert torch.allclose(sim(H, hmask, cand), base(H, hmask, cand))
+    feats = []
+    for b in range(B):
+        for c in range(C):
+            h = H[b][hmask[b]]
+            cos = torch.nn.functional.cosine_similarity(cand.cls[b, c][None], h, dim=-1)
+            feats.append([cos.max(), cos.mean()] if len(h) else [0.0, 0.0])
+    want = torch.tensor(feats, dtype=H.dtype).view(B, C, 2)
+    state = sim.user_state(NewsRepr(H, None, None), hmask)
+    xs = torch.nn.functional.normalize(sim.S(cand.cls), dim=-1)
+    got = sim.similarity_features(xs, state.Hs, hmask)
+    assert torch.allclose(got, want, atol=1e-12)
+    assert torch.all(got[1] == 0)
+    with torch.no_grad():
+        sim.W_1c.weight.normal_()
+    sim(H, hmask, cand).sum().backward()
+    assert sim.S.weight.grad is not None and sim.S.weight.grad.abs().sum() > 0

@@ -24,6 +24,13 @@ discards: each step's log-sum-exp of the history attention logits, a smooth maxi
 with how well, and with how many, clicked news matched (s = [lse_1 .. lse_p], 0 for no history):
 
     o = ReLU(... + W_1s s + b_1)                                     (8'')
+
+and option `similarity` (not in the paper) gives the click predictor a learned-metric matcher
+beside the memory: with S a D x D map initialised to the identity, c_j = cos(S x_n, S h_j) over
+clicked news, and its max and mean (0 for no history), the features a logistic regression on
+cosines reads; at initialisation they are the no-training max- and mean-cosine scores:
+
+    o = ReLU(... + W_1c [max_j c_j ; mean_j c_j] + b_1)             (8''')
  `memory_logits_direct` computes (4)-(6) literally
 ([B, C, M, D] tensors); `memory_logits_fast` is the exact fast path: with v = w_b * k_i,
 W_I = [W_I1 W_I2], r = W_r m_{i-1} + b_r and G = W_H H + b_H (per user, computed once),
@@ -62,6 +69,7 @@ class RMBERTConfig:
     dropout: float = 0.0  # on x_n, X_con and H
     click_product: bool = False  # eq. 8': the product x_n * P m_p inside the click predictor
     match_strength: bool = False  # eq. 8'': each step's log-sum-exp of the history logits, to the click layer
+    similarity: bool = False  # eq. 8''': max and mean learned-metric cosine to clicked news, to the click layer
 
     def __post_init__(self) -> None:
         if self.query_attention not in ("softmax", "sigmoid"):
@@ -79,6 +87,7 @@ class UserState:
     H: torch.Tensor  # [B, M, D] clicked news vectors
     mask: torch.Tensor  # [B, M] bool
     GH: torch.Tensor  # [B, M, 2D] = [W_H H + b_H ; H]
+    Hs: torch.Tensor | None = None  # [B, M, D] unit S h_j (similarity)
 
 
 class RMBERT(Recommender):
@@ -108,6 +117,10 @@ class RMBERT(Recommender):
             self.W_1p = nn.Linear(D, H1, bias=False)  # (8')
         if cfg.match_strength:
             self.W_1s = nn.Linear(cfg.steps, H1, bias=False)  # (8'')
+        if cfg.similarity:
+            self.S = nn.Linear(D, D, bias=False)  # (8''') the metric, from the identity
+            nn.init.eye_(self.S.weight)
+            self.W_1c = nn.Linear(2, H1, bias=False)  # (8''')
         self.drop = nn.Dropout(cfg.dropout)
 
     def user_state(
@@ -115,7 +128,18 @@ class RMBERT(Recommender):
     ) -> UserState:
         H = self.drop(hist.cls)  # [B, M, D]
         G = self.W_H(H)  # [B, M, D]
-        return UserState(H=H, mask=hist_mask, GH=torch.cat([G, H], dim=-1))
+        Hs = nn.functional.normalize(self.S(H), dim=-1) if self.cfg.similarity else None
+        return UserState(H=H, mask=hist_mask, GH=torch.cat([G, H], dim=-1), Hs=Hs)
+
+    @staticmethod
+    def similarity_features(xs: torch.Tensor, Hs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Unit vectors xs [B, C, D] and Hs [B, M, D], mask [B, M] -> [max_j c_j, mean_j c_j]
+        [B, C, 2] of the cosines c_j over unmasked clicked news (0 for none), eq. 8'''."""
+        c = torch.einsum("bcd,bmd->bcm", xs, Hs)  # [B, C, M]
+        m = mask[:, None, :]
+        n = mask.sum(-1).clamp(min=1)[:, None]  # [B, 1]
+        top = c.masked_fill(~m, NEG).amax(-1).where(mask.any(-1)[:, None], torch.zeros_like(c[..., 0]))
+        return torch.stack([top, (c * m).sum(-1) / n], -1)
 
     # -- eq. 1-3: the query unit (the candidate alone) ------------------------------------------
     def query_step(
@@ -195,6 +219,7 @@ class RMBERT(Recommender):
         def per_pair(t: torch.Tensor) -> torch.Tensor:
             return t if idx is None else t[idx]
 
+        xs = nn.functional.normalize(self.S(x), dim=-1) if self.cfg.similarity else None  # [U|B C, D]
         x = per_pair(x)  # [B, C, D]
         B, C, _ = x.shape
         m = self.m0.expand(B, C, -1)  # m_0
@@ -220,6 +245,8 @@ class RMBERT(Recommender):
             pre = pre + self.W_1p(x * self.P(m))  # (8')
         if self.cfg.match_strength:
             pre = pre + self.W_1s(torch.stack(strength, -1))  # (8'') [B, C, p] -> [B, C, H1]
+        if self.cfg.similarity:
+            pre = pre + self.W_1c(self.similarity_features(per_pair(xs), state.Hs, state.mask))  # (8''')
         logits = self.W_2(torch.relu(pre)).squeeze(-1)  # [B, C]
         if record:
             att = {"title": per_pair(torch.stack(title, -2)), "history": torch.stack(hist_w, 2)}

@@ -29,6 +29,7 @@ class FoldedUser:
     P: torch.Tensor  # [B, (p-1) M, D]: r_t = rho_t + [b_0 .. b_(t-1)] @ P[:, -tM:]
     Q: torch.Tensor  # [B, p M, H1]: W_1m m_p = kappa + [b_0 .. b_(p-1)] @ Q
     Y: torch.Tensor | None  # [B, p M, D]: P m_p + b_P = y0 + [b_0 .. b_(p-1)] @ Y (click_product)
+    Hs: torch.Tensor | None = None  # [B, M, D]: unit S h_j (similarity)
 
 
 class FoldedRMBERT(InferenceForm):
@@ -60,6 +61,7 @@ class FoldedRMBERT(InferenceForm):
     #   base [..., p, L]  title-attention logits of each step, news part
     #   K    [..., L, L]  the previous step's title weights -> this step's logits
     #   click [..., H1]   W_1x x_n + b_1, the news part of eq. 8
+    #   sim  [..., D]     unit S x_n (similarity, eq. 8''')
     token_axes = {"base": 1, "K": 2, "click": 0}
 
     def __init__(self, m: RMBERT) -> None:
@@ -115,6 +117,10 @@ class FoldedRMBERT(InferenceForm):
         self.b_H = m.W_H.bias
         self.W_1x, self.b_1 = m.W_1.weight[:, :D], m.W_1.bias
         self.W_2, self.b_2 = m.W_2.weight[0], m.W_2.bias
+        self.S = m.S.weight if cfg.similarity else None  # [D, D]
+        self.W_1c = m.W_1c.weight if cfg.similarity else None  # [H1, 2]
+        if cfg.similarity:
+            self.token_axes = {**FoldedRMBERT.token_axes, "sim": 0}
 
     @torch.no_grad()
     def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
@@ -125,7 +131,10 @@ class FoldedRMBERT(InferenceForm):
             kq[..., 1:, :] += self.c1  # W_k2 k_(t-1) = s_(t-1) R_1 + c_1
         base = (kq * self.w_a) @ X.transpose(-1, -2) + self.b_a  # [..., p, L]
         K = (X @ self.R1w) @ X.transpose(-1, -2)  # [..., L, L]
-        return {"base": base, "K": K, "click": x @ self.W_1x.T + self.b_1}
+        terms = {"base": base, "K": K, "click": x @ self.W_1x.T + self.b_1}
+        if self.S is not None:
+            terms["sim"] = torch.nn.functional.normalize(x @ self.S.T, dim=-1)
+        return terms
 
     @torch.no_grad()
     def user_state(self, H: torch.Tensor, mask: torch.Tensor) -> FoldedUser:
@@ -143,7 +152,8 @@ class FoldedRMBERT(InferenceForm):
         Y = None
         if self.y0 is not None:
             Y = HU[..., q_end:].reshape(B, M, p, D).transpose(1, 2).reshape(B, -1, D)
-        return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q, Y)
+        Hs = torch.nn.functional.normalize(H @ self.S.T, dim=-1) if self.S is not None else None
+        return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q, Y, Hs)
 
     @torch.no_grad()
     def score(
@@ -199,6 +209,8 @@ class FoldedRMBERT(InferenceForm):
             pre = pre + (cand.cls * (self.y0 + bw @ user.Y)) @ self.W_1p.T  # (8')
         if self.W_1s is not None:
             pre = pre + torch.stack(strength, -1) @ self.W_1s.T  # (8'')
+        if self.W_1c is not None:
+            pre = pre + RMBERT.similarity_features(terms["sim"], user.Hs, user.mask) @ self.W_1c.T  # (8''')
         logits = torch.relu(pre) @ self.W_2 + self.b_2
         if record:
             return Scores(logits, {"title": torch.stack(title_w, 2), "history": bw.view(B, C, p, M)})
