@@ -69,7 +69,9 @@ class RMBERTConfig:
     dropout: float = 0.0  # on x_n, X_con and H
     click_product: bool = False  # eq. 8': the product x_n * P m_p inside the click predictor
     match_strength: bool = False  # eq. 8'': each step's log-sum-exp of the history logits, to the click layer
-    similarity: bool = False  # eq. 8''': max and mean learned-metric cosine to clicked news, to the click layer
+    similarity: bool = (
+        False  # eq. 8''': max and mean learned-metric cosine to clicked news, to the click layer
+    )
 
     def __post_init__(self) -> None:
         if self.query_attention not in ("softmax", "sigmoid"):
