@@ -11,6 +11,8 @@ from rmbert.beyond import (
     coverage,
     embedding_dissimilarity,
     intra_list_diversity,
+    mmr_order,
+    mmr_scores,
     novelty,
     personalisation,
     top_k_lists,
@@ -61,3 +63,34 @@ def test_beyond_metrics_maps_rows_to_items():
     assert m["coverage@2"] == pytest.approx(3 / 4)
     assert m["ild_category@2"] == pytest.approx(0.5)  # (0: cat 0, 2: cat 1) differ; (3, 2) both cat 1
     assert m["ild_embedding@2"] == pytest.approx(1.0) and m["personalisation@2"] == pytest.approx(0.5)
+
+
+def test_mmr_by_hand():
+    """rel [1, .9, 0]; items 0 and 1 identical, 2 orthogonal. diversity .5: after 0, item 1 scores
+    .5 * .9 - .5 * 1 = -.05 and item 2 scores .5 * 0 - .5 * 0 = 0, so 2 comes second."""
+    rel = np.array([1.0, 0.9, 0.0])
+    unit = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    assert mmr_order(rel, unit, 3, 0.0).tolist() == [0, 1, 2]
+    assert mmr_order(rel, unit, 3, 0.5).tolist() == [0, 2, 1]
+    assert mmr_order(rel, unit, 2, 0.5).tolist() == [0, 2]
+    # diversity .04: item 1 scores .96 * .9 - .04 = .824 > item 2's 0: relevance wins
+    assert mmr_order(rel, unit, 3, 0.04).tolist() == [0, 1, 2]
+    # relevance is scaled within the list: multiplying scores changes nothing
+    assert mmr_order(rel * 100 - 7, unit, 3, 0.5).tolist() == [0, 2, 1]
+
+
+def test_mmr_scores_rank_the_diversified_top_then_the_rest():
+    scores = np.array([1.0, 0.9, 0.0, 0.5, 5.0, 4.0])
+    unit = np.array([[1.0, 0.0], [1.0, 0.0], [0.0, 1.0], [1.0, 0.0], [1.0, 0.0], [0.0, 1.0]])
+    ptr = np.array([0, 4, 6])
+    out = mmr_scores(scores, ptr, unit, 0.5, k=2)
+    # impression 1: MMR top 2 = [0, 2], then 1 (0.9) and 3 (0.5) by score
+    assert np.argsort(-out[:4]).tolist() == [0, 2, 1, 3]
+    assert np.argsort(-out[4:]).tolist() == [0, 1]
+    assert np.array_equal(np.argsort(-mmr_scores(scores, ptr, unit, 0.0)[:4]), np.argsort(-scores[:4]))
+
+
+def test_mmr_at_full_diversity_still_starts_with_the_most_relevant():
+    rel = np.array([0.1, 0.2, 0.9])
+    unit = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
+    assert mmr_order(rel, unit, 3, 1.0).tolist() == [2, 0, 1]

@@ -6,6 +6,7 @@ import threading
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 
 from rmbert.cli import main
@@ -236,3 +237,36 @@ def test_a_baseline_serves_what_it_evaluates(tiny_encoder, planted, tmp_path):
             got = {x["id"]: x["score"] for x in r.json()["ranked"]}
             want = scores[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]
             assert np.allclose([got[k] for k in cands], want, rtol=0, atol=1e-5)
+
+
+def test_diversity_reranks_the_top_k_by_mmr(served, client, planted):
+    """`diversity` re-orders the returned top_k by MMR over the serving vectors; 0 is the plain
+    order, the scores are the model's either way, and values outside [0, 1] are refused."""
+    from rmbert.beyond import mmr_order
+    from rmbert.serve.index import ServingIndex
+    from rmbert.serve.ranker import Job, Ranker
+
+    ranker = Ranker(load_run(served / "run"))
+    try:
+        snap = ServingIndex(NewsStore.open(served / "store"), ranker.prepare).snapshot
+        rng = np.random.default_rng(3)
+        hist, cands = rng.choice(np.arange(1, snap.n), 6, replace=False), np.arange(1, min(snap.n, 25))
+        x = torch.nn.functional.normalize(
+            snap.tensors["cls"][torch.from_numpy(cands)].float(), dim=-1
+        ).numpy()
+        plain = ranker._score([Job(snap, hist, cands, 8, False, None)])[0]
+        orders = {}
+        for d in (0.0, 0.5, 1.0):
+            got = ranker._score([Job(snap, hist, cands, 8, False, None, d)])[0]
+            assert np.allclose(got.scores, plain.scores, atol=1e-6)
+            assert got.order.tolist() == mmr_order(plain.scores, x, 8, d).tolist()
+            orders[d] = got.order.tolist()
+        assert orders[0.0] == np.argsort(-plain.scores, kind="stable")[:8].tolist()
+        assert orders[1.0] != orders[0.0] and orders[1.0][0] == orders[0.0][0]
+    finally:
+        ranker.close()
+    ids = load_split(planted / "dev").news.ids
+    body = {"history": ids[:3], "candidates": ids[5:15], "top_k": 5}
+    assert client.post("/rank", json={**body, "diversity": 1.5}).status_code == 422
+    r = client.post("/rank", json={**body, "diversity": 0.7})
+    assert r.status_code == 200 and len(r.json()["ranked"]) == 5

@@ -13,6 +13,10 @@ an impression has fewer candidates). Lists are given as CSR arrays like the offi
   distinct candidate news that appear in at least one top-k list.
 * Personalisation (Zhou et al. 2010): 1 - the mean overlap |L_a & L_b| / k over pairs of lists
   (a random sample of pairs when there are many).
+
+Diversification: maximal marginal relevance (Carbonell & Goldstein 1998, "The use of MMR,
+diversity-based reranking"), `mmr_order`, used by `/rank` ("diversity") and `rmbert evaluate
+--diversity` so that its accuracy cost can be measured.
 """
 
 from __future__ import annotations
@@ -114,3 +118,44 @@ def beyond_metrics(
         f"coverage@{k}": coverage(lists, items),
         f"personalisation@{k}": personalisation(lists, lptr, k),
     }
+
+
+def mmr_order(relevance: np.ndarray, unit: np.ndarray | None, k: int, diversity: float) -> np.ndarray:
+    """The first min(k, C) picks of maximal marginal relevance over C candidates: repeatedly the
+    candidate maximising (1 - diversity) * r_i - diversity * max_{j picked} cos(i, j), with r the
+    relevance min-max scaled to [0, 1] within the list (so `diversity` in [0, 1] is scale-free) and
+    `unit` [C, D] unit vectors. The first pick is the most relevant one (at diversity = 1 too);
+    diversity = 0 is the plain ranking by relevance."""
+    C = len(relevance)
+    k = min(k, C)
+    if diversity <= 0.0 or C < 2 or unit is None:
+        return np.argsort(-relevance, kind="stable")[:k]
+    span = float(np.ptp(relevance))
+    r = (relevance - relevance.min()) / (span if span > 0 else 1.0)
+    free = np.ones(C, bool)
+    picks = [int(np.argmax(r))]
+    free[picks[0]] = False
+    penalty = unit @ unit[picks[0]]  # max cosine to what is picked
+    for _ in range(k - 1):
+        i = int(np.argmax(np.where(free, (1.0 - diversity) * r - diversity * penalty, -np.inf)))
+        picks.append(i)
+        free[i] = False
+        penalty = np.maximum(penalty, unit @ unit[i])
+    return np.array(picks, dtype=np.int64)
+
+
+def mmr_scores(
+    scores: np.ndarray, ptr: np.ndarray, unit: np.ndarray, diversity: float, k: int = 10
+) -> np.ndarray:
+    """Per impression (CSR `ptr`), scores whose ranking is MMR's top k (`unit` [rows, D] the
+    candidates' unit vectors) followed by the other candidates by score: what a user shown the
+    diversified list sees, for the ranking metrics."""
+    out = np.empty(len(scores), dtype=np.float64)
+    for s, e in zip(ptr[:-1], ptr[1:]):
+        rel = scores[s:e]
+        top = mmr_order(rel, unit[s:e], k, diversity)
+        rest = np.setdiff1d(np.argsort(-rel, kind="stable"), top, assume_unique=True)
+        rest = rest[np.argsort(-rel[rest], kind="stable")]
+        order = np.concatenate([top, rest])
+        out[s + order] = -np.arange(len(order), dtype=np.float64)
+    return out

@@ -13,6 +13,13 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 os.environ.setdefault("HF_HUB_DISABLE_TELEMETRY", "1")
 
 
+def _unit_interval(text: str) -> float:
+    v = float(text)
+    if not 0.0 <= v <= 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1], not {text}")
+    return v
+
+
 def _print(obj: dict) -> None:
     from rmbert.evaluate import jsonable
 
@@ -136,12 +143,28 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
     scores = score_impressions(
         run.model, batcher, run.cfg.train.eval_batch_size, device, not a.quiet, "evaluating"
     )
+    if a.diversity > 0:
+        scores = diversified(run, split, scores, a.diversity)
     m = evaluate_scores(batcher, scores)
     if a.beyond:
         m.update(beyond(run, split, scores))
     m["seconds"] = round(time.time() - t0, 2)
     _print(m)
     return 0
+
+
+def diversified(run, split, scores, diversity: float):
+    """The scores re-ranked by MMR at `diversity` over the news' encoder vectors (rmbert.beyond)."""
+    import numpy as np
+
+    from rmbert.beyond import mmr_scores
+
+    imps, store = split.impressions, run.model.news.store
+    vectors = np.asarray(store.pooled()[store.rows(split.news.ids)], dtype=np.float64)
+    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
+    return mmr_scores(
+        np.asarray(scores, np.float64), imps.cand_ptr, unit[np.maximum(imps.cand, 0)], diversity
+    )
 
 
 def beyond(run, split, scores) -> dict:
@@ -363,6 +386,12 @@ def build_parser() -> argparse.ArgumentParser:
                 "--beyond",
                 action="store_true",
                 help="add diversity, novelty, coverage, personalisation (top 10)",
+            )
+            e.add_argument(
+                "--diversity",
+                type=_unit_interval,
+                default=0.0,
+                help="re-rank each top 10 by MMR at this diversity (0..1), as /rank does",
             )
         if name == "predict":
             e.add_argument("--out", required=True, type=Path)

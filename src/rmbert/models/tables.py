@@ -137,6 +137,35 @@ def _entity_links(
     return out
 
 
+def _fill(
+    out: dict[str, np.ndarray],
+    news: News,
+    take: np.ndarray,
+    r: np.ndarray,
+    vocab: FeatureVocab | None,
+    tokenizer,
+    titles: np.ndarray | None,
+    title_len: int,
+    abstract_len: int,
+) -> None:
+    """Write the rows r of `out`'s tables from `news`' items `take`."""
+    values = {"news_id": news.ids, "category": news.category, "subcategory": news.subcategory}
+    for name, names in (("news_id", "news"), ("category", "categories"), ("subcategory", "subcategories")):
+        if name in out:
+            assert vocab is not None
+            lookup = {v: i + 1 for i, v in enumerate(getattr(vocab, names))}
+            out[name][r] = [lookup.get(values[name][i], 0) for i in take]
+    if "abstract" in out:
+        out["abstract"][r] = _tokenize(tokenizer, [news.abstract[i] for i in take], abstract_len)
+    if "title_entity" in out:
+        assert titles is not None and vocab is not None
+        ent_index = {v: i + 1 for i, v in enumerate(vocab.entities)}
+        found = _entity_links(tokenizer, news, take, titles[r], ent_index, title_len)
+        for i, row in zip(take, r):
+            if int(i) in found:
+                out["title_entity"][row] = align_entities(titles[row], *found[int(i)])
+
+
 def build_tables(
     names: tuple[str, ...],
     news_list: list[News],
@@ -175,32 +204,11 @@ def build_tables(
         out["title_entity"] = np.zeros((R, title_len), np.int64)
     if "abstract" in names:
         out["abstract"] = np.zeros((R, abstract_len), np.int64)
-    if vocab is not None:
-        index = {
-            "news_id": {v: i + 1 for i, v in enumerate(vocab.news)},
-            "category": {v: i + 1 for i, v in enumerate(vocab.categories)},
-            "subcategory": {v: i + 1 for i, v in enumerate(vocab.subcategories)},
-        }
-        ent_index = {v: i + 1 for i, v in enumerate(vocab.entities)}
     filled = np.zeros(R, bool)
     filled[0] = True
     for news, rows in zip(news_list, rows_list):
         take = np.flatnonzero(~filled[rows])  # this split's news not read from an earlier split
-        r = rows[take]
-        filled[r] = True
-        if len(take) == 0:
-            continue
-        values = {"news_id": news.ids, "category": news.category, "subcategory": news.subcategory}
-        for name in ("news_id", "category", "subcategory"):
-            if name in names:
-                lookup = index[name]
-                out[name][r] = [lookup.get(values[name][i], 0) for i in take]
-        if "abstract" in names:
-            out["abstract"][r] = _tokenize(tokenizer, [news.abstract[i] for i in take], abstract_len)
-        if "title_entity" in names:
-            assert titles is not None
-            found = _entity_links(tokenizer, news, take, titles[r], ent_index, title_len)
-            for i, row in zip(take, r):
-                if int(i) in found:
-                    out["title_entity"][row] = align_entities(titles[row], *found[int(i)])
+        filled[rows[take]] = True
+        if len(take):
+            _fill(out, news, take, rows[take], vocab, tokenizer, titles, title_len, abstract_len)
     return out

@@ -12,6 +12,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 
+from rmbert.beyond import mmr_order
 from rmbert.run import LoadedRun
 from rmbert.serve import explain
 from rmbert.serve.index import Snapshot
@@ -32,6 +33,7 @@ class Job:
     top_k: int
     explain: bool
     settle: Callable[[object, BaseException | None], None]
+    diversity: float = 0.0  # MMR over the candidates' serving vectors (rmbert.beyond.mmr_order)
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set when the client went away: the worker skips the job
 
@@ -119,7 +121,13 @@ class Ranker:
         return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
     async def rank(
-        self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, top_k: int, explain: bool
+        self,
+        snap: Snapshot,
+        hist_rows: np.ndarray,
+        cand_rows: np.ndarray,
+        top_k: int,
+        explain: bool,
+        diversity: float = 0.0,
     ) -> Ranked:
         """Awaits the worker thread; the event loop stays free for other requests meanwhile.
         Raises Busy when the queue is full or the request waited too long."""
@@ -129,7 +137,7 @@ class Ranker:
         def settle(result, error) -> None:
             loop.call_soon_threadsafe(_resolve, fut, result, error)
 
-        job = Job(snap, hist_rows[-self.max_history :], cand_rows, top_k, explain, settle)
+        job = Job(snap, hist_rows[-self.max_history :], cand_rows, top_k, explain, settle, diversity)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -233,7 +241,10 @@ class Ranker:
         for b, j in enumerate(jobs):
             n = len(j.cand_rows)
             scores = out.logits[b, :n].numpy().copy()
-            order = np.argsort(-scores, kind="stable")[: j.top_k]
+            unit = None
+            if j.diversity > 0:
+                unit = torch.nn.functional.normalize(x[b, :n].float(), dim=-1).cpu().numpy()
+            order = mmr_order(scores, unit, j.top_k, j.diversity)
             a = None
             if j.explain and att is not None:
                 a = (att["title"][b].numpy(), att["history"][b, :, :, : len(j.hist_rows)].numpy())

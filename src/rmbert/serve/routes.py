@@ -71,7 +71,9 @@ async def rank(req: RankRequest, request: Request, state: State):
         cand_rows = np.array([snap.index[i] for i in cands], dtype=np.int64)
     if len(cand_rows) == 0:
         return RankResponse(ranked=[], history_used=0, candidates=0, note="no candidates")
-    work = asyncio.ensure_future(ranker.rank(snap, hist_rows, cand_rows, req.top_k, req.explain))
+    work = asyncio.ensure_future(
+        ranker.rank(snap, hist_rows, cand_rows, req.top_k, req.explain, req.diversity)
+    )
     gone = asyncio.ensure_future(_client_gone(request))
     await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
     if not work.done():  # the client left: the worker drops the job unscored

@@ -22,6 +22,13 @@ class RankRequest(BaseModel):
     explain: bool = Field(
         False, description="add each reasoning step's attention over history and title words"
     )
+    diversity: float = Field(
+        0.0,
+        ge=0.0,
+        le=1.0,
+        description="MMR re-ranking of the top_k: 0 = by score only, 1 = each pick as unlike the ones "
+        "before as possible",
+    )
 
 
 class Weighted(BaseModel):
