@@ -94,3 +94,13 @@ def test_mmr_at_full_diversity_still_starts_with_the_most_relevant():
     rel = np.array([0.1, 0.2, 0.9])
     unit = np.array([[1.0, 0.0], [0.0, 1.0], [0.0, 1.0]])
     assert mmr_order(rel, unit, 3, 1.0).tolist() == [2, 0, 1]
+
+
+def test_mmr_edge_cases():
+    unit = np.eye(3)
+    # non-finite scores cannot be scaled: plain order by score (NaN last as argsort puts it)
+    assert mmr_order(np.array([1.0, np.nan, 3.0]), unit, 3, 0.5).tolist()[0] == 2
+    assert mmr_order(np.array([1.0, 2.0, 3.0]), unit, 0, 0.5).tolist() == []
+    assert mmr_order(np.array([5.0]), unit[:1], 10, 0.5).tolist() == [0]
+    # ties at full diversity (all orthogonal: every penalty 0) go to the more relevant
+    assert mmr_order(np.array([0.1, 0.5, 0.9]), unit, 3, 1.0).tolist() == [2, 1, 0]

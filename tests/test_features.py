@@ -10,8 +10,9 @@ from conftest import write_split
 
 from rmbert.config import PRESETS, RunConfig, TrainConfig, apply_overrides, preset
 from rmbert.data.mind import load_split
-from rmbert.encoders.bert import mean_pool
+from rmbert.encoders.bert import EncoderConfig, mean_pool
 from rmbert.models.features import FeatureConfig, FeatureVocab, NewsFeatures
+from rmbert.models.rmbert import RMBERTConfig
 from rmbert.run import load_run
 from rmbert.train import train
 
@@ -170,6 +171,16 @@ def test_paper_preset_is_the_papers_model():
     assert not p.rmbert.click_product and p.rmbert.query_attention == "softmax" and p.rmbert.steps == 4
     assert p.train.loss == "bce" and p.train.negatives == 0 and p.train.schedule == "constant"
     assert p.rmbert.prev_query and p.rmbert.prev_memory and p.rmbert.attention
+    assert not p.rmbert.similarity and not p.rmbert.match_strength
+    # the paper's model is the model dataclasses' own defaults, whatever the run defaults are
+    assert p.rmbert == dataclasses.replace(RMBERTConfig(), dim=p.rmbert.dim)
+    assert dataclasses.replace(p.encoder, name=RunConfig().encoder.name) == EncoderConfig()
+    # from any base, every addition off (entity vectors before entities, or the check refuses)
+    busy = RunConfig().override(
+        {f"features.{k}": True for k in ("category", "subcategory", "entities", "entity_vectors")}
+        | {"rmbert.click_product": True, "rmbert.match_strength": True}
+    )
+    assert preset("paper", busy) == p
     assert preset("default") == RunConfig()
     assert set(PRESETS) >= {"paper", "default"}
     with pytest.raises(ValueError, match="unknown preset"):

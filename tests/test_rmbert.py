@@ -312,3 +312,12 @@ def test_similarity_reads_max_and_mean_cosine_to_clicked_news():
         sim.W_1c.weight.normal_()
     sim(H, hmask, cand).sum().backward()
     assert sim.S.weight.grad is not None and sim.S.weight.grad.abs().sum() > 0
+
+
+def test_similarity_runs_under_fp16_autocast():
+    """The masked max fills with -2 (below every cosine), which fp16 holds; -1e9 would overflow."""
+    H, hmask, cand = inputs(13, empty_history_row=0)
+    m = RMBERT(RMBERTConfig(dim=D, steps=2, similarity=True))
+    with torch.autocast("cpu", dtype=torch.float16):
+        out = m(H, hmask, cand)
+    assert torch.isfinite(out.float()).all()

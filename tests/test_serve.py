@@ -270,3 +270,33 @@ def test_diversity_reranks_the_top_k_by_mmr(served, client, planted):
     assert client.post("/rank", json={**body, "diversity": 1.5}).status_code == 422
     r = client.post("/rank", json={**body, "diversity": 0.7})
     assert r.status_code == 200 and len(r.json()["ranked"]) == 5
+
+
+def test_evaluate_diversity_ranks_over_the_serving_vectors(served, planted, capsys):
+    """`rmbert evaluate --diversity` re-ranks over the vectors serving ranks over (pooled,
+    standardised, with features), and at 0 it is plain evaluate."""
+    from rmbert.serve.index import ServingIndex
+    from rmbert.serve.ranker import Ranker
+
+    run = load_run(served / "run")
+    ranker = Ranker(run)
+    try:
+        snap = ServingIndex(NewsStore.open(served / "store"), ranker.prepare).snapshot
+    finally:
+        ranker.close()
+    split = load_split(planted / "dev")
+    store = run.store([split], progress=False)
+    run.batcher(split, store)  # attaches the store and the feature tables, as evaluate does
+    ids = [i for i in split.news.ids if i in snap.index]
+    assert len(ids) > 10
+    got = run.model.candidate_vectors(torch.as_tensor(store.rows(ids))).numpy()
+    want = snap.tensors["cls"][[snap.index[i] for i in ids]].numpy()
+    assert np.allclose(got, want, atol=1e-5)
+    out = {}
+    for d in ("0", "0.5"):
+        args = ["evaluate", str(served / "run"), "--split", str(planted / "dev"), "--quiet", "--diversity", d]
+        assert main(args) == 0
+        out[d] = json.loads(capsys.readouterr().out)
+    assert out["0.5"]["auc"] != out["0"]["auc"]
+    with pytest.raises(SystemExit):
+        main(["evaluate", str(served / "run"), "--split", str(planted / "dev"), "--diversity", "1.5"])

@@ -160,6 +160,17 @@ class NewsRecModel(nn.Module):
         ids = self.feature_ids.to(rows.device)[rows]  # [B, K, F]
         return dataclasses.replace(news, cls=news.cls + self.features(ids))
 
+    @torch.no_grad()
+    def candidate_vectors(self, rows: torch.Tensor, chunk: int = 2048) -> torch.Tensor:
+        """x_n [N, D] as the recommender reads candidates of store rows [N] (pooled or [CLS],
+        standardised and with features as the run was trained): what serving ranks over."""
+        parts = []
+        for i in range(0, len(rows), chunk):
+            r = rows[i : i + chunk][None]
+            _, cand = self.news(r, r, False)
+            parts.append(self.add_features(cand, r).cls[0])
+        return torch.cat(parts) if parts else torch.zeros(0)
+
     def add_history_features(self, hist: NewsRepr, batch: Batch) -> NewsRepr:
         """Clicked news get their features and, with history_position, their recency embedding."""
         hist = self.add_features(hist, batch.hist)

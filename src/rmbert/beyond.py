@@ -124,12 +124,14 @@ def mmr_order(relevance: np.ndarray, unit: np.ndarray | None, k: int, diversity:
     """The first min(k, C) picks of maximal marginal relevance over C candidates: repeatedly the
     candidate maximising (1 - diversity) * r_i - diversity * max_{j picked} cos(i, j), with r the
     relevance min-max scaled to [0, 1] within the list (so `diversity` in [0, 1] is scale-free) and
-    `unit` [C, D] unit vectors. The first pick is the most relevant one (at diversity = 1 too);
+    `unit` [C, D] unit vectors; ties go to the more relevant candidate. The first pick is the most relevant one (at diversity = 1 too);
     diversity = 0 is the plain ranking by relevance."""
     C = len(relevance)
-    k = min(k, C)
-    if diversity <= 0.0 or C < 2 or unit is None:
-        return np.argsort(-relevance, kind="stable")[:k]
+    k = max(0, min(k, C))
+    if diversity <= 0.0 or C < 2 or unit is None or not np.isfinite(relevance).all():
+        return np.argsort(-relevance, kind="stable")[:k]  # (non-finite scores: no scaling is possible)
+    if k == 0:
+        return np.zeros(0, dtype=np.int64)
     span = float(np.ptp(relevance))
     r = (relevance - relevance.min()) / (span if span > 0 else 1.0)
     free = np.ones(C, bool)
@@ -137,7 +139,9 @@ def mmr_order(relevance: np.ndarray, unit: np.ndarray | None, k: int, diversity:
     free[picks[0]] = False
     penalty = unit @ unit[picks[0]]  # max cosine to what is picked
     for _ in range(k - 1):
-        i = int(np.argmax(np.where(free, (1.0 - diversity) * r - diversity * penalty, -np.inf)))
+        obj = np.where(free, (1.0 - diversity) * r - diversity * penalty, -np.inf)
+        best = np.flatnonzero(obj >= obj.max() - 1e-12)  # ties go to the more relevant
+        i = int(best[np.argmax(r[best])])
         picks.append(i)
         free[i] = False
         penalty = np.maximum(penalty, unit @ unit[i])

@@ -154,17 +154,20 @@ def cmd_evaluate(a: argparse.Namespace) -> int:
 
 
 def diversified(run, split, scores, diversity: float):
-    """The scores re-ranked by MMR at `diversity` over the news' encoder vectors (rmbert.beyond)."""
+    """The scores re-ranked by MMR at `diversity` (rmbert.beyond) over the vectors the model reads
+    for its candidates, as /rank does; a candidate missing from news.tsv gets a zero vector."""
     import numpy as np
+    import torch
 
     from rmbert.beyond import mmr_scores
 
     imps, store = split.impressions, run.model.news.store
-    vectors = np.asarray(store.pooled()[store.rows(split.news.ids)], dtype=np.float64)
-    unit = vectors / np.maximum(np.linalg.norm(vectors, axis=1, keepdims=True), 1e-12)
-    return mmr_scores(
-        np.asarray(scores, np.float64), imps.cand_ptr, unit[np.maximum(imps.cand, 0)], diversity
-    )
+    rows = torch.as_tensor(store.rows(split.news.ids), dtype=torch.int64)
+    run.model.eval()
+    vectors = run.model.candidate_vectors(rows.to(next(run.model.parameters()).device))
+    unit = torch.nn.functional.normalize(vectors.double().cpu(), dim=-1).numpy()
+    unit = np.concatenate([unit, np.zeros((1, unit.shape[1]))])  # row -1: a missing candidate
+    return mmr_scores(np.asarray(scores, np.float64), imps.cand_ptr, unit[imps.cand], diversity)
 
 
 def beyond(run, split, scores) -> dict:

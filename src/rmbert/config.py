@@ -176,6 +176,7 @@ PRESETS: dict[str, list[str]] = {
         "encoder.standardize=false",
         "features.category=false",
         "features.subcategory=false",
+        "features.entity_vectors=false",
         "features.entities=false",
         "rmbert.click_product=false",
         "rmbert.match_strength=false",
@@ -186,7 +187,6 @@ PRESETS: dict[str, list[str]] = {
         "train.schedule=constant",
         "train.warmup=0",
         "train.batch_size=50",
-        "features.entity_vectors=false",
         "features.history_position=false",
     ],
 }

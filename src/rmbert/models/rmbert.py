@@ -140,7 +140,8 @@ class RMBERT(Recommender):
         c = torch.einsum("bcd,bmd->bcm", xs, Hs)  # [B, C, M]
         m = mask[:, None, :]
         n = mask.sum(-1).clamp(min=1)[:, None]  # [B, 1]
-        top = c.masked_fill(~m, NEG).amax(-1).where(mask.any(-1)[:, None], torch.zeros_like(c[..., 0]))
+        # -2 lies below every cosine and fits in fp16 (NEG does not)
+        top = c.masked_fill(~m, -2.0).amax(-1).where(mask.any(-1)[:, None], torch.zeros_like(c[..., 0]))
         return torch.stack([top, (c * m).sum(-1) / n], -1)
 
     # -- eq. 1-3: the query unit (the candidate alone) ------------------------------------------
