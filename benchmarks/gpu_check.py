@@ -63,21 +63,17 @@ def bert_base_shaped(out: Path) -> Path:
     return save_tiny_encoder(out / "bert-base-shaped", words, hidden=768, layers=12)
 
 
-def train_run(data: Path, enc: Path, out: Path, mode: str, sets: list[str]) -> dict:
-    args = [
-        sys.executable,
-        "-m",
-        "rmbert",
-        "--quiet",
-        "train",
-        "--train",
-        str(data / "train"),
-        "--valid",
-        str(data / "dev"),
-    ]
+def train_args(data: Path, enc: Path, out: Path, mode: str, sets: list[str]) -> list[str]:
+    """`rmbert train` on data/train, validated on data/dev, one epoch (without the interpreter)."""
+    args = ["-m", "rmbert", "--quiet", "train", "--train", str(data / "train"), "--valid", str(data / "dev")]
     args += ["--out", str(out), "--encoder", str(enc), "--encoder-mode", mode, "--epochs", "1"]
     for s in sets:
         args += ["--set", s]
+    return args
+
+
+def train_run(data: Path, enc: Path, out: Path, mode: str, sets: list[str]) -> dict:
+    args = [sys.executable, *train_args(data, enc, out, mode, sets)]
     r = json.loads(run(args, 400))
     return {k: r[k] for k in ("steps", "train_samples_per_s", "time_s")} | {
         "valid_auc": r["valid"].get("auc")
@@ -132,26 +128,7 @@ def main() -> None:
 
         def ddp() -> dict:
             args = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
-            args += [
-                "-m",
-                "rmbert",
-                "--quiet",
-                "train",
-                "--train",
-                str(data / "train"),
-                "--valid",
-                str(data / "dev"),
-            ]
-            args += [
-                "--out",
-                str(a.out / "ddp"),
-                "--encoder",
-                str(enc),
-                "--epochs",
-                "1",
-                "--set",
-                f"train.max_steps={steps}",
-            ]
+            args += train_args(data, enc, a.out / "ddp", "frozen", [f"train.max_steps={steps}"])
             return {"tail": run(args, 400)[-400:]}
 
         step(results, "ddp_nccl_2gpu", ddp)

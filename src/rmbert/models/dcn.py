@@ -53,17 +53,7 @@ class DCN(Recommender):
     def __init__(self, cfg: DCNConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.fields = IDFields(
-            cfg.dim,
-            cfg.field_dim,
-            cfg.num_users,
-            cfg.num_news,
-            cfg.num_categories,
-            cfg.num_subcategories,
-            cfg.vocab_size,
-            cfg.id_dropout,
-            first_order=False,
-        )
+        self.fields = IDFields.from_config(cfg, first_order=False)
         X = len(FIELDS) * cfg.field_dim
         self.cross_w = nn.Parameter(torch.randn(cfg.cross, X) * X**-0.5)  # w_l
         self.cross_b = nn.Parameter(torch.zeros(cfg.cross, X))  # b_l

@@ -62,16 +62,7 @@ class DeepFM(Recommender):
     def __init__(self, cfg: DeepFMConfig) -> None:
         super().__init__()
         self.cfg = cfg
-        self.fields = IDFields(
-            cfg.dim,
-            cfg.field_dim,
-            cfg.num_users,
-            cfg.num_news,
-            cfg.num_categories,
-            cfg.num_subcategories,
-            cfg.vocab_size,
-            cfg.id_dropout,
-        )
+        self.fields = IDFields.from_config(cfg)
         self.bias = nn.Parameter(torch.zeros(()))
         self.deep = mlp(len(FIELDS) * cfg.field_dim, cfg.hidden, cfg.layers, cfg.dropout)
         self.out = nn.Linear(cfg.hidden, 1)

@@ -97,6 +97,12 @@ class IDFields(nn.Module):
             self.title_lin = nn.Linear(dim, 1, bias=False)  # a token's, from its vector
         self.register_buffer("idf", torch.ones(vocab_size))  # [V], fitted on the training news
 
+    @classmethod
+    def from_config(cls, cfg, first_order: bool = True) -> IDFields:
+        """From a model config with dim, field_dim, num_* , vocab_size and id_dropout (DeepFM's, DCN's)."""
+        sizes = (cfg.num_users, cfg.num_news, cfg.num_categories, cfg.num_subcategories, cfg.vocab_size)
+        return cls(cfg.dim, cfg.field_dim, *sizes, cfg.id_dropout, first_order=first_order)
+
     def fit_idf(self, titles: np.ndarray) -> None:
         """IDF from the title token ids [N, L] (0 = padding) of the N training news."""
         V = len(self.idf)
