@@ -182,10 +182,14 @@ def test_overfits_one_batch():
         {"match_strength": True, "attention": False},
         {"similarity": True},
         {"similarity": True, "match_strength": True, "click_product": True, "steps": 2},
+        {"similarity": True, "similarity_heads": 3},
     ],
 )
 def test_folded_inference_equals_the_model(change):
     m = model(**change).eval()
+    if m.cfg.similarity:  # heads that differ from the identity
+        with torch.no_grad():
+            m.S.weight.add_(0.3 * torch.randn_like(m.S.weight))
     H, hmask, cand = dbl(*inputs(8, empty_history_row=1))
     f = m.fold()
     out = m.reason(m.user_state(NewsRepr(H, None, None), hmask), cand, record=True)
@@ -230,6 +234,7 @@ def test_click_product_adds_a_similarity_path():
         {"click_product": True},
         {"match_strength": True},
         {"similarity": True},
+        {"similarity": True, "similarity_heads": 2},
     ],
 )
 def test_deduplicated_candidates_score_as_expanded(change):
@@ -304,14 +309,38 @@ def test_similarity_reads_max_and_mean_cosine_to_clicked_news():
             feats.append([cos.max(), cos.mean()] if len(h) else [0.0, 0.0])
     want = torch.tensor(feats, dtype=H.dtype).view(B, C, 2)
     state = sim.user_state(NewsRepr(H, None, None), hmask)
-    xs = torch.nn.functional.normalize(sim.S(cand.cls), dim=-1)
-    got = sim.similarity_features(xs, state.Hs, hmask)
+    got = sim.similarity_features(sim.metric(cand.cls), state.Hs, hmask)
     assert torch.allclose(got, want, atol=1e-12)
     assert torch.all(got[1] == 0)
     with torch.no_grad():
         sim.W_1c.weight.normal_()
     sim(H, hmask, cand).sum().backward()
     assert sim.S.weight.grad is not None and sim.S.weight.grad.abs().sum() > 0
+
+
+def test_similarity_heads_each_read_their_own_metric():
+    """With h heads the click layer reads [max, mean] per head, head-major: every head starts as
+    the identity (all equal the one-head features); a head whose metric is set to A reads the
+    cosines of A x_n and A h_j."""
+    H, hmask, cand = dbl(*inputs(14, empty_history_row=2))
+    one, three = model(seed=11, similarity=True), model(seed=11, similarity=True, similarity_heads=3)
+    assert three.S.weight.shape == (3 * D, D) and three.W_1c.weight.shape[1] == 6
+    s1 = one.user_state(NewsRepr(H, None, None), hmask)
+    f1 = one.similarity_features(one.metric(cand.cls), s1.Hs, hmask)  # [B, C, 2]
+    s3 = three.user_state(NewsRepr(H, None, None), hmask)
+    f3 = three.similarity_features(three.metric(cand.cls), s3.Hs, hmask)  # [B, C, 6]
+    assert torch.allclose(f3, f1.repeat(1, 1, 3), atol=1e-12)
+    A = torch.randn(D, D, dtype=H.dtype, generator=torch.Generator().manual_seed(15))
+    with torch.no_grad():
+        three.S.weight[D : 2 * D] = A
+    s3 = three.user_state(NewsRepr(H, None, None), hmask)
+    f3 = three.similarity_features(three.metric(cand.cls), s3.Hs, hmask)
+    b, c = 0, 1
+    h = H[b][hmask[b]] @ A.T
+    cos = torch.nn.functional.cosine_similarity((cand.cls[b, c] @ A.T)[None], h, dim=-1)
+    assert torch.allclose(f3[b, c, 2:4], torch.stack([cos.max(), cos.mean()]), atol=1e-12)
+    assert torch.allclose(f3[..., :2], f1, atol=1e-12) and torch.allclose(f3[..., 4:], f1, atol=1e-12)
+    assert torch.all(f3[2] == 0)  # the empty history
 
 
 def test_similarity_runs_under_fp16_autocast():

@@ -41,6 +41,7 @@ class FeatureConfig:
     history_position: bool = False  # clicked news get a learned embedding of their recency rank
     max_entities: int = 5  # entity slots per news (title entities first, then the abstract's)
     min_count: int = 2  # an entity needs this many training news to get its own embedding
+    init_std: float = 0.1  # the embeddings' initial std (standardised news vectors have std 1 per dimension)
     # resolved from the training data (the vocabulary sizes, unknown = row 0 included)
     num_categories: int = 0
     num_subcategories: int = 0
@@ -51,6 +52,8 @@ class FeatureConfig:
     num_news: int = 0  # training news + 1 (with vocab)
 
     def __post_init__(self) -> None:
+        if not self.init_std >= 0.0:
+            raise ValueError(f"features.init_std must be >= 0, not {self.init_std}")
         if self.max_entities < 1 or self.min_count < 1:
             raise ValueError("features.max_entities and features.min_count must be >= 1")
         if self.entity_vectors and not (self.entities or self.vocab):
@@ -156,7 +159,7 @@ class NewsFeatures(nn.Module):
         self.pos = nn.Embedding(cfg.max_history + 1, dim, padding_idx=0) if cfg.history_position else None
         for emb in (self.cat, self.sub, self.ent, self.pos):
             if emb is not None:
-                nn.init.normal_(emb.weight, std=0.1)
+                nn.init.normal_(emb.weight, std=cfg.init_std)
                 emb.weight.data[0].zero_()
         self.ent_proj = None
         if cfg.entity_vectors and cfg.vector_dim:

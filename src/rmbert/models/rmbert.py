@@ -31,6 +31,10 @@ clicked news, and its max and mean (0 for no history), the features a logistic r
 cosines reads; at initialisation they are the no-training max- and mean-cosine scores:
 
     o = ReLU(... + W_1c [max_j c_j ; mean_j c_j] + b_1)             (8''')
+
+With `similarity_heads` = h > 1, S maps to h metrics (each D x D, all from the identity) and
+the click layer reads the max and mean cosine of each ([B, C, 2h]): heads can specialise, one on
+the title, one on the category or entity embeddings that `features.*` add to the news vectors.
  `memory_logits_direct` computes (4)-(6) literally
 ([B, C, M, D] tensors); `memory_logits_fast` is the exact fast path: with v = w_b * k_i,
 W_I = [W_I1 W_I2], r = W_r m_{i-1} + b_r and G = W_H H + b_H (per user, computed once),
@@ -72,10 +76,13 @@ class RMBERTConfig:
     similarity: bool = (
         False  # eq. 8''': max and mean learned-metric cosine to clicked news, to the click layer
     )
+    similarity_heads: int = 1  # h learned metrics in eq. 8''' (each its own max and mean)
 
     def __post_init__(self) -> None:
         if self.query_attention not in ("softmax", "sigmoid"):
             raise ValueError(f"query_attention must be softmax or sigmoid, not {self.query_attention!r}")
+        if self.similarity_heads < 1:
+            raise ValueError(f"rmbert.similarity_heads must be >= 1, not {self.similarity_heads}")
         if self.steps < 1:
             raise ValueError("steps (p) must be at least 1")
         if self.dim < 1 or self.memory_dim < 0 or self.click_hidden < 0:
@@ -89,7 +96,7 @@ class UserState:
     H: torch.Tensor  # [B, M, D] clicked news vectors
     mask: torch.Tensor  # [B, M] bool
     GH: torch.Tensor  # [B, M, 2D] = [W_H H + b_H ; H]
-    Hs: torch.Tensor | None = None  # [B, M, D] unit S h_j (similarity)
+    Hs: torch.Tensor | None = None  # [B, M, h, D] unit S h_j per metric head (similarity)
 
 
 class RMBERT(Recommender):
@@ -120,9 +127,10 @@ class RMBERT(Recommender):
         if cfg.match_strength:
             self.W_1s = nn.Linear(cfg.steps, H1, bias=False)  # (8'')
         if cfg.similarity:
-            self.S = nn.Linear(D, D, bias=False)  # (8''') the metric, from the identity
-            nn.init.eye_(self.S.weight)
-            self.W_1c = nn.Linear(2, H1, bias=False)  # (8''')
+            h = cfg.similarity_heads
+            self.S = nn.Linear(D, h * D, bias=False)  # (8''') h metrics, each from the identity
+            self.S.weight.data.copy_(torch.eye(D).repeat(h, 1))
+            self.W_1c = nn.Linear(2 * h, H1, bias=False)  # (8''')
         self.drop = nn.Dropout(cfg.dropout)
 
     def user_state(
@@ -130,19 +138,25 @@ class RMBERT(Recommender):
     ) -> UserState:
         H = self.drop(hist.cls)  # [B, M, D]
         G = self.W_H(H)  # [B, M, D]
-        Hs = nn.functional.normalize(self.S(H), dim=-1) if self.cfg.similarity else None
+        Hs = self.metric(H) if self.cfg.similarity else None
         return UserState(H=H, mask=hist_mask, GH=torch.cat([G, H], dim=-1), Hs=Hs)
+
+    def metric(self, x: torch.Tensor) -> torch.Tensor:
+        """News vectors [..., D] -> unit S x per metric head [..., h, D] (eq. 8''')."""
+        return nn.functional.normalize(self.S(x).unflatten(-1, (self.cfg.similarity_heads, -1)), dim=-1)
 
     @staticmethod
     def similarity_features(xs: torch.Tensor, Hs: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
-        """Unit vectors xs [B, C, D] and Hs [B, M, D], mask [B, M] -> [max_j c_j, mean_j c_j]
-        [B, C, 2] of the cosines c_j over unmasked clicked news (0 for none), eq. 8'''."""
-        c = torch.einsum("bcd,bmd->bcm", xs, Hs)  # [B, C, M]
-        m = mask[:, None, :]
-        n = mask.sum(-1).clamp(min=1)[:, None]  # [B, 1]
+        """Unit vectors xs [B, C, h, D] and Hs [B, M, h, D], mask [B, M] -> per head
+        [max_j c_j, mean_j c_j], [B, C, 2h] (head-major), of the cosines c_j over unmasked clicked
+        news (0 for none), eq. 8'''."""
+        c = torch.einsum("bchd,bmhd->bchm", xs, Hs)  # [B, C, h, M]
+        m = mask[:, None, None, :]
+        n = mask.sum(-1).clamp(min=1)[:, None, None]  # [B, 1, 1]
         # -2 lies below every cosine and fits in fp16 (NEG does not)
-        top = c.masked_fill(~m, -2.0).amax(-1).where(mask.any(-1)[:, None], torch.zeros_like(c[..., 0]))
-        return torch.stack([top, (c * m).sum(-1) / n], -1)
+        any_ = mask.any(-1)[:, None, None]
+        top = c.masked_fill(~m, -2.0).amax(-1).where(any_, torch.zeros_like(c[..., 0]))  # [B, C, h]
+        return torch.stack([top, (c * m).sum(-1) / n], -1).flatten(-2)
 
     # -- eq. 1-3: the query unit (the candidate alone) ------------------------------------------
     def query_step(
@@ -222,7 +236,7 @@ class RMBERT(Recommender):
         def per_pair(t: torch.Tensor) -> torch.Tensor:
             return t if idx is None else t[idx]
 
-        xs = nn.functional.normalize(self.S(x), dim=-1) if self.cfg.similarity else None  # [U|B C, D]
+        xs = self.metric(x) if self.cfg.similarity else None  # [U|B C, h, D]
         x = per_pair(x)  # [B, C, D]
         B, C, _ = x.shape
         m = self.m0.expand(B, C, -1)  # m_0

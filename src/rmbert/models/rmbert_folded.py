@@ -29,7 +29,7 @@ class FoldedUser:
     P: torch.Tensor  # [B, (p-1) M, D]: r_t = rho_t + [b_0 .. b_(t-1)] @ P[:, -tM:]
     Q: torch.Tensor  # [B, p M, H1]: W_1m m_p = kappa + [b_0 .. b_(p-1)] @ Q
     Y: torch.Tensor | None  # [B, p M, D]: P m_p + b_P = y0 + [b_0 .. b_(p-1)] @ Y (click_product)
-    Hs: torch.Tensor | None = None  # [B, M, D]: unit S h_j (similarity)
+    Hs: torch.Tensor | None = None  # [B, M, h, D]: unit S h_j per metric head (similarity)
 
 
 class FoldedRMBERT(InferenceForm):
@@ -61,7 +61,7 @@ class FoldedRMBERT(InferenceForm):
     #   base [..., p, L]  title-attention logits of each step, news part
     #   K    [..., L, L]  the previous step's title weights -> this step's logits
     #   click [..., H1]   W_1x x_n + b_1, the news part of eq. 8
-    #   sim  [..., D]     unit S x_n (similarity, eq. 8''')
+    #   sim  [..., h, D]  unit S x_n per metric head (similarity, eq. 8''')
     token_axes = {"base": 1, "K": 2, "click": 0}
 
     def __init__(self, m: RMBERT) -> None:
@@ -117,10 +117,15 @@ class FoldedRMBERT(InferenceForm):
         self.b_H = m.W_H.bias
         self.W_1x, self.b_1 = m.W_1.weight[:, :D], m.W_1.bias
         self.W_2, self.b_2 = m.W_2.weight[0], m.W_2.bias
-        self.S = m.S.weight if cfg.similarity else None  # [D, D]
-        self.W_1c = m.W_1c.weight if cfg.similarity else None  # [H1, 2]
+        self.S = m.S.weight if cfg.similarity else None  # [h D, D]
+        self.W_1c = m.W_1c.weight if cfg.similarity else None  # [H1, 2h]
         if cfg.similarity:
             self.token_axes = {**FoldedRMBERT.token_axes, "sim": 0}
+
+    def metric(self, x: torch.Tensor) -> torch.Tensor:
+        """[..., D] -> unit S x per metric head [..., h, D]."""
+        h = self.cfg.similarity_heads
+        return torch.nn.functional.normalize((x @ self.S.T).unflatten(-1, (h, -1)), dim=-1)
 
     @torch.no_grad()
     def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
@@ -133,7 +138,7 @@ class FoldedRMBERT(InferenceForm):
         K = (X @ self.R1w) @ X.transpose(-1, -2)  # [..., L, L]
         terms = {"base": base, "K": K, "click": x @ self.W_1x.T + self.b_1}
         if self.S is not None:
-            terms["sim"] = torch.nn.functional.normalize(x @ self.S.T, dim=-1)
+            terms["sim"] = self.metric(x)
         return terms
 
     @torch.no_grad()
@@ -152,7 +157,7 @@ class FoldedRMBERT(InferenceForm):
         Y = None
         if self.y0 is not None:
             Y = HU[..., q_end:].reshape(B, M, p, D).transpose(1, 2).reshape(B, -1, D)
-        Hs = torch.nn.functional.normalize(H @ self.S.T, dim=-1) if self.S is not None else None
+        Hs = self.metric(H) if self.S is not None else None
         return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q, Y, Hs)
 
     @torch.no_grad()
