@@ -73,6 +73,8 @@ def served(tiny_encoder, planted, tmp_path_factory) -> Path:
             "features.min_count=1",
             "features.history_position=true",
             "rmbert.click_product=true",
+            "rmbert.similarity=true",
+            "rmbert.similarity_heads=2",
             "rmbert.steps=3",
             "train.epochs=1",
             "train.batch_size=8",
@@ -97,7 +99,7 @@ def client(served, tmp_path, planted):
         served / "run",
         store,
         behaviors=planted / "dev" / "behaviors.tsv",
-        limits=Limits(max_history=60, max_candidates=30, fresh_candidates=5, max_news_per_post=3),
+        limits=Limits(max_history=60, max_candidates=30, fresh_candidates=5, max_news_per_post=3, retrieve=0),
     )
     with TestClient(app) as c:
         c.store_path = store

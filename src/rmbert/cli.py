@@ -249,7 +249,9 @@ def cmd_serve(a: argparse.Namespace) -> int:
 
     from rmbert.serve.app import Limits, create_app
 
-    limits = Limits(max_body_bytes=int(a.max_body_mb * 2**20), max_queue=a.max_queue, device=a.device)
+    limits = Limits(
+        max_body_bytes=int(a.max_body_mb * 2**20), max_queue=a.max_queue, device=a.device, retrieve=a.retrieve
+    )
     app = create_app(a.run, a.store, behaviors=a.behaviors, limits=limits)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if a.quiet else "info")
     return 0
@@ -430,6 +432,13 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-queue", type=int, default=64, help="waiting /rank requests before 503 (default 64)"
     )
     sv.add_argument("--device", default="cpu", help="where the model scores: cpu (default) or cuda")
+    sv.add_argument(
+        "--retrieve",
+        type=int,
+        default=200,
+        help="a /rank without candidates re-ranks the N news retrieved from the whole live pool "
+        "(default 200; 0: the 100 freshest news)",
+    )
     sv.set_defaults(func=cmd_serve)
     rp = sub.add_parser(
         "reproduce",

@@ -24,6 +24,7 @@ from rmbert.run import LoadedRun, load_run
 from rmbert.serve.index import ServingIndex
 from rmbert.serve.metrics import BodyLimit, Metrics, MetricsMiddleware
 from rmbert.serve.ranker import Ranker
+from rmbert.serve.retrieval import RetrievalConfig
 from rmbert.serve.routes import router
 from rmbert.serve.state import Limits, ServingState
 
@@ -81,7 +82,7 @@ def create_app(
             return
         check_servable(run, store, run_dir, store_dir)
         ranker = Ranker(run, limits.max_batch, limits.max_queue, limits.queue_timeout_s, limits.device)
-        index = ServingIndex(store, ranker.prepare)
+        index = ServingIndex(store, ranker.prepare, RetrievalConfig(top_n=limits.retrieve))
         state.run, state.index, state.ranker = run, index, ranker
         state.users = load_users(behaviors, store.live_ids)
         watcher = (

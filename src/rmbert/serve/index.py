@@ -15,6 +15,7 @@ import numpy as np
 import torch
 
 from rmbert.encoders.store import NewsStore
+from rmbert.serve.retrieval import RetrievalConfig, Retriever, retrieval_vectors
 
 
 class Rows:
@@ -48,7 +49,16 @@ class Snapshot:
     index: dict[str, int]  # id -> latest row
     info: list[dict]  # per row (row 0 = null)
     fresh: np.ndarray  # live rows, most recently added first
+    live: np.ndarray  # [n] bool: the row is the current version of its news
     tensors: dict[str, torch.Tensor]  # the arrays, viewed (not copied) as tensors
+    retriever: Retriever | None = None  # the ANN index over the rows (it may hold rows >= n)
+
+    def retrieve(self, hist_rows: np.ndarray, k: int = 0) -> np.ndarray | None:
+        """The live news closest to a user (rows, best first; the clicks left out), or None
+        without retrieval or clicks to retrieve by."""
+        if self.retriever is None or len(hist_rows) == 0:
+            return None
+        return self.retriever.search(retrieval_vectors(self.arrays, hist_rows), hist_rows, self.live, k)
 
 
 BASE = ("cls", "pool", "tokens", "mask", "input_ids")
@@ -63,9 +73,11 @@ class ServingIndex:
     adds per-news arrays (a model's precomputed news terms) or replaces some (the news vectors a
     model reads: pooled, standardised, with features)."""
 
-    def __init__(self, store: NewsStore, prepare=None) -> None:
+    def __init__(self, store: NewsStore, prepare=None, retrieval: RetrievalConfig | None = None) -> None:
         self.prepare = prepare or (lambda arrays, info: {})
         self.lock = threading.Lock()  # serialises appends; reads never wait
+        self.retrieval = retrieval if retrieval is not None and retrieval.top_n > 0 else None
+        self.retriever: Retriever | None = None  # over every row, kept in step with the rows
         self._load(store)
 
     def _load(self, store: NewsStore) -> None:
@@ -73,6 +85,10 @@ class ServingIndex:
         self.info = [{}] + list(store.info)
         base = _base(store)
         self.rows = Rows({**base, **self.prepare(base, self.info)})
+        if self.retrieval is not None:
+            self.retriever = Retriever(
+                retrieval_vectors(self.rows.data, slice(1, self.rows.n)), self.retrieval
+            )
         self.index = dict(store.index)
         self.snapshot = self._snap()
 
@@ -97,15 +113,20 @@ class ServingIndex:
         live = np.fromiter(self.index.values(), dtype=np.int64, count=len(self.index))
         added = np.array([self.info[r].get("added", 0.0) for r in live])
         fresh = live[np.lexsort((-live, -added))]
+        is_live = np.zeros(self.rows.n, bool)
+        is_live[live] = True
         arrays = dict(self.rows.data)
         tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
-        return Snapshot(self.rows.n, arrays, dict(self.index), list(self.info), fresh, tensors)
+        info, index = list(self.info), dict(self.index)
+        return Snapshot(self.rows.n, arrays, index, info, fresh, is_live, tensors, self.retriever)
 
     def add(self, store: NewsStore, first_new: int) -> None:
         """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""
         new = _base(store, first_new + 1)
         new.update(self.prepare(new, store.info[first_new:]))
         self.rows.append(new)
+        if self.retriever is not None:
+            self.retriever.add(retrieval_vectors(new))
         for r, nid in enumerate(store.ids[first_new:], start=first_new + 1):
             self.index[nid] = r
         self.info += store.info[first_new:]

@@ -61,7 +61,12 @@ async def rank(req: RankRequest, request: Request, state: State):
         raise HTTPException(404, {"message": "unknown news ids", "unknown_ids": _dedupe(unknown)[:100]})
     hist_rows = np.array([snap.index[i] for i in history], dtype=np.int64)
     dropped = 0
-    if req.candidates is None:
+    retrieved = None
+    if req.candidates is None:  # the whole live pool: retrieval, else the freshest news
+        retrieved = snap.retrieve(hist_rows)
+    if retrieved is not None and len(retrieved):
+        cand_rows = retrieved
+    elif req.candidates is None:
         seen = set(hist_rows.tolist())
         fresh = [r for r in snap.fresh[: limits.fresh_candidates + len(seen)] if r not in seen]
         cand_rows = np.array(fresh[: limits.fresh_candidates], dtype=np.int64)
