@@ -7,7 +7,14 @@ import shutil
 import numpy as np
 import pytest
 
-from rmbert.serve.retrieval import RetrievalConfig, Retriever, retrieval_vectors
+from rmbert.serve.retrieval import (
+    RetrievalConfig,
+    Retriever,
+    calibrate,
+    cosine_features,
+    retrieval_vectors,
+    shortlist,
+)
 
 pytest.importorskip("faiss")
 
@@ -17,54 +24,78 @@ def unit(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def brute(vectors: np.ndarray, hist: np.ndarray, live: np.ndarray, queries: int, k: int) -> list[int]:
-    """The retrieval answer by hand: per query (the clicks' normalised mean, then the clicks from
-    the most recent) the rows by inner product; round-robin over the lists; clicks, dead rows and
-    repeats skipped."""
+def brute(vectors: np.ndarray, hist: np.ndarray, live: np.ndarray, queries: int, per_query: int) -> list[int]:
+    """Step 1 by hand: per query (the clicks' normalised mean, then the clicks from the most
+    recent) the rows by inner product, of which the first per_query live non-clicks count;
+    merged rank by rank over the queries, repeats dropped."""
     clicks = vectors[hist]
     mean = clicks.mean(0)
     lists = [mean / np.linalg.norm(mean), *clicks[-queries:][::-1]]
     ranked = [np.argsort(-(vectors[1:] @ q), kind="stable") + 1 for q in lists]
-    want = min(k + len(hist), len(vectors) - 1)
+    want = min(per_query + len(hist), len(vectors) - 1)
     out: list[int] = []
+    taken = [0] * len(lists)
     for rank in range(want):
-        for r in ranked:
+        for q, r in enumerate(ranked):
             row = int(r[rank])
-            if live[row] and row not in hist and row not in out:
-                out.append(row)
-    return out[:k]
+            if live[row] and row not in hist and taken[q] < per_query:
+                taken[q] += 1
+                if row not in out:
+                    out.append(row)
+    return out
 
 
-def test_exact_search_is_the_round_robin_of_the_per_query_rankings():
+def test_gathering_is_the_round_robin_of_each_querys_nearest():
     vectors = np.concatenate([np.zeros((1, 16), np.float32), unit(300)])  # row 0: the null news
     live = np.ones(301, bool)
     live[[0, 5, 17, 40]] = False  # the null row and three replaced rows
     hist = np.array([3, 9, 120, 250])
-    r = Retriever(vectors[1:], RetrievalConfig(top_n=25, queries=3))
+    r = Retriever(vectors[1:], RetrievalConfig(queries=3, per_query=25))
     assert r.kind == "exact" and len(r) == 300
-    got = r.search(vectors[hist], hist, live)
+    got = r.nearest(vectors[hist], hist, live)
     assert got.tolist() == brute(vectors, hist, live, 3, 25)
-    assert len(got) == 25 and not set(got) & {0, 5, 17, 40, *hist.tolist()}
+    assert 25 < len(got) <= 100 and not set(got) & {0, 5, 17, 40, *hist.tolist()}
     # a request's snapshot that has only rows < 200 never gets a newer row
-    assert got.max() > 200 and r.search(vectors[hist], hist, live[:200]).max() < 200
-    assert len(r.search(vectors[[]], np.zeros(0, np.int64), live)) == 0  # no clicks: no answer
+    assert got.max() > 200 and r.nearest(vectors[hist], hist, live[:200]).max() < 200
+    assert len(r.nearest(vectors[[]], np.zeros(0, np.int64), live)) == 0  # no clicks: nothing
+
+
+def test_the_shortlist_ranks_by_the_proxy_and_calibration_recovers_its_weights():
+    cand, clicks = unit(40, seed=7), unit(6, seed=8)
+    f = cosine_features(cand, clicks, recent=2)
+    cos = cand @ clicks.T
+    want = np.stack([cos.max(1), cos.mean(1), cos[:, 4:].max(1), cos[:, 4:].mean(1)], 1)
+    assert np.allclose(f, want)
+    rows, prior = np.arange(100, 140), np.linspace(0, 1, 40)
+    w = (2.0, -0.5, 1.0, 0.25)
+    best = rows[np.argsort(-(prior + 2.0 * f[:, 0] - 0.5 * f[:, 1] + f[:, 2] + 0.25 * f[:, 3]))[:7]]
+    assert shortlist(rows, prior, f, w, 7).tolist() == best.tolist()
+    # a model whose score is prior + 2 max + 0.5 mean + 1.5 recent max + 3: calibration finds it
+    vectors = np.concatenate([np.zeros((1, 16), np.float32), unit(400, seed=9)])
+    prior_all = np.random.default_rng(10).standard_normal(401)
+
+    def score(hist, cand):
+        g = cosine_features(vectors[cand], vectors[hist], recent=3)
+        return prior_all[cand] + 2.0 * g[:, 0] + 0.5 * g[:, 1] + 1.5 * g[:, 2] + 3.0
+
+    got = calibrate(vectors, prior_all, np.arange(1, 401), score, users=6, recent=3)
+    assert np.allclose(got, (2.0, 0.5, 1.5, 0.0), atol=1e-5)
 
 
 def test_added_news_are_found_without_a_rebuild():
     vectors = unit(200, seed=1)
-    r = Retriever(vectors, RetrievalConfig(top_n=5, queries=1))
+    r = Retriever(vectors, RetrievalConfig(queries=1, per_query=5))
     index_before = r.index
     new = unit(3, seed=2)
     r.add(new)  # rows 201..203
     assert r.index is index_before and len(r) == 203
     live = np.ones(204, bool)
     # a user whose one click equals news 202 gets it first (the click itself is row 7, excluded)
-    clicks = new[1:2]
-    assert r.search(clicks, np.array([7]), live)[0] == 202
+    assert r.nearest(new[1:2], np.array([7]), live)[0] == 202
 
 
 def test_large_pools_use_an_inverted_file_with_high_recall_and_take_appends():
-    cfg = RetrievalConfig(top_n=50, queries=2, exact_below=500, nprobe=16, train_sample=3000)
+    cfg = RetrievalConfig(queries=2, per_query=50, exact_below=500, nprobe=16, train_sample=3000)
     # clustered vectors, as news are: 40 topics
     rng = np.random.default_rng(3)
     centers = unit(40, 32, seed=4)
@@ -77,17 +108,17 @@ def test_large_pools_use_an_inverted_file_with_high_recall_and_take_appends():
     recalls = []
     for _ in range(20):
         hist = rng.choice(np.arange(1, 3001), 6, replace=False)
-        exact = brute(vectors, hist, live, 2, 10)  # the exact top-10 of the same queries
-        got = set(r.search(vectors[hist], hist, live).tolist())
+        exact = brute(vectors, hist, live, 2, 10)  # each query's exact top-10
+        got = set(r.nearest(vectors[hist], hist, live).tolist())
         recalls.append(np.mean([row in got for row in exact]))
     assert np.mean(recalls) >= 0.9
     r.add(vectors[1:4])  # appended rows 3001..3003 (copies of rows 1..3): no retraining
     assert len(r) == 3003 and r.kind == "ivf-sq8"
-    assert 3001 in r.search(vectors[[1]], np.array([1]), np.ones(3004, bool), k=5).tolist()
+    assert 3001 in r.nearest(vectors[[1]], np.array([1]), np.ones(3004, bool))[:5].tolist()
 
 
 def test_an_exact_index_that_outgrows_its_limit_becomes_an_inverted_file():
-    cfg = RetrievalConfig(top_n=5, exact_below=300, train_sample=600)
+    cfg = RetrievalConfig(exact_below=300, train_sample=600)
     r = Retriever(unit(200, seed=5), cfg)
     assert r.kind == "exact"
     r.add(unit(450, seed=6))
@@ -131,8 +162,11 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         twin = {"id": "TWIN", "title": dev.title[j], "category": dev.category[j]}
         twin |= {"subcategory": dev.subcategory[j], "entities": dev.entities(j)}
         assert c.post("/news", json=[twin]).status_code == 200
-        ranked = {x["id"] for x in rank(c)["ranked"]}
-        assert "TWIN" in ranked
+        snap = c.app.state.serving.index.snapshot
+        hist_rows = np.array([snap.index[h] for h in history])
+        clicks = retrieval_vectors(snap.arrays, hist_rows)
+        assert snap.index["TWIN"] in snap.retriever.nearest(clicks, hist_rows, snap.live)[:9].tolist()
+        assert rank(c)["candidates"] == 8
         # the update moves TWIN to a new row: the old row is never served again
         other = dev.ids.index(dev.ids[-1])
         changed = {**twin, "title": dev.title[other], "category": dev.category[other]}
@@ -141,8 +175,32 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         old_row = snap.index["TWIN"] - 1
         assert not snap.live[old_row] and snap.live[snap.index["TWIN"]]
         assert old_row not in snap.retrieve(np.array([snap.index[h] for h in history]), 50).tolist()
-        after = rank(c)
+        assert rank(c)["candidates"] == 8
+        # the answer: the gathered news (nearest and best prior) shortlisted by the calibrated
+        # proxy, whose prior is the model's score for a user without clicks
+        snap, ranker = c.app.state.serving.index.snapshot, c.app.state.serving.ranker
+        cfg = snap.retriever.cfg
+        assert cfg.weights != RetrievalConfig.weights and cfg.max_history == 50  # calibrated; the run's M
+        clicks = retrieval_vectors(snap.arrays, hist_rows)
+        best = [r for r in snap.best_prior if r not in hist_rows][: cfg.prior_pool]
+        prior = snap.arrays["prior"]
+        assert best[0] == max(
+            (r for r in np.flatnonzero(snap.live) if r not in hist_rows), key=lambda r: prior[r]
+        )
+        gathered_near = snap.retriever.nearest(clicks, hist_rows, snap.live).tolist()
+        best_before = snap.best_prior.tolist()
+        gathered = np.union1d(best, gathered_near)
+        feats = cosine_features(retrieval_vectors(snap.arrays, gathered), clicks, cfg.recent)
+        want = shortlist(gathered, prior[gathered], feats, cfg.weights, 40)
+        got = snap.retrieve(hist_rows, 40)
+        assert got.tolist() == want.tolist() and not set(got.tolist()) & set(hist_rows.tolist())
+        alone = ranker.score_rows(snap, np.zeros(0, np.int64), got[:6])
+        assert np.allclose(alone, prior[got[:6]], atol=1e-5)
     with TestClient(create_app(served / "run", store, limits=limits)) as c:  # a restart
-        assert rank(c) == after
+        # the same index over the same live news: the same news gathered, the same best priors
+        # (the proxy's weights are calibrated again, on the pool as it is now)
         snap = c.app.state.serving.index.snapshot
         assert len(snap.retriever) == snap.n - 1  # rebuilt from the store: every row, no more
+        assert snap.retriever.nearest(clicks, hist_rows, snap.live).tolist() == gathered_near
+        assert snap.best_prior.tolist() == best_before
+        assert rank(c)["candidates"] == 8

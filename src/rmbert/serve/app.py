@@ -82,7 +82,9 @@ def create_app(
             return
         check_servable(run, store, run_dir, store_dir)
         ranker = Ranker(run, limits.max_batch, limits.max_queue, limits.queue_timeout_s, limits.device)
-        index = ServingIndex(store, ranker.prepare, RetrievalConfig(top_n=limits.retrieve))
+        retrieval = RetrievalConfig(top_n=limits.retrieve, max_history=run.cfg.train.max_history)
+        index = ServingIndex(store, ranker.prepare, retrieval)
+        index.calibrate(lambda hist, cand: ranker.score_rows(index.snapshot, hist, cand))  # before serving
         state.run, state.index, state.ranker = run, index, ranker
         state.users = load_users(behaviors, store.live_ids)
         watcher = (

@@ -8,6 +8,7 @@ also views its arrays as torch tensors, so a batch is gathered with one `index_s
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from dataclasses import dataclass
 
@@ -15,7 +16,7 @@ import numpy as np
 import torch
 
 from rmbert.encoders.store import NewsStore
-from rmbert.serve.retrieval import RetrievalConfig, Retriever, retrieval_vectors
+from rmbert.serve.retrieval import RetrievalConfig, Retriever, calibrate, retrieval_vectors, retrieve
 
 
 class Rows:
@@ -52,13 +53,25 @@ class Snapshot:
     live: np.ndarray  # [n] bool: the row is the current version of its news
     tensors: dict[str, torch.Tensor]  # the arrays, viewed (not copied) as tensors
     retriever: Retriever | None = None  # the ANN index over the rows (it may hold rows >= n)
+    best_prior: np.ndarray | None = None  # live rows with the best candidate-only prior, best first
 
     def retrieve(self, hist_rows: np.ndarray, k: int = 0) -> np.ndarray | None:
-        """The live news closest to a user (rows, best first; the clicks left out), or None
-        without retrieval or clicks to retrieve by."""
+        """A user's candidates from the whole live pool, best proxy first (serve/retrieval.py):
+        the news nearest the clicks and those with the best prior, shortlisted by the proxy
+        score. hist_rows: the clicks, oldest first (left out of the answer). None without
+        retrieval or clicks."""
         if self.retriever is None or len(hist_rows) == 0:
             return None
-        return self.retriever.search(retrieval_vectors(self.arrays, hist_rows), hist_rows, self.live, k)
+        prior = self.arrays.get("prior")
+        return retrieve(
+            self.retriever,
+            lambda rows: retrieval_vectors(self.arrays, rows),
+            prior,
+            self.best_prior,
+            hist_rows,
+            self.live,
+            k,
+        )
 
 
 BASE = ("cls", "pool", "tokens", "mask", "input_ids")
@@ -92,6 +105,19 @@ class ServingIndex:
         self.index = dict(store.index)
         self.snapshot = self._snap()
 
+    def calibrate(self, score) -> tuple[float, float] | None:
+        """Fit the retrieval proxy's weights to the model, `score(hist_rows, cand_rows)` ->
+        scores, on the current snapshot (serve/retrieval.py); None without retrieval."""
+        if self.retriever is None or "prior" not in self.snapshot.arrays:
+            return None
+        snap = self.snapshot
+        vectors, prior = retrieval_vectors(snap.arrays, slice(0, snap.n)), snap.arrays["prior"][: snap.n]
+        weights = calibrate(vectors, prior, np.flatnonzero(snap.live), score, recent=self.retrieval.recent)
+        with self.lock:
+            self.retrieval = dataclasses.replace(self.retrieval, weights=weights)
+            self.retriever.cfg = self.retrieval
+        return weights
+
     def refresh(self) -> int:
         """Take in the segments other writers (`rmbert encode`, another server) committed since
         this index last looked; returns how many rows were added."""
@@ -118,7 +144,13 @@ class ServingIndex:
         arrays = dict(self.rows.data)
         tensors = {k: torch.from_numpy(v) for k, v in arrays.items()}
         info, index = list(self.info), dict(self.index)
-        return Snapshot(self.rows.n, arrays, index, info, fresh, is_live, tensors, self.retriever)
+        best = None
+        if self.retriever is not None and "prior" in arrays and len(live):
+            prior = arrays["prior"][live]
+            k = min(len(live), self.retriever.cfg.prior_pool + 512)  # room for a user's clicks
+            top = np.argpartition(-prior, k - 1)[:k]
+            best = live[top[np.argsort(-prior[top], kind="stable")]]
+        return Snapshot(self.rows.n, arrays, index, info, fresh, is_live, tensors, self.retriever, best)
 
     def add(self, store: NewsStore, first_new: int) -> None:
         """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""

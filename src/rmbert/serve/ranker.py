@@ -91,7 +91,9 @@ class Ranker:
     ) -> dict[str, np.ndarray]:
         """Per-news arrays for the serving index: the news vectors the model reads (pooled,
         standardised and with features, as the run was trained) and the inference form's news
-        terms. Runs once per news, `chunk` news at a time; `info` gives the news features."""
+        terms, and `prior` [n], each news's score for a user without clicks (the candidate-only
+        prior, which the retrieval stage draws on). Runs once per news, `chunk` news at a time;
+        `info` gives the news features."""
         model, cfg = self.run.model, self.run.cfg
         vectors = arrays["pool"] if cfg.encoder.pooling == "mean" else arrays["cls"]
         fids = None
@@ -116,6 +118,10 @@ class Ranker:
                 x = x + model.features(torch.from_numpy(fids[i : i + chunk]).to(dev))
             got["cls"] = x
             got.update(self.form.news_terms(NewsRepr(x, X, None)))
+            mask = torch.from_numpy(np.array(arrays["mask"][i : i + chunk])).to(dev)
+            terms = {k: v[None] for k, v in got.items() if k in self.form.token_axes}
+            nobody = (x.new_zeros(1, 1, x.shape[-1]), torch.zeros(1, 1, dtype=torch.bool, device=dev))
+            got["prior"] = self.form.score(*nobody, NewsRepr(x[None], X[None], mask[None]), terms).logits[0]
             for k, v in got.items():
                 parts.setdefault(k, []).append(v.cpu())
         return {k: torch.cat(v).numpy() for k, v in parts.items()}
@@ -147,6 +153,19 @@ class Ranker:
         except asyncio.CancelledError:
             job.cancelled = True  # the client went away: do not score it
             raise
+
+    def score_rows(
+        self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, chunk: int = 2000
+    ) -> np.ndarray:
+        """Scores [C] of candidate rows for one user, `chunk` candidates at a time, computed in
+        the calling thread: for work before serving starts (calibration) or offline, never
+        beside the worker (they would share its buffers)."""
+        hist = hist_rows[-self.max_history :]
+        parts = [
+            self._score([Job(snap, hist, cand_rows[i : i + chunk], 1, False, lambda r, e: None)])[0].scores
+            for i in range(0, len(cand_rows), chunk)
+        ]
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def _loop(self) -> None:
         while True:

@@ -1,19 +1,32 @@
 """The retrieval stage of two-stage ranking: candidates from the whole live pool, then re-ranking.
 
 A `/rank` request without candidates is ranked against every live news in the store, not just
-the freshest few: an ANN index (faiss) returns the `top_n` news closest to the user, and the
-recommender re-ranks those.
+the freshest few: the retrieval stage picks `top_n` news from the whole pool and the recommender
+re-ranks those.
 
 The choice of user vector. RMBERT scores a (user, candidate) pair through p reasoning steps
 whose attention depends on the candidate, so no single user vector reproduces its score. The
 retrieval space is instead the one the default model's click layer already reads: eq. 8''' of
 `models/rmbert.py` hands it the max and mean cosine of the candidate to the clicked news in the
-learned metric S (head 0). Retrieval therefore runs one query per recent click (the max-cosine
-term: a candidate close to any one click) and one with their normalised mean (the mean-cosine
-term), and merges the ranked lists round-robin. A model without eq. 8''' uses its news vectors
-(unit x_n) the same way. No extra head is trained: the space comes from the same run, and
-`benchmarks/retrieval.py` measures what it costs, as the recall of the exact top-10 of
-exhaustive scoring over the whole pool.
+learned metric S (head 0); a model without eq. 8''' uses its unit news vectors the same way.
+Beside these, the model gives every news a candidate-only prior (its score for a user without
+clicks: category, popularity, recency as the run learned them), computed once per news when it
+enters the serving index. Retrieval runs in two steps:
+
+1. Gather: an ANN index (faiss) returns the `per_query` nearest live news of each of Q queries,
+   one per recent click (the max-cosine term) and the clicks' normalised mean (the mean-cosine
+   term); the `prior_pool` news with the best prior join them.
+2. Shortlist: each gathered news gets the proxy score
+       prior + w . [max_j c_j, mean_j c_j, max_j' c_j', mean_j' c_j']
+   with c_j = cos(x, h_j) over the user's clicks (exact cosines) and j' over the `recent` most
+   recent ones (models with recency embeddings weigh them more); the best `top_n` go to the
+   re-ranker.
+
+The weights are calibrated when the service loads (`calibrate`): pseudo-users made of random
+live news are scored exhaustively by the model, and w is the least-squares fit of
+(score - prior) on the four cosine features. Nothing extra is trained: every part comes from the run
+itself. `benchmarks/retrieval.py` measures the cost, as the recall of the exact top-10 of
+exhaustive scoring of the whole pool.
 
 Index. Pools below `exact_below` news are searched exhaustively (IndexFlatIP); larger ones
 with an inverted file over 8-bit scalar-quantised vectors (IndexIVFScalarQuantizer, nlist about
@@ -24,12 +37,13 @@ i + 1, so the index and the serving rows grow together; a row replaced by a late
 news (an update) stays in the index but is filtered out, as are rows the request's snapshot does
 not have yet. A restart rebuilds the index from the store, so it always matches the store.
 
-Shape letters: N news in the index, Q queries, D the vector width.
+Shape letters: N news in the index, Q queries, G gathered news, M clicks, D the vector width.
 """
 
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,15 +52,22 @@ import numpy as np
 @dataclass(frozen=True)
 class RetrievalConfig:
     top_n: int = 200  # news handed to the re-ranker (0 = no retrieval: the freshest news instead)
-    queries: int = 8  # the most recent clicks searched one by one, besides their mean
+    queries: int = 50  # the most recent clicks searched one by one, besides their mean
+    per_query: int = 100  # nearest news gathered per query
+    prior_pool: int = 300  # news with the best candidate-only prior gathered for every user
+    recent: int = 5  # the most recent clicks of the proxy's last two features
+    weights: tuple[float, ...] = (1.0, 1.0, 0.0, 0.0)  # w of the proxy (set by `calibrate`)
+    max_history: int = 50  # the most recent clicks the cosines are taken over (the run's M)
     exact_below: int = 50_000  # smaller pools are searched exhaustively
     nprobe: int = 24  # inverted lists visited per query (larger pools)
     train_sample: int = 65_536  # news the inverted file's centroids and quantiser are fitted on
 
     def __post_init__(self) -> None:
-        for name in ("top_n", "queries", "exact_below", "nprobe", "train_sample"):
-            if getattr(self, name) < (0 if name == "top_n" else 1):
-                raise ValueError(f"retrieval.{name} is out of range: {getattr(self, name)}")
+        for name in ("queries", "per_query", "max_history", "exact_below", "nprobe", "train_sample"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"retrieval.{name} must be >= 1, not {getattr(self, name)}")
+        if self.top_n < 0 or self.prior_pool < 0:
+            raise ValueError("retrieval.top_n and retrieval.prior_pool must be >= 0")
 
 
 def retrieval_vectors(arrays: dict[str, np.ndarray], rows: np.ndarray | slice = slice(None)) -> np.ndarray:
@@ -56,6 +77,54 @@ def retrieval_vectors(arrays: dict[str, np.ndarray], rows: np.ndarray | slice = 
         return np.ascontiguousarray(np.asarray(arrays["sim"][rows])[:, 0], dtype=np.float32)
     x = np.asarray(arrays["cls"][rows], dtype=np.float32)
     return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
+
+
+def cosine_features(cand: np.ndarray, clicks: np.ndarray, recent: int = 5) -> np.ndarray:
+    """Unit vectors cand [G, D] and clicks [M, D] (oldest first) -> [G, 4]: the max and mean
+    cosine to all clicks, then to the `recent` most recent."""
+    cos = cand @ clicks.T  # [G, M]
+    last = cos[:, -recent:]
+    return np.stack([cos.max(1), cos.mean(1), last.max(1), last.mean(1)], 1)
+
+
+def shortlist(rows: np.ndarray, prior: np.ndarray, features: np.ndarray, weights, k: int) -> np.ndarray:
+    """The k rows [G] of the best proxy prior + features @ w ([G, 4] `cosine_features`), best
+    first (ties: the rows' order)."""
+    proxy = prior + features @ np.asarray(weights, dtype=features.dtype)
+    return rows[np.argsort(-proxy, kind="stable")[:k]]
+
+
+def calibrate(
+    vectors: np.ndarray,
+    prior: np.ndarray,
+    live_rows: np.ndarray,
+    score: Callable[[np.ndarray, np.ndarray], np.ndarray],
+    users: int = 16,
+    cands: int = 256,
+    seed: int = 0,
+    recent: int = 5,
+) -> tuple[float, ...]:
+    """w: least squares of score - prior on the cosine features (and a constant) over pseudo-users
+    (5-50 random live news as clicks; random candidates and the clicks' nearest neighbours, so
+    that close news are represented; clicks drawn around a few news, as interests, fitted no
+    better on planted data). `vectors` [n, D] and `prior` [n] by row; `score(hist_rows,
+    cand_rows)` is the model's exhaustive score."""
+    rng = np.random.default_rng(seed)
+    X, y = [], []
+    for _ in range(users):
+        if len(live_rows) < 20:
+            break
+        hist = rng.choice(live_rows, int(rng.integers(5, min(50, len(live_rows) // 4) + 1)), replace=False)
+        rest = np.setdiff1d(live_rows, hist)
+        near = rest[np.argsort(-(vectors[rest] @ vectors[hist].T).max(1))[: cands // 4]]
+        cand = np.unique(np.concatenate([near, rng.choice(rest, min(len(rest), cands), replace=False)]))
+        f = cosine_features(vectors[cand], vectors[hist], recent)
+        X.append(np.concatenate([f, np.ones((len(f), 1), f.dtype)], 1))
+        y.append(score(hist, cand) - prior[cand])
+    if not X:
+        return RetrievalConfig.weights
+    X_, y_ = np.concatenate(X).astype(np.float64), np.concatenate(y).astype(np.float64)
+    return tuple(float(v) for v in np.linalg.lstsq(X_, y_, rcond=None)[0][:4])
 
 
 class Retriever:
@@ -111,27 +180,51 @@ class Retriever:
         with self.lock:
             return int(self.faiss.serialize_index(self.index).size)
 
-    def search(self, clicks: np.ndarray, hist_rows: np.ndarray, live: np.ndarray, k: int = 0) -> np.ndarray:
-        """Store rows [<= k] of the live news closest to a user, best first.
+    def nearest(self, clicks: np.ndarray, hist_rows: np.ndarray, live: np.ndarray) -> np.ndarray:
+        """Step 1 (gather): the `per_query` nearest live news of each query, merged round-robin
+        (the mean's nearest, then each click's, from the most recent; repeats dropped).
 
-        clicks [h, D]: the retrieval vectors of the user's clicks `hist_rows` [h], oldest first
+        clicks [M, D]: the retrieval vectors of the user's clicks `hist_rows` [M], oldest first
         (the clicks are excluded from the answer); live [n] bool: the rows that are the current
         version of their news in the request's snapshot (rows >= n are not in it yet)."""
-        k = k or self.cfg.top_n
         if len(clicks) == 0 or len(self) == 0:
-            return np.zeros(0, np.int64)  # nothing to retrieve by: the caller falls back
+            return np.zeros(0, np.int64)
         mean = clicks.mean(0, keepdims=True)
         mean /= max(float(np.linalg.norm(mean)), 1e-12)
-        recent = clicks[-self.cfg.queries :][::-1]  # the most recent first
+        recent = clicks[-self.cfg.queries :][::-1]
         queries = np.ascontiguousarray(np.concatenate([mean, recent]), dtype=np.float32)  # [Q, D]
-        want = min(k + len(hist_rows), len(self))  # room for the clicks, which are dropped below
+        want = min(self.cfg.per_query + len(hist_rows), len(self))  # room for the dropped clicks
         with self.lock:
             _, pos = self.index.search(queries, want)  # [Q, want]
         rows = pos + 1  # -1 (no result) -> 0 (the null row)
         ok = (rows > 0) & (rows < len(live))
         ok[ok] &= live[rows[ok]]
         ok[ok] &= ~np.isin(rows[ok], hist_rows)
-        # round-robin over the queries' ranked lists: the mean's best, then each click's best, ...
-        order = rows.T[ok.T]  # rank-major
+        ok &= np.cumsum(ok, axis=1) <= self.cfg.per_query  # each query's first per_query
+        order = rows.T[ok.T]  # rank-major: round-robin over the queries
         _, first = np.unique(order, return_index=True)
-        return order[np.sort(first)][:k].astype(np.int64)
+        return order[np.sort(first)].astype(np.int64)
+
+
+def retrieve(
+    retriever: Retriever,
+    vectors: Callable[[np.ndarray], np.ndarray],
+    prior: np.ndarray | None,
+    best_prior: np.ndarray | None,
+    hist_rows: np.ndarray,
+    live: np.ndarray,
+    k: int = 0,
+) -> np.ndarray:
+    """Both steps for one user: rows [<= k], best proxy first, the clicks left out.
+
+    vectors(rows) -> the retrieval vectors [len(rows), D] of rows; prior [n] by row (None: 0);
+    best_prior: live rows by descending prior (None: none); hist_rows [M] the clicks, oldest
+    first; live [n] bool (see `Retriever.nearest`)."""
+    cfg = retriever.cfg
+    clicks = vectors(hist_rows)  # [M, D]
+    near = retriever.nearest(clicks, hist_rows, live)
+    best = np.zeros(0, np.int64) if best_prior is None else best_prior
+    gathered = np.union1d(best[~np.isin(best, hist_rows)][: cfg.prior_pool], near)  # [G]
+    p = np.zeros(len(gathered)) if prior is None else prior[gathered]
+    features = cosine_features(vectors(gathered), clicks[-cfg.max_history :], cfg.recent)
+    return shortlist(gathered, p, features, cfg.weights, k or cfg.top_n)

@@ -1,0 +1,213 @@
+"""The retrieval stage (serve/retrieval.py): speed at 10k-1M news, recall against exhaustive RMBERT.
+
+Two parts, one JSON object on the last line:
+
+- "pools": synthetic clustered unit vectors (D = 384; 2,000 topics) and a random prior at each
+  pool size: index build time and memory, the cost of adding one news, the latency of one
+  user's retrieval (50 clicks; both steps: gather, then shortlist 200 by the proxy), and the
+  ANN's recall@200: how much of the shortlist an exact index would give it holds.
+- "recall": a trained run and a store of a split's news (planted data, or --run/--split): for
+  each of the split's users, the exact top-10 of exhaustive scoring of the whole pool by the
+  model's serving form, and how much of it the retrieval top-N holds (N = 50 ... 400); beside
+  it the old behaviour (the 100 freshest news) and 200 random news. Then the two stages as
+  served: p50/p99 of one /rank with `candidates: null` (retrieve 200, re-rank them), in process.
+
+At 1M news the full service cannot be held on this machine (the serving index keeps title
+token vectors, L x D per news), so "estimate_1m" adds the measured retrieval latency at 1M to
+the measured re-ranking latency of 200 candidates; both parts are in the output.
+
+Usage: python benchmarks/retrieval.py [--sizes 10k,100k,1m] [--run RUN --split SPLIT] [--users 300]
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+from _common import planted, quick_run
+
+from rmbert.serve.retrieval import RetrievalConfig, Retriever, retrieve
+
+SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
+D = 384
+
+
+def clustered(n: int, centers: np.ndarray, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    """n unit vectors [n, D] around random topic centres (cosine to the centre about 0.6), and
+    their topics [n]."""
+    topic = rng.integers(0, len(centers), n)
+    x = centers[topic] + 0.066 * rng.standard_normal((n, D)).astype(np.float32)
+    return x / np.linalg.norm(x, axis=1, keepdims=True), topic
+
+
+def pct(values: list[float], q: float) -> float:
+    return round(float(np.percentile(values, q)) * 1e3, 3)
+
+
+def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
+    rng = np.random.default_rng(seed)
+    topics = 2000
+    centers = rng.standard_normal((topics, D)).astype(np.float32)
+    centers /= np.linalg.norm(centers, axis=1, keepdims=True)
+    x, topic = clustered(n, centers, rng)
+    vectors = np.concatenate([np.zeros((1, D), np.float32), x])  # row 0: the null news
+    del x
+    by_topic = np.argsort(topic, kind="stable") + 1  # rows grouped by topic
+    starts = np.searchsorted(topic[by_topic - 1], np.arange(topics + 1))
+    live = np.ones(n + 1, bool)
+    prior = (0.5 * rng.standard_normal(n + 1)).astype(np.float32)  # a candidate-only prior per news
+    best = np.argsort(-prior[1:], kind="stable")[:712] + 1
+    t0 = time.perf_counter()
+    r = Retriever(
+        vectors[1:], RetrievalConfig(weights=(3.8, 1.6, 0.5, 0.5))
+    )  # about as calibrated on planted data
+    build = time.perf_counter() - t0
+    exact = r
+    if r.kind != "exact":
+        exact = Retriever(vectors[1:], dataclasses.replace(r.cfg, exact_below=n + 1))
+
+    def rows_of(rows: np.ndarray) -> np.ndarray:
+        return vectors[rows]
+
+    lat, recall = [], []
+    for _ in range(users):
+        hist = rng.integers(1, n + 1, 50)  # 14 clicks anywhere, 36 on the user's 3 topics
+        for j, t in enumerate(rng.choice(topics, 3, replace=False)):
+            if starts[t + 1] > starts[t]:
+                hist[14 + 12 * j : 26 + 12 * j] = by_topic[rng.integers(starts[t], starts[t + 1], 12)]
+        hist = np.array(list(dict.fromkeys(hist.tolist())), dtype=np.int64)
+        t0 = time.perf_counter()
+        got = retrieve(r, rows_of, prior, best, hist, live)
+        lat.append(time.perf_counter() - t0)
+        if exact is not r:
+            want = retrieve(exact, rows_of, prior, best, hist, live)
+            recall.append(len(np.intersect1d(got, want)) / max(1, len(want)))
+    adds = []
+    for i in range(200):
+        one = vectors[1 + i : 2 + i]
+        t0 = time.perf_counter()
+        r.add(one)
+        adds.append(time.perf_counter() - t0)
+    return {
+        "news": n,
+        "index": r.kind,
+        "build_s": round(build, 2),
+        "index_mib": round(r.memory_bytes() / 2**20, 1),
+        "retrieve_p50_ms": pct(lat, 50),
+        "retrieve_p99_ms": pct(lat, 99),
+        "add_one_p50_ms": pct(adds, 50),
+        "ann_recall_at_200": round(float(np.mean(recall)), 4) if recall else 1.0,
+    }
+
+
+def served_recall(run_dir: Path, store_dir: Path, split: Path, users: int, seed: int = 0) -> dict:
+    """Recall of the exhaustive top-10 by the retrieval top-N, and /rank latency, on a real run."""
+    from fastapi.testclient import TestClient
+
+    from rmbert.data.mind import load_split
+    from rmbert.serve.app import Limits, create_app
+
+    limits = Limits(retrieve=200, store_poll_s=0, max_history=500)
+    out: dict = {}
+    with TestClient(create_app(run_dir, store_dir, limits=limits)) as c:
+        state = c.app.state.serving
+        snap, ranker = state.index.snapshot, state.ranker
+        live_rows = np.flatnonzero(snap.live)
+        dev = load_split(split)
+        imps = dev.impressions
+        rng = np.random.default_rng(seed)
+        order = rng.permutation(len(imps))
+        Ns = (50, 100, 200, 400)
+        hits = {n: [] for n in Ns}
+        fresh, rand = [], []
+        histories = []
+        for i in order:
+            ids = [dev.news.ids[r] for r in imps.hist[imps.hist_ptr[i] : imps.hist_ptr[i + 1]]]
+            hist = [h for h in ids if h in snap.index]
+            if len(hist) < 1:
+                continue
+            hist_rows = np.array(list(dict.fromkeys(snap.index[h] for h in hist)), dtype=np.int64)
+            histories.append(hist)
+            pool = np.setdiff1d(live_rows, hist_rows)
+            scores = ranker.score_rows(snap, hist_rows, pool)
+            top10 = pool[np.argsort(-scores, kind="stable")[:10]]
+            for n in Ns:
+                got = snap.retrieve(hist_rows, n)
+                hits[n].append(np.isin(top10, got).mean())
+            recent = [r for r in snap.fresh if r not in set(hist_rows.tolist())][:100]
+            fresh.append(np.isin(top10, recent).mean())
+            rand.append(np.isin(top10, rng.choice(pool, 200, replace=False)).mean())
+            if len(histories) >= users:
+                break
+        out["pool_news"] = int(len(live_rows))
+        out["users"] = len(histories)
+        out["proxy_weights"] = list(snap.retriever.cfg.weights)
+        out["recall_of_exact_top10"] = {f"retrieve_{n}": round(float(np.mean(hits[n])), 4) for n in Ns}
+        out["recall_of_exact_top10"]["freshest_100"] = round(float(np.mean(fresh)), 4)
+        out["recall_of_exact_top10"]["random_200"] = round(float(np.mean(rand)), 4)
+        lat, rerank = [], []
+        for hist in histories[:200]:
+            t0 = time.perf_counter()
+            r = c.post("/rank", json={"history": hist[-50:], "candidates": None, "top_k": 10})
+            lat.append(time.perf_counter() - t0)
+            assert r.status_code == 200, r.text
+            hist_rows = np.array(list(dict.fromkeys(snap.index[h] for h in hist[-50:])), dtype=np.int64)
+            cand = snap.retrieve(hist_rows)
+            t0 = time.perf_counter()
+            ranker.score_rows(snap, hist_rows, cand)
+            rerank.append(time.perf_counter() - t0)
+        out["rank_null_p50_ms"], out["rank_null_p99_ms"] = pct(lat, 50), pct(lat, 99)
+        out["rerank_200_p50_ms"], out["rerank_200_p99_ms"] = pct(rerank, 50), pct(rerank, 99)
+    return out
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--sizes", default="10k,100k,1m")
+    ap.add_argument("--run", type=Path, default=None, help="a trained run (default: train a short one)")
+    ap.add_argument("--split", type=Path, default=None, help="a split: its news are the pool, its users ask")
+    ap.add_argument("--users", type=int, default=300)
+    ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "rmbert-bench")
+    a = ap.parse_args()
+    from rmbert.data.mind import load_news
+    from rmbert.encoders.store import build_store
+    from rmbert.run import load_run
+
+    if a.run is None:
+        data = planted(a.out, 2000)
+        run_dir = quick_run(data, a.out / "retrieval-run", steps=300)
+        split = data / "dev"
+    else:
+        run_dir, split = a.run, a.split
+    news_file = split / "news.tsv"
+    store_dir = a.out / f"retrieval-store-{run_dir.name}-{split.parent.name}"
+    if not (store_dir / "meta.json").is_file():
+        news = load_news(news_file)
+        info = [
+            {"category": news.category[i], "subcategory": news.subcategory[i], "entities": news.entities(i)}
+            for i in range(len(news))
+        ]
+        build_store(store_dir, news.ids, news.title, load_run(run_dir).encoding, info=info, progress=False)
+    result: dict = {"recall": served_recall(run_dir, store_dir, split, a.users)}
+    result["pools"] = []
+    for size in a.sizes.split(","):
+        result["pools"].append(pool_timing(SIZES[size]))
+        print(json.dumps(result["pools"][-1]), file=sys.stderr, flush=True)
+    big = [p for p in result["pools"] if p["news"] == 1_000_000]
+    if big:
+        p50 = big[0]["retrieve_p50_ms"] + result["recall"]["rerank_200_p50_ms"]
+        result["estimate_1m"] = {
+            "rank_null_p50_ms": round(p50, 2),
+            "parts": "retrieve_p50 at 1m + rerank_200_p50",
+        }
+    print(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
