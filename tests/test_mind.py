@@ -32,7 +32,7 @@ def test_parse_split_arrays_and_missing_ids(tmp_path):
     assert imps.empty_histories == 1
     assert imps.cand.tolist() == [1, 2, 0, 2, -1, 0, 1]
     assert imps.labels.tolist() == [1, 0, 0, 1, 0, 0, 1]
-    assert imps.missing_candidate_ids == {"N7"}
+    assert imps.missing_candidate_ids == {"N7"} and imps.missing_cand_at == {4: "N7"}
     assert imps.times[1] - imps.times[0] == 4 * 3600 + 9 * 60 + 38
 
 

@@ -11,6 +11,7 @@ import calendar
 import json
 import re
 from array import array
+from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -29,24 +30,25 @@ class MindFormatError(ValueError):
         super().__init__(f"{path}:{line}: {message}")
 
 
-def read_lines(path: str | Path) -> list[str]:
-    """Read a text file as lines: UTF-8 (with or without BOM), LF or CRLF, trailing newline optional."""
+def read_lines(path: str | Path) -> Iterator[str]:
+    """The lines of a text file, streamed (one line in memory at a time, so a multi-GB
+    behaviors.tsv costs only its parsed columns): UTF-8 (with or without BOM), LF or CRLF,
+    trailing newline optional."""
     path = Path(path)
     try:
-        raw = path.read_bytes()
+        with path.open("rb") as f:
+            for lineno, raw in enumerate(f, 1):
+                if lineno == 1 and raw.startswith(b"\xef\xbb\xbf"):
+                    raw = raw[3:]
+                try:
+                    line = raw.decode("utf-8")
+                except UnicodeDecodeError as e:
+                    raise MindFormatError(
+                        path, lineno, f"not valid UTF-8 (byte {raw[e.start]:#04x})"
+                    ) from None
+                yield line[:-2] if line.endswith("\r\n") else line[:-1] if line.endswith("\n") else line
     except OSError as e:
         raise MindFormatError(path, 0, f"cannot read file: {e.strerror or e}") from e
-    if raw.startswith(b"\xef\xbb\xbf"):
-        raw = raw[3:]
-    try:
-        text = raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line = raw.count(b"\n", 0, e.start) + 1
-        raise MindFormatError(path, line, f"not valid UTF-8 (byte {raw[e.start]:#04x})") from None
-    lines = text.split("\n")
-    if lines and lines[-1] == "":
-        lines.pop()
-    return [ln[:-1] if ln.endswith("\r") else ln for ln in lines]
 
 
 def read_rows(path: str | Path, columns: int):
@@ -235,7 +237,7 @@ class Impressions:
     cand_ptr: np.ndarray  # [I+1] int64
     cand: np.ndarray  # [candidate rows] int32, -1 = missing from news.tsv
     labels: np.ndarray  # [candidate rows] int8, -1 = unlabeled
-    cand_ids: list[str] | None = None  # raw candidate ids, kept only where some are missing
+    missing_cand_at: dict[int, str] | None = None  # candidate row (-1 in `cand`) -> its id
     empty_histories: int = 0
     missing_history_refs: int = 0
     missing_history_ids: set[str] = field(default_factory=set)
@@ -311,7 +313,7 @@ class _BehaviorsReader:
         self.imp_ids, self.user_idx, self.times = array("q"), array("i"), array("q")
         self.hist, self.hist_ptr = array("i"), array("q", [0])
         self.cand, self.cand_ptr, self.labels = array("i"), array("q", [0]), array("b")
-        self.raw_cands: list[str] = []
+        self.missing_at: dict[int, str] = {}  # candidate row -> its id, where news.tsv lacks it
         self.users: dict[str, int] = {}
         self.empty = self.missing_refs = 0
         self.missing_hist: set[str] = set()
@@ -390,8 +392,9 @@ class _BehaviorsReader:
         rows = [self.index.get(c, -1) for c in ids]
         if -1 in rows:
             self.missing_cand.update(c for c, r in zip(ids, rows) if r < 0)
+            first = len(self.cand)
+            self.missing_at.update((first + j, c) for j, (c, r) in enumerate(zip(ids, rows)) if r < 0)
         self.cand.extend(rows)
-        self.raw_cands.extend(ids)
         self.cand_ptr.append(len(self.cand))
 
     def finish(self) -> Impressions:
@@ -408,7 +411,7 @@ class _BehaviorsReader:
             cand_ptr=arr(self.cand_ptr, np.int64),
             cand=arr(self.cand, np.int32),
             labels=arr(self.labels, np.int8),
-            cand_ids=self.raw_cands if self.missing_cand else None,
+            missing_cand_at=self.missing_at,
             empty_histories=self.empty,
             missing_history_refs=self.missing_refs,
             missing_history_ids=self.missing_hist,
