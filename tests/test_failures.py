@@ -53,6 +53,16 @@ def test_impossible_budgets_are_refused(tiny_encoder, planted, tmp_path, capsys,
     assert not (tmp_path / "r" / "metrics.json").exists()
 
 
+def test_an_encoder_that_does_not_resolve_is_a_clear_error(tiny_encoder, planted, tmp_path, capsys):
+    """Offline, a name that is no local folder and no cached hub model: exit 2 with the name,
+    before the data is read (a split that does not exist is never looked at)."""
+    args = train_args(tmp_path / "no-such-encoder", planted, tmp_path / "r")
+    args[args.index("--train") + 1] = str(tmp_path / "no-such-split")
+    assert main(args) == 2
+    err = capsys.readouterr().err
+    assert "no-such-encoder" in err and "not a local model folder" in err and "Traceback" not in err
+
+
 def test_an_empty_split_is_refused(tiny_encoder, planted, tmp_path, capsys):
     empty = write_split(tmp_path / "empty", ["N1\tsports\tsub\tstorm\t\turl\t[]\t[]"], [])
     args = train_args(tiny_encoder, planted, tmp_path / "r")

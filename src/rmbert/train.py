@@ -27,6 +27,7 @@ from rmbert.assemble import NewsRecModel, assemble
 from rmbert.config import RunConfig
 from rmbert.data.batching import Batch, ImpressionBatcher
 from rmbert.data.mind import Split, load_split
+from rmbert.encoders.bert import load_tokenizer
 from rmbert.evaluate import evaluate_scores, jsonable, score_impressions
 from rmbert.models.base import NEG
 from rmbert.run import load_weights, save_weights, weights
@@ -280,6 +281,7 @@ def prepare(cfg, train_dir: Path, out: Path, valid_dir, resume: bool, progress: 
     if device.type == "cuda" and world > 1:
         device = torch.device("cuda", int(os.environ.get("LOCAL_RANK", rank)))
         torch.cuda.set_device(device)
+    load_tokenizer(cfg.encoder.name)  # an encoder name that does not resolve fails before the data is read
     train_split, valid_split = load_data(cfg, train_dir, valid_dir)
     users = train_split.impressions.users
     user_index = {u: i + 1 for i, u in enumerate(users)}

@@ -56,10 +56,24 @@ def resolve_encoder(name: str) -> str:
     return name
 
 
+class EncoderNotFound(ValueError):
+    """An encoder name that is neither a local model folder nor reachable on the model hub."""
+
+    def __init__(self, name: str, why: BaseException) -> None:
+        super().__init__(
+            f"encoder {name!r}: not a local model folder, and the model hub did not give it "
+            f"({type(why).__name__}: {str(why).splitlines()[0] if str(why) else ''}); "
+            "offline, pass a folder or the embedded default"
+        )
+
+
 def load_tokenizer(name: str):
     from transformers import AutoTokenizer
 
-    return AutoTokenizer.from_pretrained(resolve_encoder(name))
+    try:
+        return AutoTokenizer.from_pretrained(resolve_encoder(name))
+    except OSError as e:
+        raise EncoderNotFound(name, e) from None
 
 
 def tokenize_titles(tokenizer, titles: list[str], max_title_len: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -89,8 +103,11 @@ class BertNewsEncoder(nn.Module):
         hf_logging.set_verbosity_error()  # the unused-pooler load report is noise here
         hf_logging.disable_progress_bar()
         path = resolve_encoder(name)
-        config = AutoConfig.from_pretrained(path)
-        bert = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
+        try:
+            config = AutoConfig.from_pretrained(path)
+            bert = AutoModel.from_pretrained(path, config=config, add_pooling_layer=False)
+        except OSError as e:
+            raise EncoderNotFound(name, e) from None
         tok = load_tokenizer(name)
         return cls(bert, tok.sep_token_id, max_title_len)
 
