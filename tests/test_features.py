@@ -175,10 +175,12 @@ def test_paper_preset_is_the_papers_model():
     # the paper's model is the model dataclasses' own defaults, whatever the run defaults are
     assert p.rmbert == dataclasses.replace(RMBERTConfig(), dim=p.rmbert.dim)
     assert dataclasses.replace(p.encoder, name=RunConfig().encoder.name) == EncoderConfig()
+    assert p.features == FeatureConfig()
     # from any base, every addition off (entity vectors before entities, or the check refuses)
     busy = RunConfig().override(
         {f"features.{k}": True for k in ("category", "subcategory", "entities", "entity_vectors")}
-        | {"rmbert.click_product": True, "rmbert.match_strength": True}
+        | {"rmbert.click_product": True, "rmbert.match_strength": True, "rmbert.similarity_heads": 3}
+        | {"features.init_std": 2.0}
     )
     assert preset("paper", busy) == p
     assert preset("default") == RunConfig()
@@ -279,3 +281,14 @@ def test_override_and_yaml_config(tmp_path, tiny_encoder, planted, capsys):
     capsys.readouterr()
     assert main([*args[:-1], str(tmp_path / "bad.yaml"), "--out", str(tmp_path / "r2")]) == 2
     assert "bad.yaml" in capsys.readouterr().err
+
+
+def test_feature_embeddings_start_at_init_std():
+    """`init_std` sets the embeddings' initial scale (the default run's 0.5 is about half the
+    standardised news vectors' std of 1; the model dataclass keeps 0.1); the unknown row stays 0."""
+    for std in (0.1, 0.5):
+        f = NewsFeatures(FeatureConfig(category=True, num_categories=3000, init_std=std), dim=64)
+        w = f.cat.weight.detach()
+        assert abs(float(w[1:].std()) - std) < 0.05 * std and torch.all(w[0] == 0)
+    with pytest.raises(ValueError, match="features.init_std"):
+        FeatureConfig(init_std=-1.0)

@@ -108,18 +108,26 @@ class RunConfig:
     model: str = "rmbert"  # rmbert | nrms | lstur | npa | deepfm | dcn | dkn | fim | naml (its section below)
     # The run-level defaults are the best RMBERT measured (docs/results/quality.md): mean-pooled,
     # standardised news vectors; category, subcategory and entity embeddings (with MIND's entity
-    # vectors where the data has them) and recency embeddings of clicked news; the product path
-    # (eq. 8') and the learned-metric similarity path (eq. 8 with 3 primes). The model dataclasses
+    # vectors where the data has them, initialised at std 0.5 against the standardised vectors'
+    # 1) and recency embeddings of clicked news; the product path (eq. 8') and the learned-metric
+    # similarity path (eq. 8 with 3 primes) with 4 metric heads. The model dataclasses
     # themselves default to the paper's form, so a config.json saved before a switch existed still
     # loads as it was trained; `--preset paper` switches every addition off.
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(pooling="mean", standardize=True))
     features: FeatureConfig = field(
         default_factory=lambda: FeatureConfig(
-            category=True, subcategory=True, entities=True, entity_vectors=True, history_position=True
+            category=True,
+            subcategory=True,
+            entities=True,
+            entity_vectors=True,
+            history_position=True,
+            init_std=0.5,
         )
     )
     train: TrainConfig = field(default_factory=TrainConfig)
-    rmbert: RMBERTConfig = field(default_factory=lambda: RMBERTConfig(click_product=True, similarity=True))
+    rmbert: RMBERTConfig = field(
+        default_factory=lambda: RMBERTConfig(click_product=True, similarity=True, similarity_heads=4)
+    )
     nrms: NRMSConfig = field(default_factory=NRMSConfig)
     lstur: LSTURConfig = field(default_factory=LSTURConfig)
     npa: NPAConfig = field(default_factory=NPAConfig)
@@ -187,6 +195,8 @@ PRESETS: dict[str, list[str]] = {
         "rmbert.click_product=false",
         "rmbert.match_strength=false",
         "rmbert.similarity=false",
+        "rmbert.similarity_heads=1",
+        "features.init_std=0.1",
         "rmbert.query_attention=softmax",
         "train.loss=bce",
         "train.negatives=0",

@@ -29,8 +29,8 @@ itself. `benchmarks/retrieval.py` measures the cost, as the recall of the exact 
 exhaustive scoring of the whole pool.
 
 Index. Pools below `exact_below` news are searched exhaustively (IndexFlatIP); larger ones
-with an inverted file over 8-bit scalar-quantised vectors (IndexIVFScalarQuantizer, nlist about
-sqrt(n), `nprobe` lists per query), trained once on a sample. Fresh news are added to the index
+with an inverted file over 8-bit scalar-quantised vectors (IndexIVFScalarQuantizer, about
+3 sqrt(n) lists, `nprobe` of them per query), trained once on a sample. Fresh news are added to the index
 as they reach the serving index (no rebuild, no retraining); an exact index that outgrows
 `exact_below` twice over is rebuilt as an inverted file once. Index position i holds store row
 i + 1, so the index and the serving rows grow together; a row replaced by a later version of its
@@ -59,11 +59,20 @@ class RetrievalConfig:
     weights: tuple[float, ...] = (1.0, 1.0, 0.0, 0.0)  # w of the proxy (set by `calibrate`)
     max_history: int = 50  # the most recent clicks the cosines are taken over (the run's M)
     exact_below: int = 50_000  # smaller pools are searched exhaustively
-    nprobe: int = 24  # inverted lists visited per query (larger pools)
-    train_sample: int = 65_536  # news the inverted file's centroids and quantiser are fitted on
+    nprobe: int = 8  # inverted lists visited per query (larger pools)
+    lists_per_sqrt: float = 3.0  # the inverted file has this times sqrt(N) lists
+    train_sample: int = 131_072  # news the inverted file's centroids and quantiser are fitted on
 
     def __post_init__(self) -> None:
-        for name in ("queries", "per_query", "max_history", "exact_below", "nprobe", "train_sample"):
+        for name in (
+            "queries",
+            "per_query",
+            "max_history",
+            "exact_below",
+            "nprobe",
+            "train_sample",
+            "lists_per_sqrt",
+        ):
             if getattr(self, name) < 1:
                 raise ValueError(f"retrieval.{name} must be >= 1, not {getattr(self, name)}")
         if self.top_n < 0 or self.prior_pool < 0:
@@ -153,7 +162,7 @@ class Retriever:
         if n < self.cfg.exact_below:
             index = faiss.IndexFlatIP(self.dim)
         else:
-            nlist = int(np.sqrt(n))
+            nlist = int(self.cfg.lists_per_sqrt * np.sqrt(n))
             quantizer = faiss.IndexFlatIP(self.dim)
             qt = faiss.ScalarQuantizer.QT_8bit
             index = faiss.IndexIVFScalarQuantizer(quantizer, self.dim, nlist, qt, faiss.METRIC_INNER_PRODUCT)
