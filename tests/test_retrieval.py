@@ -196,6 +196,10 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         assert got.tolist() == want.tolist() and not set(got.tolist()) & set(hist_rows.tolist())
         alone = ranker.score_rows(snap, np.zeros(0, np.int64), got[:6])
         assert np.allclose(alone, prior[got[:6]], atol=1e-5)
+        # a user without clicks: the news with the best prior, which the model then ranks
+        assert snap.retrieve(np.zeros(0, np.int64), 5).tolist() == snap.best_prior[:5].tolist()
+        cold = c.post("/rank", json={"history": [], "candidates": None, "top_k": 8}).json()
+        assert cold["candidates"] == 8 and cold["history_used"] == 0
     with TestClient(create_app(served / "run", store, limits=limits)) as c:  # a restart
         # the same index over the same live news: the same news gathered, the same best priors
         # (the proxy's weights are calibrated again, on the pool as it is now)

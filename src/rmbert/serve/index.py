@@ -58,10 +58,12 @@ class Snapshot:
     def retrieve(self, hist_rows: np.ndarray, k: int = 0) -> np.ndarray | None:
         """A user's candidates from the whole live pool, best proxy first (serve/retrieval.py):
         the news nearest the clicks and those with the best prior, shortlisted by the proxy
-        score. hist_rows: the clicks, oldest first (left out of the answer). None without
-        retrieval or clicks."""
-        if self.retriever is None or len(hist_rows) == 0:
+        score. hist_rows: the clicks, oldest first (left out of the answer). A user without
+        clicks gets the news with the best prior. None without retrieval."""
+        if self.retriever is None:
             return None
+        if len(hist_rows) == 0:
+            return None if self.best_prior is None else self.best_prior[: k or self.retriever.cfg.top_n]
         prior = self.arrays.get("prior")
         return retrieve(
             self.retriever,
