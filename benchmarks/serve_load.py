@@ -112,6 +112,7 @@ def main() -> None:
     else:
         ids = (store_dir / "seg-00000" / "ids.txt").read_text().split("\n")
     port = free_port()
+    log = open(a.out / "serve-stderr.log", "w")  # a file, not a pipe: a full pipe would block the server
     server = subprocess.Popen(
         [
             sys.executable,
@@ -130,19 +131,27 @@ def main() -> None:
             "--quiet",
         ],
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=log,
     )
     try:
+        started = False
         for _ in range(600):
+            if server.poll() is not None:
+                break
             try:
                 c = http.client.HTTPConnection(HOST, port, timeout=2)
                 c.request("GET", "/health")
-                if c.getresponse().status == 200:
-                    break
+                r = c.getresponse()
+                body = r.read()
             except OSError:
                 time.sleep(0.1)
-        else:
-            raise RuntimeError("server did not start: " + server.stderr.read().decode()[-2000:])
+                continue
+            if r.status != 200:
+                raise RuntimeError(f"the server cannot rank: {body.decode()[:2000]}")
+            started = True
+            break
+        if not started:
+            raise RuntimeError("server did not start: " + Path(log.name).read_text()[-2000:])
         rng = random.Random(0)
         bodies = [
             json.dumps(
@@ -174,6 +183,7 @@ def main() -> None:
     finally:
         server.terminate()
         server.wait(timeout=10)
+        log.close()
 
 
 if __name__ == "__main__":

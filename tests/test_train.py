@@ -15,6 +15,7 @@ from rmbert.data.mind import load_split
 from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer
 from rmbert.encoders.news import NewsSide
 from rmbert.encoders.store import Encoding, NewsStore, build_store, cached_store
+from rmbert.models.features import FeatureConfig
 from rmbert.run import load_run
 from rmbert.train import train
 
@@ -204,6 +205,20 @@ def test_config_roundtrip(tmp_path):
     cfg = apply_overrides(RunConfig(), ["rmbert.query_attention=sigmoid", "encoder.top_k=2"])
     cfg.save(tmp_path / "c.json")
     assert RunConfig.load(tmp_path / "c.json") == cfg
+
+
+def test_a_config_saved_before_a_section_existed_loads_as_it_was_trained(tmp_path):
+    """A config.json without the `features` section (runs saved before news features existed)
+    loads with no features, not with today's run defaults, which switch them on; fields missing
+    from a section take the model dataclass's own (paper) defaults the same way."""
+    data = json.loads(json.dumps(RunConfig().to_dict()))
+    del data["features"]
+    del data["rmbert"]["similarity"], data["rmbert"]["similarity_heads"], data["rmbert"]["click_product"]
+    (tmp_path / "old.json").write_text(json.dumps(data))
+    old = RunConfig.load(tmp_path / "old.json")
+    assert old.features == FeatureConfig() and not old.features.any
+    assert not old.rmbert.similarity and not old.rmbert.click_product and old.rmbert.similarity_heads == 1
+    assert RunConfig().features.any  # the run defaults differ: they must not leak into old runs
 
 
 def test_standardizer_centres_and_scales(tiny_encoder, planted):

@@ -169,12 +169,18 @@ class RunConfig:
 
     @classmethod
     def load(cls, path: str | Path) -> RunConfig:
-        """A saved config.json; any problem is a ValueError naming the file and the field."""
+        """A saved config.json; any problem is a ValueError naming the file and the field. A
+        section the file lacks (saved before it existed) takes its dataclass's own defaults, the
+        paper's form, not the run-level defaults: an old run loads as it was trained."""
         try:
             data = json.loads(Path(path).read_text())
             if not isinstance(data, dict):
                 raise ValueError("not a JSON object")
-            return from_dict(cls, data)
+            hints = _hints(cls)
+            sections = {
+                f.name: {} for f in dataclasses.fields(cls) if dataclasses.is_dataclass(hints[f.name])
+            }
+            return from_dict(cls, {**sections, **data})
         except (OSError, ValueError, TypeError) as e:
             raise ValueError(f"{path}: {e}") from None
 
