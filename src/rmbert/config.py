@@ -30,6 +30,13 @@ from rmbert.models.rmbert import RMBERTConfig
 MODEL_NAMES = ("rmbert", "nrms", "lstur", "npa", "deepfm", "dcn", "dkn", "fim", "naml")
 
 
+def require_at_least(cfg: Any, section: str, low: float, names: tuple[str, ...]) -> None:
+    """Config validation: each named field of `cfg` is at least `low`, or a ValueError names it."""
+    for name in names:
+        if getattr(cfg, name) < low:
+            raise ValueError(f"{section}.{name} must be >= {low}, not {getattr(cfg, name)}")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     epochs: int = 3
@@ -57,20 +64,9 @@ class TrainConfig:
     tensorboard: bool = False  # also log to RUN/tensorboard (needs the tensorboard package)
 
     def __post_init__(self) -> None:
-        for name in (
-            "epochs",
-            "batch_size",
-            "max_history",
-            "patience",
-            "log_every",
-            "eval_batch_size",
-            "accumulate",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"train.{name} must be at least 1, not {getattr(self, name)}")
-        for name in ("negatives", "max_steps", "checkpoint_every"):
-            if getattr(self, name) < 0:
-                raise ValueError(f"train.{name} must be >= 0, not {getattr(self, name)}")
+        names = ("epochs", "batch_size", "max_history", "patience", "log_every", "eval_batch_size")
+        require_at_least(self, "train", 1, (*names, "accumulate"))
+        require_at_least(self, "train", 0, ("negatives", "max_steps", "checkpoint_every"))
         for name in ("lr", "encoder_lr"):
             if not (math.isfinite(getattr(self, name)) and getattr(self, name) > 0):
                 raise ValueError(f"train.{name} must be a positive number, not {getattr(self, name)}")

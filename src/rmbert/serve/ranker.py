@@ -109,16 +109,15 @@ class Ranker:
         for i in range(0, len(arrays["cls"]), chunk):
             x = torch.from_numpy(np.array(vectors[i : i + chunk], dtype=np.float32)).to(dev)
             X = torch.from_numpy(np.array(arrays["tokens"][i : i + chunk], dtype=np.float32)).to(dev)
+            mask = torch.from_numpy(np.array(arrays["mask"][i : i + chunk])).to(dev)
             got = {}
             if cfg.encoder.standardize:
-                mask = torch.from_numpy(np.array(arrays["mask"][i : i + chunk])).to(dev)
                 x, X = model.news.standardize(x, X, mask)
                 got["tokens"] = X
             if fids is not None:
                 x = x + model.features(torch.from_numpy(fids[i : i + chunk]).to(dev))
             got["cls"] = x
             got.update(self.form.news_terms(NewsRepr(x, X, None)))
-            mask = torch.from_numpy(np.array(arrays["mask"][i : i + chunk])).to(dev)
             terms = {k: v[None] for k, v in got.items() if k in self.form.token_axes}
             nobody = (x.new_zeros(1, 1, x.shape[-1]), torch.zeros(1, 1, dtype=torch.bool, device=dev))
             got["prior"] = self.form.score(*nobody, NewsRepr(x[None], X[None], mask[None]), terms).logits[0]

@@ -48,6 +48,8 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from rmbert.config import require_at_least
+
 
 @dataclass(frozen=True)
 class RetrievalConfig:
@@ -64,19 +66,9 @@ class RetrievalConfig:
     train_sample: int = 131_072  # news the inverted file's centroids and quantiser are fitted on
 
     def __post_init__(self) -> None:
-        for name in (
-            "queries",
-            "per_query",
-            "max_history",
-            "exact_below",
-            "nprobe",
-            "train_sample",
-            "lists_per_sqrt",
-        ):
-            if getattr(self, name) < 1:
-                raise ValueError(f"retrieval.{name} must be >= 1, not {getattr(self, name)}")
-        if self.top_n < 0 or self.prior_pool < 0:
-            raise ValueError("retrieval.top_n and retrieval.prior_pool must be >= 0")
+        names = ("queries", "per_query", "max_history", "exact_below", "nprobe", "train_sample")
+        require_at_least(self, "retrieval", 1, (*names, "lists_per_sqrt"))
+        require_at_least(self, "retrieval", 0, ("top_n", "prior_pool"))
 
 
 def retrieval_vectors(arrays: dict[str, np.ndarray], rows: np.ndarray | slice = slice(None)) -> np.ndarray:
