@@ -424,3 +424,46 @@ def test_old_models_keep_their_tables(tiny_encoder, planted):
     assert tables["features"] is None and tables["category"].shape == (len(store) + 1,)
     with pytest.raises(ValueError, match="vocabulary"):
         feature_ids(cfg.override({"model": "naml"}), None, store, [split])
+
+
+def test_match_table_is_the_same_in_training_and_serving(tiny_encoder, tmp_path):
+    """RMBERT's `match` side table (feature_match): hashed category, subcategory and distinct
+    entities per store row, built alike from a split (training, evaluation) and from the news
+    metadata that serving keeps; the hash is stable across processes (not Python's salted hash)."""
+    from rmbert.assemble import feature_ids
+    from rmbert.data.generators import GENERATORS
+    from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer
+    from rmbert.encoders.store import Encoding, cached_store
+    from rmbert.models.tables import match_ids, match_key, serving_tables
+
+    GENERATORS["entity"](tmp_path / "ent", 60, 0)
+    split = load_split(tmp_path / "ent" / "dev")
+    enc = Encoding.of(
+        BertNewsEncoder.from_pretrained(str(tiny_encoder), 12), load_tokenizer(str(tiny_encoder))
+    )
+    store = cached_store(split.news.ids, split.news.title, enc, progress=False)
+    cfg = apply_overrides(
+        preset("paper"),
+        [f"encoder.name={tiny_encoder}", "rmbert.feature_match=true", "features.max_entities=3"],
+    )
+    m = feature_ids(cfg, None, store, [split])["match"]  # no vocabulary needed
+    assert m.shape == (len(store) + 1, 5) and (m[0] == 0).all()
+    rows = store.rows(split.news.ids)
+    news = split.news
+    info = [
+        {"category": news.category[i], "subcategory": news.subcategory[i], "entities": news.entities(i)}
+        for i in range(len(news))
+    ]
+    assert np.array_equal(serving_tables(("match",), info, 5)["match"], m[rows])
+    assert len(set(m[rows, 0])) == len(set(news.category)) and (m[rows, :2] > 0).all()
+    assert (m[rows, 2] > 0).mean() > 0.5  # most of these news name entities
+    assert match_key("c", "news") == 13767213453789578 and match_key("c", "") == 0
+    assert match_key("c", "x") != match_key("s", "x")
+    assert list(match_ids("a", "", ["Q1", "Q1", "", "Q2", "Q3"], 4)) == [
+        match_key("c", "a"),
+        0,
+        match_key("e", "Q1"),
+        match_key("e", "Q2"),
+    ]
+    with pytest.raises(ValueError, match="abstract"):
+        serving_tables(("abstract",), info, 5)

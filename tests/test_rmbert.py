@@ -350,3 +350,65 @@ def test_similarity_runs_under_fp16_autocast():
     with torch.autocast("cpu", dtype=torch.float16):
         out = m(H, hmask, cand)
     assert torch.isfinite(out.float()).all()
+
+
+def match_inputs(seed=16, F=5):
+    """Match ids from a small alphabet (0 = none), so that matches happen."""
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, 4, (B, C, F), generator=g), torch.randint(0, 4, (B, M, F), generator=g)
+
+
+def test_feature_match_counts_exact_overlaps_by_hand():
+    """Eq. 8'''': per kind, the share of unmasked clicked news matching the candidate, then
+    whether any does; 0 never matches; an empty history gives zeros."""
+    cm = torch.tensor([[[1, 2, 5, 6, 0], [1, 3, 0, 0, 0], [0, 0, 0, 0, 0]]])  # [1, 3, 5]
+    hm = torch.tensor([[[1, 2, 7, 0, 0], [9, 3, 6, 0, 0], [1, 2, 5, 0, 0], [0, 0, 0, 0, 0]]])  # [1, 4, 5]
+    mask = torch.tensor([[True, True, False, True]])  # the third clicked news is padding
+    f = RMBERT.match_features(cm, hm, mask)
+    third = 1 / 3
+    want = torch.tensor(
+        [
+            [
+                [third, third, third, 1.0, 1.0, 1.0],  # category and subcategory of #1, entity 6 of #2
+                [third, third, 0.0, 1.0, 1.0, 0.0],  # category of #1, subcategory of #2
+                [0.0] * 6,  # nothing known: no match, even against the all-zero clicked news
+            ]
+        ]
+    )
+    assert torch.allclose(f, want)
+    assert torch.all(RMBERT.match_features(cm, hm, torch.zeros_like(mask)) == 0)
+
+
+def test_feature_match_adds_a_path_and_folds():
+    """With W_1f zeroed the score is the model's without the switch; with it, the folded form
+    (match ids of candidates in terms["match"], of clicked news in terms["history_match"])
+    scores as the model, deduplicated candidates too; missing match ids are an error."""
+    H, hmask, cand = dbl(*inputs(17, empty_history_row=1))
+    cm, hm = match_inputs()
+    base = model(seed=5, similarity=True)
+    fm = model(seed=5, similarity=True, feature_match=True)
+    fm.load_state_dict(base.state_dict(), strict=False)
+    assert set(fm.state_dict()) - set(base.state_dict()) == {"W_1f.weight"}
+    assert fm.side_inputs == ("match",) and RMBERT.inputs_for(fm.cfg) == ("match",)
+    hist = NewsRepr(H, None, None, extra={"match": hm})
+    cand_m = dataclasses.replace(cand, extra={"match": cm})
+    with torch.no_grad():
+        fm.W_1f.weight.zero_()
+    assert torch.allclose(fm(hist, hmask, cand_m), base(H, hmask, cand))
+    with torch.no_grad():
+        fm.W_1f.weight.normal_()
+    fm.eval()
+    want = fm.reason(fm.user_state(hist, hmask), cand_m).logits
+    assert not torch.allclose(want, base(H, hmask, cand))
+    f = fm.fold()
+    terms = {**f.news_terms(cand), "match": cm, "history_match": hm}
+    assert torch.allclose(f.score(H, hmask, cand, terms).logits, want, atol=1e-9)
+    # deduplicated: candidate b, c is unique news b * C + c
+    idx = torch.arange(B * C).view(B, C)
+    flat = NewsRepr(cand.cls.flatten(0, 1), cand.tokens.flatten(0, 1), cand.mask.flatten(0, 1), idx)
+    flat.extra = {"match": cm.flatten(0, 1)}
+    assert torch.allclose(fm.reason(fm.user_state(hist, hmask), flat).logits, want, atol=1e-10)
+    with pytest.raises(ValueError, match="match"):
+        fm(H, hmask, cand)
+    with pytest.raises(ValueError, match="match"):
+        f.score(H, hmask, cand, f.news_terms(cand))

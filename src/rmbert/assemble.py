@@ -248,7 +248,7 @@ def feature_ids(
             rows = store.rows(split.news.ids)
             news_ids = vocab.news_ids(split.news, cfg.features.max_entities)
             ids[rows[rows > 0]] = news_ids[rows > 0]
-    names = MODELS[cfg.model].side_inputs
+    names = MODELS[cfg.model].inputs_for(getattr(cfg, cfg.model))
     if not names:
         return ids
     tables = build_tables(
@@ -260,6 +260,7 @@ def feature_ids(
         tokenizer or _tokenizer(cfg.encoder.name),
         cfg.encoder.max_title_len,
         cfg.naml.abstract_len,
+        2 + cfg.features.max_entities,
     )
     return {"features": ids, **tables}
 

@@ -198,6 +198,7 @@ PRESETS: dict[str, list[str]] = {
         "rmbert.match_strength=false",
         "rmbert.similarity=false",
         "rmbert.similarity_heads=1",
+        "rmbert.feature_match=false",
         "features.init_std=0.1",
         "rmbert.query_attention=softmax",
         "train.loss=bce",

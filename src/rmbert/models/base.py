@@ -28,6 +28,9 @@ class InferenceForm(ABC):
     enters the index (`news_terms`), then `score` per request over clicked news vectors H."""
 
     token_axes: dict[str, int] = {}  # each news term's number of trailing title-token (L) axes
+    # per-news side tables (rmbert.models.tables) that serving builds from each news's metadata;
+    # `score` finds the candidates' rows in terms[name] and the clicked news' in terms["history_" + name]
+    side_tables: tuple[str, ...] = ()
 
     def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
         return {}
@@ -61,6 +64,11 @@ class Recommender(nn.Module, metaclass=ABCMeta):
     side_inputs: tuple[str, ...] = ()
     word_inputs: tuple[str, ...] = ()
     servable = True  # False: needs side inputs, which `rmbert serve` does not build
+
+    @classmethod
+    def inputs_for(cls, cfg: Any) -> tuple[str, ...]:
+        """The side inputs that a model of config `cfg` reads (by default `side_inputs`)."""
+        return cls.side_inputs
 
     def fit_training_news(self, vocab: Any, tables: dict[str, np.ndarray]) -> None:
         """Fit what the model derives from the training split's news (`tables`: its side-input

@@ -35,6 +35,14 @@ cosines reads; at initialisation they are the no-training max- and mean-cosine s
 With `similarity_heads` = h > 1, S maps to h metrics (each D x D, all from the identity) and
 the click layer reads the max and mean cosine of each ([B, C, 2h]): heads can specialise, one on
 the title, one on the category or entity embeddings that `features.*` add to the news vectors.
+
+Option `feature_match` (not in the paper) hands the click layer exact overlaps that a cosine
+blurs: for each kind k (same category, same subcategory, at least one shared entity) and clicked
+news j, e_kj = 1 if the candidate and h_j match in k (`match_features`; ids from the `match`
+side table, hashed so that news unseen in training match too), and the click layer reads the
+share of clicked news that match and whether any does (0 for no history):
+
+    o = ReLU(... + W_1f [mean_j e_kj ; max_j e_kj]_k + b_1)         (8'''')
  `memory_logits_direct` computes (4)-(6) literally
 ([B, C, M, D] tensors); `memory_logits_fast` is the exact fast path: with v = w_b * k_i,
 W_I = [W_I1 W_I2], r = W_r m_{i-1} + b_r and G = W_H H + b_H (per user, computed once),
@@ -58,6 +66,14 @@ from torch import nn
 from rmbert.models.base import NEG, Recommender, masked_logsumexp, masked_mean_weights, masked_softmax
 from rmbert.types import NewsRepr, Scores
 
+MATCH_KINDS = 3  # eq. 8'''': category, subcategory, a shared entity
+
+
+def side_input(news: NewsRepr, name: str) -> torch.Tensor:
+    if news.extra is None or name not in news.extra:
+        raise ValueError(f"rmbert.feature_match reads the side input {name!r}, which these news lack")
+    return news.extra[name]
+
 
 @dataclass(frozen=True)
 class RMBERTConfig:
@@ -77,6 +93,7 @@ class RMBERTConfig:
         False  # eq. 8''': max and mean learned-metric cosine to clicked news, to the click layer
     )
     similarity_heads: int = 1  # h learned metrics in eq. 8''' (each its own max and mean)
+    feature_match: bool = False  # eq. 8'''': category, subcategory and entity overlap with clicked news
 
     def __post_init__(self) -> None:
         if self.query_attention not in ("softmax", "sigmoid"):
@@ -97,6 +114,7 @@ class UserState:
     mask: torch.Tensor  # [B, M] bool
     GH: torch.Tensor  # [B, M, 2D] = [W_H H + b_H ; H]
     Hs: torch.Tensor | None = None  # [B, M, h, D] unit S h_j per metric head (similarity)
+    match: torch.Tensor | None = None  # [B, M, F] clicked news' match ids (feature_match)
 
 
 class RMBERT(Recommender):
@@ -131,6 +149,9 @@ class RMBERT(Recommender):
             self.S = nn.Linear(D, h * D, bias=False)  # (8''') h metrics, each from the identity
             self.S.weight.data.copy_(torch.eye(D).repeat(h, 1))
             self.W_1c = nn.Linear(2 * h, H1, bias=False)  # (8''')
+        if cfg.feature_match:
+            self.side_inputs = self.inputs_for(cfg)
+            self.W_1f = nn.Linear(2 * MATCH_KINDS, H1, bias=False)  # (8'''')
         self.drop = nn.Dropout(cfg.dropout)
 
     def user_state(
@@ -139,7 +160,12 @@ class RMBERT(Recommender):
         H = self.drop(hist.cls)  # [B, M, D]
         G = self.W_H(H)  # [B, M, D]
         Hs = self.metric(H) if self.cfg.similarity else None
-        return UserState(H=H, mask=hist_mask, GH=torch.cat([G, H], dim=-1), Hs=Hs)
+        match = side_input(hist, "match") if self.cfg.feature_match else None
+        return UserState(H=H, mask=hist_mask, GH=torch.cat([G, H], dim=-1), Hs=Hs, match=match)
+
+    @classmethod
+    def inputs_for(cls, cfg: RMBERTConfig) -> tuple[str, ...]:
+        return ("match",) if cfg.feature_match else ()
 
     def metric(self, x: torch.Tensor) -> torch.Tensor:
         """News vectors [..., D] -> unit S x per metric head [..., h, D] (eq. 8''')."""
@@ -157,6 +183,22 @@ class RMBERT(Recommender):
         any_ = mask.any(-1)[:, None, None]
         top = c.masked_fill(~m, -2.0).amax(-1).where(any_, torch.zeros_like(c[..., 0]))  # [B, C, h]
         return torch.stack([top, (c * m).sum(-1) / n], -1).flatten(-2)
+
+    @staticmethod
+    def match_features(cm: torch.Tensor, hm: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Match ids of candidates cm [B, C, F] and of clicked news hm [B, M, F] (0 = none), mask
+        [B, M] -> [B, C, 2K] (K = 3 kinds: category, subcategory, a shared entity): the share of
+        unmasked clicked news that match the candidate in each kind, then whether any does
+        (all 0 for no history), eq. 8''''."""
+        c, h = cm[:, :, None], hm[:, None]  # [B, C, 1, F], [B, 1, M, F]
+        cat = (c[..., 0] == h[..., 0]) & (c[..., 0] != 0)  # [B, C, M]
+        sub = (c[..., 1] == h[..., 1]) & (c[..., 1] != 0)
+        ce, he = c[..., 2:, None], h[..., None, 2:]  # [B, C, 1, E, 1], [B, 1, M, 1, E]
+        ent = ((ce == he) & (ce != 0)).flatten(-2).any(-1)  # [B, C, M]
+        hits = torch.stack([cat, sub, ent], -1) & mask[:, None, :, None]  # [B, C, M, K]
+        n = mask.sum(-1).clamp(min=1)[:, None, None]  # [B, 1, 1]
+        share = hits.sum(2) / n
+        return torch.cat([share, hits.any(2).to(share.dtype)], -1)
 
     # -- eq. 1-3: the query unit (the candidate alone) ------------------------------------------
     def query_step(
@@ -264,6 +306,9 @@ class RMBERT(Recommender):
             pre = pre + self.W_1s(torch.stack(strength, -1))  # (8'') [B, C, p] -> [B, C, H1]
         if self.cfg.similarity:
             pre = pre + self.W_1c(self.similarity_features(per_pair(xs), state.Hs, state.mask))  # (8''')
+        if self.cfg.feature_match:
+            cm = per_pair(side_input(cand, "match"))  # [B, C, F]
+            pre = pre + self.W_1f(self.match_features(cm, state.match, state.mask).to(pre.dtype))  # (8'''')
         logits = self.W_2(torch.relu(pre)).squeeze(-1)  # [B, C]
         if record:
             att = {"title": per_pair(torch.stack(title, -2)), "history": torch.stack(hist_w, 2)}

@@ -30,6 +30,7 @@ class FoldedUser:
     Q: torch.Tensor  # [B, p M, H1]: W_1m m_p = kappa + [b_0 .. b_(p-1)] @ Q
     Y: torch.Tensor | None  # [B, p M, D]: P m_p + b_P = y0 + [b_0 .. b_(p-1)] @ Y (click_product)
     Hs: torch.Tensor | None = None  # [B, M, h, D]: unit S h_j per metric head (similarity)
+    match: torch.Tensor | None = None  # [B, M, F]: clicked news' match ids (feature_match)
 
 
 class FoldedRMBERT(InferenceForm):
@@ -62,6 +63,7 @@ class FoldedRMBERT(InferenceForm):
     #   K    [..., L, L]  the previous step's title weights -> this step's logits
     #   click [..., H1]   W_1x x_n + b_1, the news part of eq. 8
     #   sim  [..., h, D]  unit S x_n per metric head (similarity, eq. 8''')
+    #   match [..., F]    the news's match ids, a side table that serving builds (feature_match, eq. 8'''')
     token_axes = {"base": 1, "K": 2, "click": 0}
 
     def __init__(self, m: RMBERT) -> None:
@@ -121,6 +123,10 @@ class FoldedRMBERT(InferenceForm):
         self.W_1c = m.W_1c.weight if cfg.similarity else None  # [H1, 2h]
         if cfg.similarity:
             self.token_axes = {**FoldedRMBERT.token_axes, "sim": 0}
+        self.W_1f = m.W_1f.weight if cfg.feature_match else None  # [H1, 2K]
+        if cfg.feature_match:
+            self.side_tables = ("match",)
+            self.token_axes = {**self.token_axes, "match": 0}
 
     def metric(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> unit S x per metric head [..., h, D]."""
@@ -142,8 +148,10 @@ class FoldedRMBERT(InferenceForm):
         return terms
 
     @torch.no_grad()
-    def user_state(self, H: torch.Tensor, mask: torch.Tensor) -> FoldedUser:
-        """H [B, M, D] (clicked news vectors) -> FoldedUser."""
+    def user_state(
+        self, H: torch.Tensor, mask: torch.Tensor, match: torch.Tensor | None = None
+    ) -> FoldedUser:
+        """H [B, M, D] (clicked news vectors), their match ids [B, M, F] (feature_match) -> FoldedUser."""
         B, M, D = H.shape
         p, H1 = self.p, self.kappa.shape[0]
         HU = H @ self.U  # [B, M, 2D + (p-1) D + p H1]
@@ -158,14 +166,16 @@ class FoldedRMBERT(InferenceForm):
         if self.y0 is not None:
             Y = HU[..., q_end:].reshape(B, M, p, D).transpose(1, 2).reshape(B, -1, D)
         Hs = self.metric(H) if self.S is not None else None
-        return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q, Y, Hs)
+        if self.W_1f is not None and match is None:
+            raise ValueError("rmbert.feature_match needs the clicked news' match ids")
+        return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q, Y, Hs, match)
 
     @torch.no_grad()
     def score(
         self, H: torch.Tensor, mask: torch.Tensor, cand: NewsRepr, terms: dict, record: bool = False
     ) -> Scores:
         """H [B, M, D], mask [B, M] -> Scores, as RMBERT.reason in eval mode."""
-        return self.score_user(self.user_state(H, mask), cand, terms, record)
+        return self.score_user(self.user_state(H, mask, terms.get("history_match")), cand, terms, record)
 
     @torch.no_grad()
     def score_user(self, user: FoldedUser, cand: NewsRepr, terms: dict, record: bool = False) -> Scores:
@@ -216,6 +226,9 @@ class FoldedRMBERT(InferenceForm):
             pre = pre + torch.stack(strength, -1) @ self.W_1s.T  # (8'')
         if self.W_1c is not None:
             pre = pre + RMBERT.similarity_features(terms["sim"], user.Hs, user.mask) @ self.W_1c.T  # (8''')
+        if self.W_1f is not None:
+            f = RMBERT.match_features(terms["match"], user.match, user.mask).to(pre.dtype)
+            pre = pre + f @ self.W_1f.T  # (8'''')
         logits = torch.relu(pre) @ self.W_2 + self.b_2
         if record:
             return Scores(logits, {"title": torch.stack(title_w, 2), "history": bw.view(B, C, p, M)})

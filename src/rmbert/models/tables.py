@@ -17,19 +17,63 @@ saved vocabulary and the tokenizer) whenever a run is pointed at another store.
                           `align_entities`)
     abstract      [R, A]  the abstract's WordPiece ids (A = abstract_len; 0 = padding); the store
                           keeps titles only, so abstracts are tokenized here with the run's tokenizer
+    match         [R, F]  hashed category, subcategory and up to F - 2 distinct entities (title's
+                          first, then the abstract's), 0 = none (`match_ids`): for exact equality
+                          tests only, so news and entities never seen in training still match
 
-Shape letters: R store rows (row 0 included), L title tokens, A abstract tokens.
+Shape letters: R store rows (row 0 included), L title tokens, A abstract tokens, F match slots.
 """
 
 from __future__ import annotations
+
+import hashlib
 
 import numpy as np
 
 from rmbert.data.mind import News
 from rmbert.models.features import FeatureVocab
 
-TABLES = ("news_id", "category", "subcategory", "title_ids", "title_entity", "abstract")
+TABLES = ("news_id", "category", "subcategory", "title_ids", "title_entity", "abstract", "match")
 VOCAB_TABLES = frozenset({"news_id", "category", "subcategory", "title_entity"})  # need the vocabulary
+
+
+def match_key(kind: str, value: str) -> int:
+    """A stable 56-bit id of a (kind, value) pair, 0 for an empty value: the same in every
+    process and for every store, so training, evaluation and serving agree without a vocabulary."""
+    if not value:
+        return 0
+    h = int.from_bytes(hashlib.blake2b(f"{kind}:{value}".encode(), digest_size=7).digest(), "little")
+    return h or 1
+
+
+def match_ids(category: str, subcategory: str, entities: list[str], width: int) -> np.ndarray:
+    """One news's `match` row [width]: category, subcategory, then its distinct entities."""
+    out = np.zeros(width, np.int64)
+    out[0], out[1] = match_key("c", category), match_key("s", subcategory)
+    distinct = list(dict.fromkeys(e for e in entities if e))[: width - 2]
+    out[2 : 2 + len(distinct)] = [match_key("e", e) for e in distinct]
+    return out
+
+
+def serving_tables(names: tuple[str, ...], info: list[dict], match_width: int) -> dict[str, np.ndarray]:
+    """The side tables `names` [N, ...] that serving builds from N news's metadata (`info`: dicts
+    with `category`, `subcategory` and `entities`); only `match` needs nothing else."""
+    unknown = set(names) - {"match"}
+    if unknown:
+        raise ValueError(f"serving cannot build the side input(s) {sorted(unknown)} from news metadata")
+    out: dict[str, np.ndarray] = {}
+    if "match" in names:
+        rows = [
+            match_ids(
+                d.get("category") or "",
+                d.get("subcategory") or "",
+                list(d.get("entities") or []),
+                match_width,
+            )
+            for d in info
+        ]
+        out["match"] = np.stack(rows) if rows else np.zeros((0, match_width), np.int64)
+    return out
 
 
 def title_ids(input_ids: np.ndarray, attn: np.ndarray, L: int, sep_token_id: int) -> np.ndarray:
@@ -149,6 +193,10 @@ def _fill(
     abstract_len: int,
 ) -> None:
     """Write the rows r of `out`'s tables from `news`' items `take`."""
+    if "match" in out:
+        width = out["match"].shape[1]
+        for i, row in zip(take, r):
+            out["match"][row] = match_ids(news.category[i], news.subcategory[i], news.entities(int(i)), width)
     values = {"news_id": news.ids, "category": news.category, "subcategory": news.subcategory}
     for name, names in (("news_id", "news"), ("category", "categories"), ("subcategory", "subcategories")):
         if name in out:
@@ -175,10 +223,12 @@ def build_tables(
     tokenizer,
     title_len: int,
     abstract_len: int = 50,
+    match_width: int = 7,
 ) -> dict[str, np.ndarray]:
     """The tables `names` [R, ...] for the news of several splits (`rows_list[i]`: store rows of
     `news_list[i]`'s news, 0 = not in the store; a news in several splits is read from the first).
-    `store_arrays` is the store's arrays (`input_ids`, `attn`), R = their length."""
+    `store_arrays` is the store's arrays (`input_ids`, `attn`), R = their length; `match_width`
+    is F of the `match` table."""
     unknown = set(names) - set(TABLES)
     if unknown:
         raise ValueError(f"unknown side input(s) {sorted(unknown)}; known: {', '.join(TABLES)}")
@@ -204,6 +254,8 @@ def build_tables(
         out["title_entity"] = np.zeros((R, title_len), np.int64)
     if "abstract" in names:
         out["abstract"] = np.zeros((R, abstract_len), np.int64)
+    if "match" in names:
+        out["match"] = np.zeros((R, match_width), np.int64)
     filled = np.zeros(R, bool)
     filled[0] = True
     for news, rows in zip(news_list, rows_list):

@@ -13,6 +13,7 @@ import numpy as np
 import torch
 
 from rmbert.beyond import mmr_order
+from rmbert.models.tables import serving_tables
 from rmbert.run import LoadedRun
 from rmbert.serve import explain
 from rmbert.serve.index import Snapshot
@@ -96,6 +97,7 @@ class Ranker:
         `info` gives the news features."""
         model, cfg = self.run.model, self.run.cfg
         vectors = arrays["pool"] if cfg.encoder.pooling == "mean" else arrays["cls"]
+        side = serving_tables(self.form.side_tables, info, 2 + cfg.features.max_entities)
         fids = None
         if model.features is not None and self.run.vocab is not None:
             fids = self.run.vocab.ids(
@@ -118,7 +120,12 @@ class Ranker:
                 x = x + model.features(torch.from_numpy(fids[i : i + chunk]).to(dev))
             got["cls"] = x
             got.update(self.form.news_terms(NewsRepr(x, X, None)))
+            got.update({k: torch.from_numpy(v[i : i + chunk]).to(dev) for k, v in side.items()})
             terms = {k: v[None] for k, v in got.items() if k in self.form.token_axes}
+            terms |= {
+                "history_" + k: torch.zeros(1, 1, *v.shape[1:], dtype=torch.int64, device=dev)
+                for k, v in side.items()
+            }
             nobody = (x.new_zeros(1, 1, x.shape[-1]), torch.zeros(1, 1, dtype=torch.bool, device=dev))
             got["prior"] = self.form.score(*nobody, NewsRepr(x[None], X[None], mask[None]), terms).logits[0]
             for k, v in got.items():
@@ -242,6 +249,8 @@ class Ranker:
             for a in range(1, axes + 1):
                 t = t.narrow(t.dim() - a, 0, Lb)
             terms[name] = t.reshape(B, C, *t.shape[1:])
+        for name in self.form.side_tables:
+            terms["history_" + name] = T[name].index_select(0, hist_t.flatten()).view(B, M, -1)
         record = any(j.explain for j in jobs)
         if self.device.type != "cpu":
             H, hm, x, X, xmask = (t.to(self.device, non_blocking=True) for t in (H, hm, x, X, xmask))
