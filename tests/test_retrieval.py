@@ -6,7 +6,9 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
+from rmbert.models.rmbert import RMBERT
 from rmbert.serve.retrieval import (
     RetrievalConfig,
     Retriever,
@@ -80,6 +82,36 @@ def test_the_shortlist_ranks_by_the_proxy_and_calibration_recovers_its_weights()
 
     got = calibrate(vectors, prior_all, np.arange(1, 401), score, users=6, recent=3)
     assert np.allclose(got, (2.0, 0.5, 1.5, 0.0), atol=1e-5)
+
+
+def test_the_proxy_reads_the_match_features_of_a_feature_match_model():
+    """With match ids (rmbert.feature_match) the proxy has the six feature-match features after the four
+    cosines; a w of four weighs them 0; calibration finds their weights too."""
+    rng = np.random.default_rng(11)
+    vectors = np.concatenate([np.zeros((1, 16), np.float32), unit(400, seed=12)])
+    match = rng.integers(0, 4, (401, 5))
+    match[0] = 0
+    cand, hist = np.arange(1, 41), np.arange(41, 47)
+    f = cosine_features(vectors[cand], vectors[hist], 2, match[cand], match[hist])
+    assert f.shape == (40, 10) and np.allclose(f[:, :4], cosine_features(vectors[cand], vectors[hist], 2))
+    want = RMBERT.match_features(
+        torch.from_numpy(match[cand])[None],
+        torch.from_numpy(match[hist])[None],
+        torch.ones(1, 6, dtype=torch.bool),
+    )[0]
+    assert np.allclose(f[:, 4:], want.numpy())
+    prior = np.zeros(40)
+    assert (
+        shortlist(cand, prior, f, (1.0, 0.0, 0.0, 0.0), 5).tolist() == cand[np.argsort(-f[:, 0])[:5]].tolist()
+    )
+    prior_all = rng.standard_normal(401)
+
+    def score(h, c):
+        g = cosine_features(vectors[c], vectors[h], 5, match[c], match[h])
+        return prior_all[c] + 2.0 * g[:, 0] + 0.7 * g[:, 4] - 0.4 * g[:, 9] + 1.0
+
+    got = calibrate(vectors, prior_all, np.arange(1, 401), score, users=6, match=match)
+    assert len(got) == 10 and np.allclose(got, (2.0, 0, 0, 0, 0.7, 0, 0, 0, 0, -0.4), atol=1e-5)
 
 
 def test_added_news_are_found_without_a_rebuild():
@@ -190,7 +222,11 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         gathered_near = snap.retriever.nearest(clicks, hist_rows, snap.live).tolist()
         best_before = snap.best_prior.tolist()
         gathered = np.union1d(best, gathered_near)
-        feats = cosine_features(retrieval_vectors(snap.arrays, gathered), clicks, cfg.recent)
+        match = snap.arrays["match"]  # the served run has rmbert.feature_match: 10 proxy features
+        assert len(cfg.weights) == 10
+        feats = cosine_features(
+            retrieval_vectors(snap.arrays, gathered), clicks, cfg.recent, match[gathered], match[hist_rows]
+        )
         want = shortlist(gathered, prior[gathered], feats, cfg.weights, 40)
         got = snap.retrieve(hist_rows, 40)
         assert got.tolist() == want.tolist() and not set(got.tolist()) & set(hist_rows.tolist())

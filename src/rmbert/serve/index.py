@@ -73,6 +73,7 @@ class Snapshot:
             hist_rows,
             self.live,
             k,
+            self.arrays.get("match"),
         )
 
 
@@ -114,7 +115,9 @@ class ServingIndex:
             return None
         snap = self.snapshot
         vectors, prior = retrieval_vectors(snap.arrays, slice(0, snap.n)), snap.arrays["prior"][: snap.n]
-        weights = calibrate(vectors, prior, np.flatnonzero(snap.live), score, recent=self.retrieval.recent)
+        match = snap.arrays["match"][: snap.n] if "match" in snap.arrays else None
+        live = np.flatnonzero(snap.live)
+        weights = calibrate(vectors, prior, live, score, recent=self.retrieval.recent, match=match)
         with self.lock:
             self.retrieval = dataclasses.replace(self.retrieval, weights=weights)
             self.retriever.cfg = self.retrieval

@@ -19,12 +19,14 @@ enters the serving index. Retrieval runs in two steps:
 2. Shortlist: each gathered news gets the proxy score
        prior + w . [max_j c_j, mean_j c_j, max_j' c_j', mean_j' c_j']
    with c_j = cos(x, h_j) over the user's clicks (exact cosines) and j' over the `recent` most
-   recent ones (models with recency embeddings weigh them more); the best `top_n` go to the
-   re-ranker.
+   recent ones (models with recency embeddings weigh them more). A model with
+   `rmbert.feature_match` adds the six features its click layer reads (eq. 8''''): the shares
+   and indicators of clicks sharing the news's category, subcategory or an entity. The best
+   `top_n` go to the re-ranker.
 
 The weights are calibrated when the service loads (`calibrate`): pseudo-users made of random
 live news are scored exhaustively by the model, and w is the least-squares fit of
-(score - prior) on the four cosine features. Nothing extra is trained: every part comes from the run
+(score - prior) on these features. Nothing extra is trained: every part comes from the run
 itself. `benchmarks/retrieval.py` measures the cost, as the recall of the exact top-10 of
 exhaustive scoring of the whole pool.
 
@@ -47,6 +49,7 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
+import torch
 
 from rmbert.config import require_at_least
 
@@ -58,7 +61,7 @@ class RetrievalConfig:
     per_query: int = 100  # nearest news gathered per query
     prior_pool: int = 300  # news with the best candidate-only prior gathered for every user
     recent: int = 5  # the most recent clicks of the proxy's last two features
-    weights: tuple[float, ...] = (1.0, 1.0, 0.0, 0.0)  # w of the proxy (set by `calibrate`)
+    weights: tuple[float, ...] = (1.0, 1.0, 0.0, 0.0)  # w of the proxy (set by `calibrate`; 4 or 10 weights)
     max_history: int = 50  # the most recent clicks the cosines are taken over (the run's M)
     exact_below: int = 50_000  # smaller pools are searched exhaustively
     nprobe: int = 8  # inverted lists visited per query (larger pools)
@@ -80,18 +83,36 @@ def retrieval_vectors(arrays: dict[str, np.ndarray], rows: np.ndarray | slice = 
     return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
 
 
-def cosine_features(cand: np.ndarray, clicks: np.ndarray, recent: int = 5) -> np.ndarray:
+def cosine_features(
+    cand: np.ndarray,
+    clicks: np.ndarray,
+    recent: int = 5,
+    cand_match: np.ndarray | None = None,
+    click_match: np.ndarray | None = None,
+) -> np.ndarray:
     """Unit vectors cand [G, D] and clicks [M, D] (oldest first) -> [G, 4]: the max and mean
-    cosine to all clicks, then to the `recent` most recent."""
+    cosine to all clicks, then to the `recent` most recent. With match ids of both ([G, F],
+    [M, F]; a model with `rmbert.feature_match`), 6 more: the shares and indicators of clicks
+    sharing the candidate's category, subcategory or an entity, as eq. 8'''' reads them ([G, 10])."""
     cos = cand @ clicks.T  # [G, M]
     last = cos[:, -recent:]
-    return np.stack([cos.max(1), cos.mean(1), last.max(1), last.mean(1)], 1)
+    out = np.stack([cos.max(1), cos.mean(1), last.max(1), last.mean(1)], 1)
+    if cand_match is None or click_match is None:
+        return out
+    from rmbert.models.rmbert import RMBERT
+
+    cm, hm = torch.from_numpy(np.asarray(cand_match))[None], torch.from_numpy(np.asarray(click_match))[None]
+    match = RMBERT.match_features(cm, hm, torch.ones(1, hm.shape[1], dtype=torch.bool))[0].numpy()
+    return np.concatenate([out, match.astype(out.dtype)], 1)
 
 
 def shortlist(rows: np.ndarray, prior: np.ndarray, features: np.ndarray, weights, k: int) -> np.ndarray:
-    """The k rows [G] of the best proxy prior + features @ w ([G, 4] `cosine_features`), best
-    first (ties: the rows' order)."""
-    proxy = prior + features @ np.asarray(weights, dtype=features.dtype)
+    """The k rows [G] of the best proxy prior + features @ w ([G, F] `cosine_features`; a w
+    shorter than F weighs the rest 0), best first (ties: the rows' order)."""
+    w = np.zeros(features.shape[1], dtype=features.dtype)
+    given = np.asarray(weights, dtype=features.dtype)[: features.shape[1]]
+    w[: len(given)] = given
+    proxy = prior + features @ w
     return rows[np.argsort(-proxy, kind="stable")[:k]]
 
 
@@ -104,12 +125,14 @@ def calibrate(
     cands: int = 256,
     seed: int = 0,
     recent: int = 5,
+    match: np.ndarray | None = None,
 ) -> tuple[float, ...]:
     """w: least squares of score - prior on the cosine features (and a constant) over pseudo-users
     (5-50 random live news as clicks; random candidates and the clicks' nearest neighbours, so
     that close news are represented; clicks drawn around a few news, as interests, fitted no
     better on planted data). `vectors` [n, D] and `prior` [n] by row; `score(hist_rows,
-    cand_rows)` is the model's exhaustive score."""
+    cand_rows)` is the model's exhaustive score; `match` [n, F]: the match ids by row (a model
+    with `rmbert.feature_match`: the proxy then has 10 features)."""
     rng = np.random.default_rng(seed)
     X, y = [], []
     for _ in range(users):
@@ -119,13 +142,17 @@ def calibrate(
         rest = np.setdiff1d(live_rows, hist)
         near = rest[np.argsort(-(vectors[rest] @ vectors[hist].T).max(1))[: cands // 4]]
         cand = np.unique(np.concatenate([near, rng.choice(rest, min(len(rest), cands), replace=False)]))
-        f = cosine_features(vectors[cand], vectors[hist], recent)
+        f = cosine_features(vectors[cand], vectors[hist], recent, *_match_of(match, cand, hist))
         X.append(np.concatenate([f, np.ones((len(f), 1), f.dtype)], 1))
         y.append(score(hist, cand) - prior[cand])
     if not X:
         return RetrievalConfig.weights
     X_, y_ = np.concatenate(X).astype(np.float64), np.concatenate(y).astype(np.float64)
-    return tuple(float(v) for v in np.linalg.lstsq(X_, y_, rcond=None)[0][:4])
+    return tuple(float(v) for v in np.linalg.lstsq(X_, y_, rcond=None)[0][:-1])
+
+
+def _match_of(match: np.ndarray | None, cand: np.ndarray, hist: np.ndarray) -> tuple:
+    return () if match is None else (match[cand], match[hist])
 
 
 class Retriever:
@@ -215,17 +242,20 @@ def retrieve(
     hist_rows: np.ndarray,
     live: np.ndarray,
     k: int = 0,
+    match: np.ndarray | None = None,
 ) -> np.ndarray:
     """Both steps for one user: rows [<= k], best proxy first, the clicks left out.
 
     vectors(rows) -> the retrieval vectors [len(rows), D] of rows; prior [n] by row (None: 0);
     best_prior: live rows by descending prior (None: none); hist_rows [M] the clicks, oldest
-    first; live [n] bool (see `Retriever.nearest`)."""
+    first; live [n] bool (see `Retriever.nearest`); match [n, F]: match ids by row, or None."""
     cfg = retriever.cfg
     clicks = vectors(hist_rows)  # [M, D]
     near = retriever.nearest(clicks, hist_rows, live)
     best = np.zeros(0, np.int64) if best_prior is None else best_prior
     gathered = np.union1d(best[~np.isin(best, hist_rows)][: cfg.prior_pool], near)  # [G]
     p = np.zeros(len(gathered)) if prior is None else prior[gathered]
-    features = cosine_features(vectors(gathered), clicks[-cfg.max_history :], cfg.recent)
+    hist = hist_rows[-cfg.max_history :]
+    match_of = _match_of(match, gathered, hist)
+    features = cosine_features(vectors(gathered), clicks[-cfg.max_history :], cfg.recent, *match_of)
     return shortlist(gathered, p, features, cfg.weights, k or cfg.top_n)
