@@ -169,7 +169,7 @@ def served_recall(run_dir: Path, store_dir: Path, split: Path, users: int, seed:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="10k,100k,1m")
+    ap.add_argument("--sizes", default="10k,100k,1m", help="synthetic pools to time (\"\" for none)")
     ap.add_argument("--run", type=Path, default=None, help="a trained run (default: train a short one)")
     ap.add_argument("--split", type=Path, default=None, help="a split: its news are the pool, its users ask")
     ap.add_argument("--users", type=int, default=300)
@@ -196,7 +196,7 @@ def main() -> None:
         build_store(store_dir, news.ids, news.title, load_run(run_dir).encoding, info=info, progress=False)
     result: dict = {"recall": served_recall(run_dir, store_dir, split, a.users)}
     result["pools"] = []
-    for size in a.sizes.split(","):
+    for size in filter(None, a.sizes.split(",")):
         result["pools"].append(pool_timing(SIZES[size]))
         print(json.dumps(result["pools"][-1]), file=sys.stderr, flush=True)
     big = [p for p in result["pools"] if p["news"] == 1_000_000]

@@ -34,7 +34,7 @@ from rmbert.models.naml import NAML
 from rmbert.models.npa import NPA
 from rmbert.models.nrms import NRMS
 from rmbert.models.rmbert import RMBERT
-from rmbert.models.tables import VOCAB_TABLES, build_tables
+from rmbert.models.tables import TEXT_TABLES, VOCAB_TABLES, build_tables
 from rmbert.types import NewsRepr
 
 MODELS: dict[str, type[Recommender]] = {
@@ -257,7 +257,7 @@ def feature_ids(
         [store.rows(s.news.ids) for s in splits],
         store.arrays,
         vocab,
-        tokenizer or _tokenizer(cfg.encoder.name),
+        tokenizer or (_tokenizer(cfg.encoder.name) if TEXT_TABLES & set(names) else None),
         cfg.encoder.max_title_len,
         cfg.naml.abstract_len,
         2 + cfg.features.max_entities,

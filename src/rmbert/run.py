@@ -88,7 +88,7 @@ class LoadedRun:
 
     def batcher(self, split: Split, store: NewsStore) -> ImpressionBatcher:
         self.model.news.set_store(store)
-        self.model.set_feature_ids(feature_ids(self.cfg, self.vocab, store, [split]))
+        self.model.set_feature_ids(feature_ids(self.cfg, self.vocab, store, [split], self.tokenizer))
         rows = store.rows(split.news.ids)
         return ImpressionBatcher(split.impressions, rows, self.cfg.train.max_history, self.user_index)
 

@@ -35,6 +35,7 @@ from rmbert.models.features import FeatureVocab
 
 TABLES = ("news_id", "category", "subcategory", "title_ids", "title_entity", "abstract", "match")
 VOCAB_TABLES = frozenset({"news_id", "category", "subcategory", "title_entity"})  # need the vocabulary
+TEXT_TABLES = frozenset({"title_ids", "title_entity", "abstract"})  # need the tokenizer
 
 
 def match_key(kind: str, value: str) -> int:
