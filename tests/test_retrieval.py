@@ -14,6 +14,7 @@ from rmbert.serve.retrieval import (
     Retriever,
     calibrate,
     cosine_features,
+    match_features,
     retrieval_vectors,
     shortlist,
 )
@@ -244,3 +245,18 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         assert snap.retriever.nearest(clicks, hist_rows, snap.live).tolist() == gathered_near
         assert snap.best_prior.tolist() == best_before
         assert rank(c)["candidates"] == 8
+
+
+@pytest.mark.parametrize("clicks", [1, 6, 64, 70])
+def test_the_proxys_match_features_equal_the_models(clicks):
+    """The retrieval proxy's lookup form (one user, click bitsets of 64-bit words) gives the
+    model's eq. 8 match features exactly: ids from a small alphabet so that matches happen,
+    unknown (0) slots and entity repeats included."""
+    rng = np.random.default_rng(clicks)
+    cm, hm = rng.integers(0, 30, (300, 7)), rng.integers(0, 30, (clicks, 7))
+    cm[:, 5:], cm[:5], hm[:, 6:] = 0, 0, 0
+    want = RMBERT.match_features(
+        torch.from_numpy(cm)[None], torch.from_numpy(hm)[None], torch.ones(1, clicks, dtype=torch.bool)
+    )[0]
+    assert np.allclose(match_features(cm, hm), want.numpy())
+    assert match_features(cm, hm[:0]).shape == (300, 6) and not match_features(cm, hm[:0]).any()

@@ -193,8 +193,10 @@ class RMBERT(Recommender):
         c, h = cm[:, :, None], hm[:, None]  # [B, C, 1, F], [B, 1, M, F]
         cat = (c[..., 0] == h[..., 0]) & (c[..., 0] != 0)  # [B, C, M]
         sub = (c[..., 1] == h[..., 1]) & (c[..., 1] != 0)
-        ce, he = c[..., 2:, None], h[..., None, 2:]  # [B, C, 1, E, 1], [B, 1, M, 1, E]
-        ent = ((ce == he) & (ce != 0)).flatten(-2).any(-1)  # [B, C, M]
+        ce = c[..., 2:].masked_fill(c[..., 2:] == 0, -1)  # [B, C, 1, E]; -1 matches nothing
+        ent = torch.zeros_like(cat)  # [B, C, M]: one candidate slot at a time (no [.., E, E] tensor)
+        for e in range(ce.shape[-1]):
+            ent |= (ce[..., e, None] == h[..., 2:]).any(-1)
         hits = torch.stack([cat, sub, ent], -1) & mask[:, None, :, None]  # [B, C, M, K]
         n = mask.sum(-1).clamp(min=1)[:, None, None]  # [B, 1, 1]
         share = hits.sum(2) / n

@@ -49,7 +49,6 @@ from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
-import torch
 
 from rmbert.config import require_at_least
 
@@ -99,11 +98,43 @@ def cosine_features(
     out = np.stack([cos.max(1), cos.mean(1), last.max(1), last.mean(1)], 1)
     if cand_match is None or click_match is None:
         return out
-    from rmbert.models.rmbert import RMBERT
+    return np.concatenate([out, match_features(cand_match, click_match).astype(out.dtype)], 1)
 
-    cm, hm = torch.from_numpy(np.asarray(cand_match))[None], torch.from_numpy(np.asarray(click_match))[None]
-    match = RMBERT.match_features(cm, hm, torch.ones(1, hm.shape[1], dtype=torch.bool))[0].numpy()
-    return np.concatenate([out, match.astype(out.dtype)], 1)
+
+def match_features(cand: np.ndarray, clicks: np.ndarray) -> np.ndarray:
+    """Match ids of candidates [G, F] and of one user's clicks [M, F] -> [G, 6], what
+    `RMBERT.match_features` gives with every click unmasked (tested equal), in O(G E + M E)
+    instead of its candidate x click x entity x entity comparison: a category or subcategory
+    is looked up among the clicks' (with its count of clicks); an entity among the clicks'
+    distinct entities, each with the bitset of the clicks naming it, so that a click sharing
+    two entities with the candidate counts once."""
+    G, M = len(cand), len(clicks)
+    if M == 0:
+        return np.zeros((G, 6), np.float32)
+
+    def lookup(values: np.ndarray, queries: np.ndarray):
+        """Distinct nonzero `values` [M, ...] -> (index into them [G, ...], found [G, ...])."""
+        keys = np.unique(values)
+        pos = np.minimum(np.searchsorted(keys, queries), len(keys) - 1)
+        return keys, pos, (keys[pos] == queries) & (queries != 0)
+
+    counts = []
+    for col in (0, 1):  # category, subcategory: how many clicks share the candidate's
+        keys, pos, found = lookup(clicks[:, col], cand[:, col])
+        per_key = np.bincount(np.searchsorted(keys, clicks[:, col]), minlength=len(keys))
+        counts.append(np.where(found, per_key[pos], 0))
+    W = (M + 63) // 64  # words of a click bitset
+    he, ce = clicks[:, 2:], cand[:, 2:]  # [M, E], [G, E]
+    keys, pos, found = lookup(he, ce)
+    bits = np.zeros((len(keys), W), np.uint64)  # bits[k]: the clicks naming entity keys[k]
+    m = np.repeat(np.arange(M), he.shape[1])
+    np.bitwise_or.at(
+        bits, (np.searchsorted(keys, he.ravel()), m // 64), np.uint64(1) << (m % 64).astype(np.uint64)
+    )
+    union = np.bitwise_or.reduce(np.where(found[..., None], bits[pos], 0), axis=1)  # [G, W]
+    counts.append(np.bitwise_count(union).sum(1).astype(np.int64))
+    n = np.stack(counts, 1)  # [G, 3]: clicks matching in each kind
+    return np.concatenate([n / M, n > 0], 1).astype(np.float32)
 
 
 def shortlist(rows: np.ndarray, prior: np.ndarray, features: np.ndarray, weights, k: int) -> np.ndarray:
