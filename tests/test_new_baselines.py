@@ -216,7 +216,11 @@ def test_servable_flags_and_clear_refusal():
 
     assert NRMS(NRMSConfig(dim=E, heads=2, head_dim=4, query_dim=8)).servable
     for m in models():
-        assert not m.servable
+        if m.name in ("deepfm", "dcn"):  # their side tables come from ids, metadata and token ids
+            form = m.inference_form()
+            assert m.servable and form.side_tables == m.side_inputs and form.token_axes["title_ids"] == 1
+            continue
+        assert not m.servable  # abstracts, entity mentions or clicked news' words: not kept by serving
         with pytest.raises(ValueError, match="cannot be served"):
             m.inference_form()
 
@@ -467,3 +471,40 @@ def test_match_table_is_the_same_in_training_and_serving(tiny_encoder, tmp_path)
     ]
     with pytest.raises(ValueError, match="abstract"):
         serving_tables(("abstract",), info, 5)
+
+
+@pytest.mark.parametrize("model", ["deepfm", "dcn"])
+def test_id_models_serve_as_they_evaluate_an_unknown_user(model, story, tiny_encoder, tmp_path):
+    """DeepFM and DCN over frozen vectors are served with their side tables built from the news
+    ids, metadata and the store's token ids, and score exactly as evaluation does for a user not
+    seen in training (serving knows no user ids); a request without candidates ranks too."""
+    from fastapi.testclient import TestClient
+
+    from rmbert.cli import main
+    from rmbert.evaluate import score_impressions
+    from rmbert.serve.app import Limits, create_app
+
+    cfg = learn_cfg(tiny_encoder, model, "encoder.mode=frozen", "train.epochs=1", "train.max_steps=6")
+    train(cfg, story[0] / "train", tmp_path / "run", progress=False)
+    news = str(story[0] / "dev" / "news.tsv")
+    assert (
+        main(["--quiet", "encode", str(tmp_path / "run"), "--news", news, "--out", str(tmp_path / "store")])
+        == 0
+    )
+    run = load_run(tmp_path / "run")
+    run.user_index = {}  # every user unknown, as serving sees them
+    dev = load_split(story[0] / "dev")
+    scores = score_impressions(run.model, run.batcher(dev, run.store([dev], progress=False)))
+    imps, ids = dev.impressions, dev.news.ids
+    app = create_app(tmp_path / "run", tmp_path / "store", limits=Limits(retrieve=0, max_candidates=400))
+    with TestClient(app) as c:
+        for i in range(4):
+            hist = [ids[j] for j in imps.hist[imps.hist_ptr[i] : imps.hist_ptr[i + 1]]][-20:]
+            cands = [ids[j] for j in imps.cand[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]]
+            r = c.post("/rank", json={"history": hist, "candidates": cands, "top_k": 400})
+            assert r.status_code == 200, r.text
+            got = {x["id"]: x["score"] for x in r.json()["ranked"]}
+            want = scores[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]
+            assert np.allclose([got[k] for k in cands], want, rtol=0, atol=1e-5)
+        r = c.post("/rank", json={"history": hist, "candidates": None, "top_k": 5})
+        assert r.status_code == 200 and len(r.json()["ranked"]) == 5

@@ -11,6 +11,7 @@ A recommender splits scoring in two so that serving computes the user side once 
 
 from __future__ import annotations
 
+import dataclasses
 from abc import ABC, ABCMeta, abstractmethod
 from typing import Any
 
@@ -18,6 +19,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rmbert.models.tables import TITLE_TABLES
 from rmbert.types import NewsRepr, Scores
 
 NEG = -1e9  # added to masked attention logits (finite, so fully masked rows give no NaN)
@@ -43,14 +45,23 @@ class InferenceForm(ABC):
 
 
 class GenericInference(InferenceForm):
-    """The default inference form: the recommender's own user_state and score_candidates."""
+    """The default inference form: the recommender's own user_state and score_candidates, with
+    its side inputs (the tables serving builds, `side_tables`) on `NewsRepr.extra`. Serving
+    knows no user ids: a model with a user field scores every request as the unknown user (id 0),
+    as it scores users not seen in training."""
 
     def __init__(self, rec: Recommender) -> None:
         self.rec = rec
+        self.side_tables = tuple(rec.side_inputs)
+        self.token_axes = {k: int(k in TITLE_TABLES) for k in self.side_tables}
 
     @torch.no_grad()
     def score(self, H, mask, cand, terms, record=False) -> Scores:
-        state = self.rec.user_state(NewsRepr(cls=H, tokens=None, mask=None), mask, None)
+        hist = NewsRepr(cls=H, tokens=None, mask=None)
+        if self.side_tables:
+            hist.extra = {k: terms["history_" + k] for k in self.side_tables}
+            cand = dataclasses.replace(cand, extra={k: terms[k] for k in self.side_tables})
+        state = self.rec.user_state(hist, mask, None)
         return Scores(self.rec.score_candidates(state, cand))
 
 
@@ -63,7 +74,7 @@ class Recommender(nn.Module, metaclass=ABCMeta):
     # news side passes embedded ([..., T, E], with "<name>_mask" [..., T]).
     side_inputs: tuple[str, ...] = ()
     word_inputs: tuple[str, ...] = ()
-    servable = True  # False: needs side inputs, which `rmbert serve` does not build
+    servable = True  # False: needs side inputs that `rmbert serve` cannot build (models/tables.py)
 
     @classmethod
     def inputs_for(cls, cfg: Any) -> tuple[str, ...]:

@@ -48,7 +48,6 @@ class DCNConfig:
 class DCN(Recommender):
     name = "dcn"
     side_inputs = ("news_id", "category", "subcategory", "title_ids")
-    servable = False
 
     def __init__(self, cfg: DCNConfig) -> None:
         super().__init__()

@@ -57,7 +57,6 @@ def mlp(inp: int, hidden: int, layers: int, dropout: float) -> nn.Sequential:
 class DeepFM(Recommender):
     name = "deepfm"
     side_inputs = ("news_id", "category", "subcategory", "title_ids")
-    servable = False
 
     def __init__(self, cfg: DeepFMConfig) -> None:
         super().__init__()

@@ -27,6 +27,7 @@ Shape letters: R store rows (row 0 included), L title tokens, A abstract tokens,
 from __future__ import annotations
 
 import hashlib
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -36,6 +37,7 @@ from rmbert.models.features import FeatureVocab
 TABLES = ("news_id", "category", "subcategory", "title_ids", "title_entity", "abstract", "match")
 VOCAB_TABLES = frozenset({"news_id", "category", "subcategory", "title_entity"})  # need the vocabulary
 TEXT_TABLES = frozenset({"title_ids", "title_entity", "abstract"})  # need the tokenizer
+TITLE_TABLES = frozenset({"title_ids", "title_entity"})  # with a title-token axis L
 
 
 def match_key(kind: str, value: str) -> int:
@@ -56,13 +58,44 @@ def match_ids(category: str, subcategory: str, entities: list[str], width: int) 
     return out
 
 
-def serving_tables(names: tuple[str, ...], info: list[dict], match_width: int) -> dict[str, np.ndarray]:
-    """The side tables `names` [N, ...] that serving builds from N news's metadata (`info`: dicts
-    with `category`, `subcategory` and `entities`); only `match` needs nothing else."""
-    unknown = set(names) - {"match"}
+SERVABLE_TABLES = frozenset({"match", "news_id", "category", "subcategory", "title_ids"})
+VOCAB_NAMES = {"news_id": "news", "category": "categories", "subcategory": "subcategories"}
+
+
+def vocab_ids(vocab: FeatureVocab | None, name: str, values: list[str]) -> np.ndarray:
+    """The FeatureVocab ids [N] of `values` for the id table `name` (0 = not in training)."""
+    if vocab is None:
+        raise ValueError(f"the side input {name!r} needs the feature vocabulary")
+    lookup = {v: i + 1 for i, v in enumerate(getattr(vocab, VOCAB_NAMES[name]))}
+    return np.array([lookup.get(v, 0) for v in values], np.int64)
+
+
+@dataclass(frozen=True)
+class ServingSource:
+    """What serving knows of N news, to build side tables from (see `serving_tables`)."""
+
+    ids: list[str]
+    info: list[dict]  # category, subcategory, entities
+    input_ids: np.ndarray  # [N, S] the store's
+    attn: np.ndarray  # [N, S]
+
+
+def serving_tables(
+    names: tuple[str, ...],
+    src: ServingSource,
+    *,
+    vocab: FeatureVocab | None = None,
+    match_width: int = 7,
+    title_len: int = 0,
+    sep_token_id: int = 0,
+) -> dict[str, np.ndarray]:
+    """The side tables `names` [N, ...] of the news `src` as `build_tables` makes them, built
+    from what serving keeps: the news ids and metadata, and the store's token ids. Tables that
+    need text the store does not keep (abstracts, entity mentions) cannot be built."""
+    unknown = set(names) - SERVABLE_TABLES
     if unknown:
         raise ValueError(f"serving cannot build the side input(s) {sorted(unknown)} from news metadata")
-    out: dict[str, np.ndarray] = {}
+    info, out = src.info, {}
     if "match" in names:
         rows = [
             match_ids(
@@ -74,6 +107,12 @@ def serving_tables(names: tuple[str, ...], info: list[dict], match_width: int) -
             for d in info
         ]
         out["match"] = np.stack(rows) if rows else np.zeros((0, match_width), np.int64)
+    values = {"news_id": src.ids, **{k: [d.get(k) or "" for d in info] for k in ("category", "subcategory")}}
+    for name in VOCAB_NAMES:
+        if name in names:
+            out[name] = vocab_ids(vocab, name, values[name])
+    if "title_ids" in names:
+        out["title_ids"] = title_ids(np.asarray(src.input_ids), np.asarray(src.attn), title_len, sep_token_id)
     return out
 
 
@@ -199,11 +238,9 @@ def _fill(
         for i, row in zip(take, r):
             out["match"][row] = match_ids(news.category[i], news.subcategory[i], news.entities(int(i)), width)
     values = {"news_id": news.ids, "category": news.category, "subcategory": news.subcategory}
-    for name, names in (("news_id", "news"), ("category", "categories"), ("subcategory", "subcategories")):
+    for name in VOCAB_NAMES:
         if name in out:
-            assert vocab is not None
-            lookup = {v: i + 1 for i, v in enumerate(getattr(vocab, names))}
-            out[name][r] = [lookup.get(values[name][i], 0) for i in take]
+            out[name][r] = vocab_ids(vocab, name, [values[name][i] for i in take])
     if "abstract" in out:
         out["abstract"][r] = _tokenize(tokenizer, [news.abstract[i] for i in take], abstract_len)
     if "title_entity" in out:

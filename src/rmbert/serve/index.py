@@ -77,7 +77,7 @@ class Snapshot:
         )
 
 
-BASE = ("cls", "pool", "tokens", "mask", "input_ids")
+BASE = ("cls", "pool", "tokens", "mask", "input_ids", "attn")
 
 
 def _base(store: NewsStore, first: int = 0) -> dict[str, np.ndarray]:
@@ -85,12 +85,12 @@ def _base(store: NewsStore, first: int = 0) -> dict[str, np.ndarray]:
 
 
 class ServingIndex:
-    """`prepare({cls, pool, tokens, mask, input_ids} of n news, their n info dicts) -> {name: [n, ...]}`
-    adds per-news arrays (a model's precomputed news terms) or replaces some (the news vectors a
+    """`prepare({cls, pool, tokens, mask, input_ids, attn} of n news, their n info dicts, their n ids)
+    -> {name: [n, ...]}` adds per-news arrays (a model's precomputed news terms) or replaces some (the news vectors a
     model reads: pooled, standardised, with features)."""
 
     def __init__(self, store: NewsStore, prepare=None, retrieval: RetrievalConfig | None = None) -> None:
-        self.prepare = prepare or (lambda arrays, info: {})
+        self.prepare = prepare or (lambda arrays, info, ids: {})
         self.lock = threading.Lock()  # serialises appends; reads never wait
         self.retrieval = retrieval if retrieval is not None and retrieval.top_n > 0 else None
         self.retriever: Retriever | None = None  # over every row, kept in step with the rows
@@ -100,7 +100,7 @@ class ServingIndex:
         self.store = store
         self.info = [{}] + list(store.info)
         base = _base(store)
-        self.rows = Rows({**base, **self.prepare(base, self.info)})
+        self.rows = Rows({**base, **self.prepare(base, self.info, ["", *store.ids])})
         if self.retrieval is not None:
             self.retriever = Retriever(
                 retrieval_vectors(self.rows.data, slice(1, self.rows.n)), self.retrieval
@@ -160,7 +160,7 @@ class ServingIndex:
     def add(self, store: NewsStore, first_new: int) -> None:
         """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""
         new = _base(store, first_new + 1)
-        new.update(self.prepare(new, store.info[first_new:]))
+        new.update(self.prepare(new, store.info[first_new:], store.ids[first_new:]))
         self.rows.append(new)
         if self.retriever is not None:
             self.retriever.add(retrieval_vectors(new))

@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from rmbert.beyond import mmr_order
-from rmbert.models.tables import serving_tables
+from rmbert.models.tables import ServingSource, serving_tables
 from rmbert.run import LoadedRun
 from rmbert.serve import explain
 from rmbert.serve.index import Snapshot
@@ -88,16 +88,25 @@ class Ranker:
 
     @torch.inference_mode()
     def prepare(
-        self, arrays: dict[str, np.ndarray], info: list[dict], chunk: int = 2048
+        self, arrays: dict[str, np.ndarray], info: list[dict], ids: list[str] | None = None, chunk: int = 2048
     ) -> dict[str, np.ndarray]:
         """Per-news arrays for the serving index: the news vectors the model reads (pooled,
         standardised and with features, as the run was trained) and the inference form's news
         terms, and `prior` [n], each news's score for a user without clicks (the candidate-only
-        prior, which the retrieval stage draws on). Runs once per news, `chunk` news at a time;
-        `info` gives the news features."""
+        prior, which the retrieval stage draws on), and the side tables the inference form reads.
+        Runs once per news, `chunk` news at a time; `info` gives the news features, `ids` the
+        news ids (for a model with a news-id field)."""
         model, cfg = self.run.model, self.run.cfg
         vectors = arrays["pool"] if cfg.encoder.pooling == "mean" else arrays["cls"]
-        side = serving_tables(self.form.side_tables, info, 2 + cfg.features.max_entities)
+        src = ServingSource(ids or [""] * len(info), info, arrays["input_ids"], arrays["attn"])
+        side = serving_tables(
+            self.form.side_tables,
+            src,
+            vocab=self.run.vocab,
+            match_width=2 + cfg.features.max_entities,
+            title_len=cfg.encoder.max_title_len,
+            sep_token_id=self.run.tokenizer.sep_token_id,
+        )
         fids = None
         if model.features is not None and self.run.vocab is not None:
             fids = self.run.vocab.ids(
@@ -250,7 +259,9 @@ class Ranker:
                 t = t.narrow(t.dim() - a, 0, Lb)
             terms[name] = t.reshape(B, C, *t.shape[1:])
         for name in self.form.side_tables:
-            terms["history_" + name] = T[name].index_select(0, hist_t.flatten()).view(B, M, -1)
+            terms["history_" + name] = (
+                T[name].index_select(0, hist_t.flatten()).view(B, M, *T[name].shape[1:])
+            )
         record = any(j.explain for j in jobs)
         if self.device.type != "cpu":
             H, hm, x, X, xmask = (t.to(self.device, non_blocking=True) for t in (H, hm, x, X, xmask))
