@@ -122,7 +122,9 @@ class RunConfig:
     )
     train: TrainConfig = field(default_factory=TrainConfig)
     rmbert: RMBERTConfig = field(
-        default_factory=lambda: RMBERTConfig(click_product=True, similarity=True, similarity_heads=4)
+        default_factory=lambda: RMBERTConfig(
+            click_product=True, similarity=True, similarity_heads=4, feature_match=True
+        )
     )
     nrms: NRMSConfig = field(default_factory=NRMSConfig)
     lstur: LSTURConfig = field(default_factory=LSTURConfig)
