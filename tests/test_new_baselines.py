@@ -220,7 +220,10 @@ def test_servable_flags_and_clear_refusal():
             form = m.inference_form()
             assert m.servable and form.side_tables == m.side_inputs and form.token_axes["title_ids"] == 1
             continue
-        assert not m.servable  # abstracts, entity mentions or clicked news' words: not kept by serving
+        if m.name == "fim":  # the clicked news' title tokens: the serving index has them
+            assert m.servable and m.inference_form().history_tokens
+            continue
+        assert not m.servable  # abstracts or entity mentions: not kept by serving
         with pytest.raises(ValueError, match="cannot be served"):
             m.inference_form()
 
@@ -473,11 +476,12 @@ def test_match_table_is_the_same_in_training_and_serving(tiny_encoder, tmp_path)
         serving_tables(("abstract",), info, 5)
 
 
-@pytest.mark.parametrize("model", ["deepfm", "dcn"])
-def test_id_models_serve_as_they_evaluate_an_unknown_user(model, story, tiny_encoder, tmp_path):
+@pytest.mark.parametrize("model", ["deepfm", "dcn", "fim"])
+def test_served_baselines_score_as_they_evaluate_an_unknown_user(model, story, tiny_encoder, tmp_path):
     """DeepFM and DCN over frozen vectors are served with their side tables built from the news
-    ids, metadata and the store's token ids, and score exactly as evaluation does for a user not
-    seen in training (serving knows no user ids); a request without candidates ranks too."""
+    ids, metadata and the store's token ids, FIM with the clicked news' title tokens, and each
+    scores exactly as evaluation does for a user not seen in training (serving knows no user
+    ids); a request without candidates ranks too."""
     from fastapi.testclient import TestClient
 
     from rmbert.cli import main

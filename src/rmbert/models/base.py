@@ -33,6 +33,9 @@ class InferenceForm(ABC):
     # per-news side tables (rmbert.models.tables) that serving builds from each news's metadata;
     # `score` finds the candidates' rows in terms[name] and the clicked news' in terms["history_" + name]
     side_tables: tuple[str, ...] = ()
+    # True: `score` reads the clicked news' title tokens, terms["history_tokens"] [B, M, L, D] and
+    # terms["history_mask"] [B, M, L]
+    history_tokens: bool = False
 
     def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
         return {}
@@ -54,10 +57,11 @@ class GenericInference(InferenceForm):
         self.rec = rec
         self.side_tables = tuple(rec.side_inputs)
         self.token_axes = {k: int(k in TITLE_TABLES) for k in self.side_tables}
+        self.history_tokens = rec.needs_history_tokens
 
     @torch.no_grad()
     def score(self, H, mask, cand, terms, record=False) -> Scores:
-        hist = NewsRepr(cls=H, tokens=None, mask=None)
+        hist = NewsRepr(cls=H, tokens=terms.get("history_tokens"), mask=terms.get("history_mask"))
         if self.side_tables:
             hist.extra = {k: terms["history_" + k] for k in self.side_tables}
             cand = dataclasses.replace(cand, extra={k: terms[k] for k in self.side_tables})

@@ -81,7 +81,6 @@ class FIMState:
 class FIM(Recommender):
     name = "fim"
     needs_history_tokens = True
-    servable = False
 
     def __init__(self, cfg: FIMConfig) -> None:
         super().__init__()

@@ -38,7 +38,7 @@ def check_servable(run: LoadedRun, store: NewsStore, run_dir, store_dir) -> None
         raise ValueError(
             f"{store_dir}: encoded with another encoder than {run_dir}; run `rmbert encode` again"
         )
-    if run.cfg.encoder.mode not in ("frozen", "top-k", "full") or run.model.rec.needs_history_tokens:
+    if run.cfg.encoder.mode not in ("frozen", "top-k", "full"):
         raise ValueError(
             f"{run_dir}: serving needs a model over BERT news vectors (encoder mode frozen, top-k or full)"
         )

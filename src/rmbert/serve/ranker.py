@@ -135,6 +135,8 @@ class Ranker:
                 "history_" + k: torch.zeros(1, 1, *v.shape[1:], dtype=torch.int64, device=dev)
                 for k, v in side.items()
             }
+            if self.form.history_tokens:  # one padded clicked news
+                terms["history_tokens"], terms["history_mask"] = X[:1, None] * 0, mask[:1, None] & False
             nobody = (x.new_zeros(1, 1, x.shape[-1]), torch.zeros(1, 1, dtype=torch.bool, device=dev))
             got["prior"] = self.form.score(*nobody, NewsRepr(x[None], X[None], mask[None]), terms).logits[0]
             for k, v in got.items():
@@ -258,6 +260,14 @@ class Ranker:
             for a in range(1, axes + 1):
                 t = t.narrow(t.dim() - a, 0, Lb)
             terms[name] = t.reshape(B, C, *t.shape[1:])
+        if self.form.history_tokens:  # the clicked news' title tokens, to their longest title
+            hmask = T["mask"].index_select(0, hist_t.flatten())  # [B M, L]
+            Lh = int(hmask.any(0).nonzero().max()) + 1 if hmask.any() else 1
+            Xh = self._take("history_tokens", T["tokens"], hist_t.flatten())[:, :Lh]
+            terms["history_tokens"], terms["history_mask"] = (
+                Xh.reshape(B, M, Lh, D),
+                hmask[:, :Lh].reshape(B, M, Lh),
+            )
         for name in self.form.side_tables:
             terms["history_" + name] = (
                 T[name].index_select(0, hist_t.flatten()).view(B, M, *T[name].shape[1:])
