@@ -169,7 +169,7 @@ def served_recall(run_dir: Path, store_dir: Path, split: Path, users: int, seed:
 
 def main() -> None:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--sizes", default="10k,100k,1m", help="synthetic pools to time (\"\" for none)")
+    ap.add_argument("--sizes", default="10k,100k,1m", help='synthetic pools to time ("" for none)')
     ap.add_argument("--run", type=Path, default=None, help="a trained run (default: train a short one)")
     ap.add_argument("--split", type=Path, default=None, help="a split: its news are the pool, its users ask")
     ap.add_argument("--users", type=int, default=300)
