@@ -441,7 +441,7 @@ def test_match_table_is_the_same_in_training_and_serving(tiny_encoder, tmp_path)
     from rmbert.data.generators import GENERATORS
     from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer
     from rmbert.encoders.store import Encoding, cached_store
-    from rmbert.models.tables import match_ids, match_key, serving_tables
+    from rmbert.models.tables import ServingSource, match_ids, match_key, serving_tables
 
     GENERATORS["entity"](tmp_path / "ent", 60, 0)
     split = load_split(tmp_path / "ent" / "dev")
@@ -461,7 +461,9 @@ def test_match_table_is_the_same_in_training_and_serving(tiny_encoder, tmp_path)
         {"category": news.category[i], "subcategory": news.subcategory[i], "entities": news.entities(i)}
         for i in range(len(news))
     ]
-    assert np.array_equal(serving_tables(("match",), info, 5)["match"], m[rows])
+    arrays = store.arrays
+    src = ServingSource(list(news.ids), info, arrays["input_ids"][rows], arrays["attn"][rows])
+    assert np.array_equal(serving_tables(("match",), src, match_width=5)["match"], m[rows])
     assert len(set(m[rows, 0])) == len(set(news.category)) and (m[rows, :2] > 0).all()
     assert (m[rows, 2] > 0).mean() > 0.5  # most of these news name entities
     assert match_key("c", "news") == 13767213453789578 and match_key("c", "") == 0
@@ -473,7 +475,7 @@ def test_match_table_is_the_same_in_training_and_serving(tiny_encoder, tmp_path)
         match_key("e", "Q2"),
     ]
     with pytest.raises(ValueError, match="abstract"):
-        serving_tables(("abstract",), info, 5)
+        serving_tables(("abstract",), src)
 
 
 @pytest.mark.parametrize("model", ["deepfm", "dcn", "fim"])
