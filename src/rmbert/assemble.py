@@ -56,7 +56,7 @@ def for_model(cfg: RunConfig) -> RunConfig:
     for models with id side inputs, and (DKN, `dkn.pretrained`) the entity vectors."""
     if cfg.model not in MODELS:
         raise ValueError(f"unknown model {cfg.model!r}; choose one of {', '.join(MODELS)}")
-    if not VOCAB_TABLES & set(MODELS[cfg.model].side_inputs):
+    if not VOCAB_TABLES & set(MODELS[cfg.model].inputs_for(getattr(cfg, cfg.model))):
         return cfg
     out: dict = {"features.vocab": True}
     if cfg.model == "dkn":

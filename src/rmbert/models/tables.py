@@ -107,10 +107,10 @@ def serving_tables(
             for d in info
         ]
         out["match"] = np.stack(rows) if rows else np.zeros((0, match_width), np.int64)
-    values = {"news_id": src.ids, **{k: [d.get(k) or "" for d in info] for k in ("category", "subcategory")}}
     for name in VOCAB_NAMES:
-        if name in names:
-            out[name] = vocab_ids(vocab, name, values[name])
+        if name in names:  # values read only for the tables asked for (this runs for every news)
+            values = src.ids if name == "news_id" else [d.get(name) or "" for d in info]
+            out[name] = vocab_ids(vocab, name, values)
     if "title_ids" in names:
         out["title_ids"] = title_ids(np.asarray(src.input_ids), np.asarray(src.attn), title_len, sep_token_id)
     return out

@@ -113,7 +113,8 @@ def match_features(cand: np.ndarray, clicks: np.ndarray) -> np.ndarray:
         return np.zeros((G, 6), np.float32)
 
     def lookup(values: np.ndarray, queries: np.ndarray):
-        """Distinct nonzero `values` [M, ...] -> (index into them [G, ...], found [G, ...])."""
+        """Distinct `values` [M, ...], each query's position among them [G, ...], and whether
+        a query is found there (0, none, never is)."""
         keys = np.unique(values)
         pos = np.minimum(np.searchsorted(keys, queries), len(keys) - 1)
         return keys, pos, (keys[pos] == queries) & (queries != 0)
