@@ -223,11 +223,20 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         gathered_near = snap.retriever.nearest(clicks, hist_rows, snap.live).tolist()
         best_before = snap.best_prior.tolist()
         gathered = np.union1d(best, gathered_near)
-        match = snap.arrays["match"]  # the served run has rmbert.feature_match: 10 proxy features
-        assert len(cfg.weights) == 10
+        match = snap.arrays["match"]  # the served run has rmbert.feature_match: 6 proxy features
+        assert len(cfg.weights) == 14  # and rmbert.content_match: 4 more
         feats = cosine_features(
             retrieval_vectors(snap.arrays, gathered), clicks, cfg.recent, match[gathered], match[hist_rows]
         )
+        t = {k: torch.from_numpy(snap.arrays[k]) for k in ("title_ids", "entity_ids")}
+        content = ranker.form.content_proxy(
+            t["title_ids"][gathered],
+            t["entity_ids"][gathered],
+            t["title_ids"][hist_rows],
+            t["entity_ids"][hist_rows],
+        )
+        assert content[:, 0].max() > 0  # titles share words
+        feats = np.concatenate([feats, content.numpy()], 1)
         want = shortlist(gathered, prior[gathered], feats, cfg.weights, 40)
         got = snap.retrieve(hist_rows, 40)
         assert got.tolist() == want.tolist() and not set(got.tolist()) & set(hist_rows.tolist())
@@ -260,3 +269,28 @@ def test_the_proxys_match_features_equal_the_models(clicks):
     )[0]
     assert np.allclose(match_features(cm, hm), want.numpy())
     assert match_features(cm, hm[:0]).shape == (300, 6) and not match_features(cm, hm[:0]).any()
+
+
+@pytest.mark.parametrize("clicks", [0, 1, 7])
+def test_the_proxys_content_features_equal_the_models(clicks):
+    """`RMBERT.content_proxy` (one user, the bag of words over the clicks' words) gives the
+    model's eq. 8\'\'\'\'\' content features with every click unmasked."""
+    from rmbert.models.rmbert import RMBERTConfig
+
+    torch.manual_seed(clicks)
+    m = RMBERT(RMBERTConfig(dim=8, steps=1, content_match=True, vocab_size=40, num_entities=9, vector_dim=3))
+    titles = torch.randint(0, 40, (30, 6)).numpy()
+    titles[:, 4:] = 0
+    vectors = torch.randn(9, 3).numpy()
+    vectors[0] = 0
+    m.fit_training_news(type("Vocab", (), {"vectors": vectors}), {"title_ids": titles})
+    g = torch.Generator().manual_seed(clicks)
+    ct, ht = torch.randint(0, 40, (50, 6), generator=g), torch.randint(0, 40, (clicks, 8), generator=g)
+    ce, he = torch.randint(0, 9, (50, 4), generator=g), torch.randint(0, 9, (clicks, 4), generator=g)
+    user = type(
+        "User", (), {"words": ht[None], "ents": he[None], "mask": torch.ones(1, clicks, dtype=torch.bool)}
+    )
+    want = m.content_features(ct[None], ce[None], user)[0]
+    got = m.content_proxy(ct, ce, ht, he)
+    assert got.shape == (50, 4) and torch.allclose(got, want, atol=1e-6)
+    assert (clicks == 0) == (not got.any())

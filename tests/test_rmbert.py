@@ -412,3 +412,119 @@ def test_feature_match_adds_a_path_and_folds():
         fm(H, hmask, cand)
     with pytest.raises(ValueError, match="match"):
         f.score(H, hmask, cand, f.news_terms(cand))
+
+
+def test_content_match_is_the_idf_cosine_of_distinct_title_words_by_hand():
+    """Eq. 8''''': l_j = sum over shared distinct words of idf^2 / (|c| |h_j|); repeats count
+    once, 0 is padding, masked clicked news are left out of the max and the mean."""
+    idf = torch.tensor([0.0, 1.0, 2.0, 3.0, 1.0, 1.0], dtype=torch.float64)  # [V]; id 0 = padding
+    ct = torch.tensor([[[1, 2, 2, 0], [5, 0, 0, 0]]])  # [1, 2, 4]: words {1, 2} and {5}
+    ht = torch.tensor([[[2, 3, 0], [1, 2, 1], [5, 5, 0], [4, 0, 0]]])  # [1, 4, 3]
+    mask = torch.tensor([[True, True, False, True]])  # the third clicked news is padding
+    f = RMBERT.lexical_features(ct, ht, mask, idf)  # [1, 2, 2]
+    n_c = (1 + 4) ** 0.5  # |{1, 2}|: idf 1 and 2
+    cos = torch.tensor(
+        [
+            [4 / (n_c * (4 + 9) ** 0.5), (1 + 4) / (n_c * n_c), 0.0],  # vs {2, 3}, {1, 2}, {4}
+            [0.0, 0.0, 0.0],  # {5} matches only the masked {5}
+        ],
+        dtype=torch.float64,
+    )
+    want = torch.stack([cos.amax(-1), cos.sum(-1) / 3], -1)[None]
+    assert torch.allclose(f, want)
+    assert torch.allclose(f[0, 0, 0], torch.tensor(1.0, dtype=torch.float64))  # the same words: 1
+    assert torch.all(RMBERT.lexical_features(ct, ht, torch.zeros_like(mask), idf) == 0)
+
+
+def test_content_match_entity_relatedness_by_hand():
+    """Eq. 8''''': r_j = the largest cosine between an entity of each news, clipped at 0; 0
+    where either has no entity with a vector; masked clicked news left out."""
+    unit = torch.tensor([[0.0, 0.0], [1.0, 0.0], [0.6, 0.8], [-1.0, 0.0], [0.0, 0.0]], dtype=torch.float64)
+    ce = torch.tensor([[[1, 0], [3, 4], [0, 0]]])  # [1, 3, 2]; entity 4 has no vector
+    he = torch.tensor([[[2, 0], [3, 1], [1, 0]]])  # [1, 3, 2]
+    mask = torch.tensor([[True, True, False]])
+    f = RMBERT.entity_features(ce, he, mask, unit)
+    r = torch.tensor([[0.6, 1.0], [0.0, 1.0], [0.0, 0.0]], dtype=torch.float64)  # [C, M unmasked]
+    want = torch.stack([r.amax(-1), r.sum(-1) / 2], -1)[None]
+    assert torch.allclose(f, want)
+    assert torch.all(RMBERT.entity_features(ce, he, torch.zeros_like(mask), unit) == 0)
+
+
+def title_inputs(seed=18, V=9, E=3, N=6):
+    """Title token ids from a small vocabulary (0 = padding), so that words are shared, and
+    entity ids (0 = none) for [B, C] candidates and [B, M] clicked news."""
+    g = torch.Generator().manual_seed(seed)
+    ct, ht = torch.randint(0, V, (B, C, L), generator=g), torch.randint(0, V, (B, M, L + 2), generator=g)
+    return ct, ht, torch.randint(0, N, (B, C, E), generator=g), torch.randint(0, N, (B, M, E), generator=g)
+
+
+def test_content_match_adds_a_path_fits_its_buffers_and_folds():
+    """With W_1n zeroed the score is the model's without the switch; the IDF is fitted on the
+    training titles and the entity vectors come from the vocabulary, unit length; the folded
+    form (side tables in terms[name] and terms["history_" + name]) scores as the model,
+    deduplicated candidates too."""
+    from types import SimpleNamespace
+
+    H, hmask, cand = dbl(*inputs(19, empty_history_row=1))
+    ct, ht, ce, he = title_inputs()
+    base = model(seed=6, similarity=True, feature_match=True)
+    lm = model(
+        seed=6,
+        similarity=True,
+        feature_match=True,
+        content_match=True,
+        vocab_size=9,
+        num_entities=6,
+        vector_dim=4,
+    )
+    lm.load_state_dict(base.state_dict(), strict=False)
+    assert set(lm.state_dict()) - set(base.state_dict()) == {"W_1n.weight", "idf", "ent_unit"}
+    assert lm.side_inputs == ("match", "title_ids", "entity_ids") == RMBERT.inputs_for(lm.cfg)
+    titles = torch.tensor([[1, 2, 2, 0], [1, 3, 0, 0], [4, 0, 0, 0]]).numpy()  # 3 training news
+    vectors = torch.randn(6, 4, generator=torch.Generator().manual_seed(3))
+    vectors[0] = vectors[5] = 0  # padding, and an entity without a vector
+    lm.fit_training_news(SimpleNamespace(vectors=vectors.numpy()), {"title_ids": titles})
+    idf = torch.log(torch.tensor(4.0) / (1 + torch.tensor([0, 2, 1, 1, 1, 0, 0, 0, 0]))) + 1
+    assert torch.allclose(lm.idf.float(), idf)
+    assert torch.allclose(lm.ent_unit[1:5].norm(dim=-1), torch.ones(4, dtype=torch.float64))
+    assert torch.all(lm.ent_unit[[0, 5]] == 0)
+    cm, hm = match_inputs()
+    hist = NewsRepr(H, None, None, extra={"match": hm, "title_ids": ht, "entity_ids": he})
+    cand_l = dataclasses.replace(cand, extra={"match": cm, "title_ids": ct, "entity_ids": ce})
+    with torch.no_grad():
+        lm.W_1n.weight.zero_()
+    want0 = base(
+        NewsRepr(H, None, None, extra={"match": hm}), hmask, dataclasses.replace(cand, extra={"match": cm})
+    )
+    assert torch.allclose(lm(hist, hmask, cand_l), want0)
+    with torch.no_grad():
+        lm.W_1n.weight.normal_()
+    lm.eval()
+    state = lm.user_state(hist, hmask)
+    feats = lm.content_features(ct, ce, state)  # [B, C, 4]
+    assert torch.any(feats[..., 2:] > 0) and torch.any(feats[..., :2] > 0)  # both kinds fire
+    assert torch.allclose(feats[..., :2], RMBERT.lexical_features(ct, ht, hmask, lm.idf))
+    assert torch.allclose(feats[..., 2:], RMBERT.entity_features(ce, he, hmask, lm.ent_unit))
+    want = lm.reason(state, cand_l).logits
+    assert not torch.allclose(want, want0)
+    f = lm.fold()
+    assert f.side_tables == ("match", "title_ids", "entity_ids") and f.token_axes["title_ids"] == 1
+    side = {"match": cm, "title_ids": ct, "entity_ids": ce}
+    terms = {
+        **f.news_terms(cand),
+        **side,
+        "history_match": hm,
+        "history_title_ids": ht,
+        "history_entity_ids": he,
+    }
+    assert torch.allclose(f.score(H, hmask, cand, terms).logits, want, atol=1e-9)
+    idx = torch.arange(B * C).view(B, C)
+    flat = NewsRepr(cand.cls.flatten(0, 1), cand.tokens.flatten(0, 1), cand.mask.flatten(0, 1), idx)
+    flat.extra = {k: v.flatten(0, 1) for k, v in side.items()}
+    assert torch.allclose(lm.reason(lm.user_state(hist, hmask), flat).logits, want, atol=1e-10)
+    with pytest.raises(ValueError, match="content_match"):
+        lm(NewsRepr(H, None, None, extra={"match": hm, "title_ids": ht}), hmask, cand_l)
+    with pytest.raises(ValueError, match="entity ids"):
+        f.score(H, hmask, cand, {k: v for k, v in terms.items() if k != "history_entity_ids"})
+    with pytest.raises(ValueError, match="vocab_size"):
+        RMBERT(RMBERTConfig(dim=D, content_match=True))

@@ -61,6 +61,8 @@ def for_model(cfg: RunConfig) -> RunConfig:
     out: dict = {"features.vocab": True}
     if cfg.model == "dkn":
         out["features.entity_vectors"] = cfg.dkn.pretrained or cfg.features.entities
+    if cfg.model == "rmbert" and cfg.rmbert.content_match:
+        out["features.entity_vectors"] = True  # eq. 8''''': r_j reads the vectors
     return cfg.override(out)
 
 
@@ -84,7 +86,8 @@ def resolve(
         cfg = cfg.override({f"features.{k}": v for k, v in vocab.sizes().items()})
     if cfg.features.history_position:
         cfg = cfg.override({"features.max_history": cfg.train.max_history})
-    out = {"rmbert.dim": dim}
+    out = {"rmbert.dim": dim, "rmbert.vocab_size": vocab_size}
+    out |= {"rmbert.num_entities": cfg.features.num_entities, "rmbert.vector_dim": cfg.features.vector_dim}
     for m in ("nrms", "lstur", "npa"):
         out |= {f"{m}.dim": dim, f"{m}.word_encoder": words}
     out |= {"lstur.num_users": num_users, "npa.num_users": num_users}

@@ -201,6 +201,7 @@ PRESETS: dict[str, list[str]] = {
         "rmbert.similarity=false",
         "rmbert.similarity_heads=1",
         "rmbert.feature_match=false",
+        "rmbert.content_match=false",
         "features.init_std=0.1",
         "rmbert.query_attention=softmax",
         "train.loss=bce",

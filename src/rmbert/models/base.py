@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 from abc import ABC, ABCMeta, abstractmethod
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,9 @@ class InferenceForm(ABC):
     # True: `score` reads the clicked news' title tokens, terms["history_tokens"] [B, M, L, D] and
     # terms["history_mask"] [B, M, L]
     history_tokens: bool = False
+    # features the retrieval proxy adds, from the side tables of G news and of one user's M
+    # clicks: (title ids [G, L], entity ids [G, E], the clicks' [M, L], [M, E]) -> [G, 4]
+    content_proxy: Callable[..., torch.Tensor] | None = None
 
     def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
         return {}

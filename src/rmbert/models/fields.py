@@ -37,6 +37,7 @@ import numpy as np
 import torch
 from torch import nn
 
+from rmbert.models.tables import idf_weights
 from rmbert.types import NewsRepr
 
 FIELDS = (
@@ -105,13 +106,7 @@ class IDFields(nn.Module):
 
     def fit_idf(self, titles: np.ndarray) -> None:
         """IDF from the title token ids [N, L] (0 = padding) of the N training news."""
-        V = len(self.idf)
-        df = np.zeros(V, np.float64)
-        for row in titles:
-            t = np.unique(row[row > 0])
-            df[t[t < V]] += 1
-        idf = np.log((1.0 + len(titles)) / (1.0 + df)) + 1.0
-        self.idf.copy_(torch.from_numpy(idf.astype(np.float32)))
+        self.idf.copy_(torch.from_numpy(idf_weights(titles, len(self.idf))))
 
     def _ids(self, ids: torch.Tensor, n: int) -> torch.Tensor:
         """Ids past the table read 0; in training, ids are replaced by 0 at rate id_dropout."""

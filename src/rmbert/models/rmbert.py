@@ -43,6 +43,20 @@ side table, hashed so that news unseen in training match too), and the click lay
 share of clicked news that match and whether any does (0 for no history):
 
     o = ReLU(... + W_1f [mean_j e_kj ; max_j e_kj]_k + b_1)         (8'''')
+
+and option `content_match` (not in the paper) grades what the candidate's content shares with
+each clicked news, where exact ids see only equal or not:
+- words: with T_n the distinct WordPiece ids of a title (side table `title_ids`) and idf(t)
+  fitted on the training split's titles, l_j = sum_{t in T_n & T_j} idf(t)^2 / (|T_n|_idf
+  |T_j|_idf), the cosine of binary IDF-weighted bags of words (a frozen sentence vector blurs
+  which words two titles share; this counts them, rare words most);
+- entities: r_j = max over the two news' entities (side table `entity_ids`) of the cosine of
+  their pretrained vectors (MIND's `entity_embedding.vec`, as the feature vocabulary holds
+  them), clipped at 0, 0 where either news has none: related entities, not only the same one.
+The IDF and the unit entity vectors are buffers saved with the weights. The click layer reads
+the max and mean of each over clicked news (0 for no history):
+
+    o = ReLU(... + W_1n [max_j l_j ; mean_j l_j ; max_j r_j ; mean_j r_j] + b_1)   (8''''')
  `memory_logits_direct` computes (4)-(6) literally
 ([B, C, M, D] tensors); `memory_logits_fast` is the exact fast path: with v = w_b * k_i,
 W_I = [W_I1 W_I2], r = W_r m_{i-1} + b_r and G = W_H H + b_H (per user, computed once),
@@ -64,15 +78,30 @@ import torch
 from torch import nn
 
 from rmbert.models.base import NEG, Recommender, masked_logsumexp, masked_mean_weights, masked_softmax
+from rmbert.models.tables import idf_weights
 from rmbert.types import NewsRepr, Scores
 
 MATCH_KINDS = 3  # eq. 8'''': category, subcategory, a shared entity
+SWITCH_OF = {
+    "match": "rmbert.feature_match",
+    "title_ids": "rmbert.content_match",
+    "entity_ids": "rmbert.content_match",
+}
 
 
 def side_input(news: NewsRepr, name: str) -> torch.Tensor:
     if news.extra is None or name not in news.extra:
-        raise ValueError(f"rmbert.feature_match reads the side input {name!r}, which these news lack")
+        raise ValueError(f"{SWITCH_OF[name]} reads the side input {name!r}, which these news lack")
     return news.extra[name]
+
+
+def bag_norm(t: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
+    """Title token ids t [..., L] (0 = padding) -> the norm of the title's binary IDF-weighted bag
+    of words [...]: sqrt of the sum of idf(t)^2 over its distinct tokens."""
+    s = t.sort(-1).values
+    first = torch.ones_like(s, dtype=torch.bool)
+    first[..., 1:] = s[..., 1:] != s[..., :-1]
+    return (idf[s.clamp(0, len(idf) - 1)] * (first & (s > 0))).square().sum(-1).sqrt()
 
 
 @dataclass(frozen=True)
@@ -94,6 +123,11 @@ class RMBERTConfig:
     )
     similarity_heads: int = 1  # h learned metrics in eq. 8''' (each its own max and mean)
     feature_match: bool = False  # eq. 8'''': category, subcategory and entity overlap with clicked news
+    content_match: bool = False  # eq. 8''''': title-word overlap and entity relatedness with clicked news
+    # resolved from the encoder and the feature vocabulary (content_match's buffers)
+    vocab_size: int = 0  # V: the WordPiece vocabulary (the IDF table)
+    num_entities: int = 0  # the feature vocabulary's entities + 1
+    vector_dim: int = 0  # the entity vectors' width (0: no entity_embedding.vec, r_j = 0)
 
     def __post_init__(self) -> None:
         if self.query_attention not in ("softmax", "sigmoid"):
@@ -115,6 +149,8 @@ class UserState:
     GH: torch.Tensor  # [B, M, 2D] = [W_H H + b_H ; H]
     Hs: torch.Tensor | None = None  # [B, M, h, D] unit S h_j per metric head (similarity)
     match: torch.Tensor | None = None  # [B, M, F] clicked news' match ids (feature_match)
+    words: torch.Tensor | None = None  # [B, M, L] clicked news' title token ids (content_match)
+    ents: torch.Tensor | None = None  # [B, M, E] clicked news' entity ids (content_match)
 
 
 class RMBERT(Recommender):
@@ -149,9 +185,16 @@ class RMBERT(Recommender):
             self.S = nn.Linear(D, h * D, bias=False)  # (8''') h metrics, each from the identity
             self.S.weight.data.copy_(torch.eye(D).repeat(h, 1))
             self.W_1c = nn.Linear(2 * h, H1, bias=False)  # (8''')
+        self.side_inputs = self.inputs_for(cfg)
         if cfg.feature_match:
-            self.side_inputs = self.inputs_for(cfg)
             self.W_1f = nn.Linear(2 * MATCH_KINDS, H1, bias=False)  # (8'''')
+        if cfg.content_match:
+            if cfg.vocab_size < 1:
+                raise ValueError("rmbert.content_match needs rmbert.vocab_size (resolved from the encoder)")
+            self.register_buffer("idf", torch.ones(cfg.vocab_size))  # [V], fitted on the training news
+            n_ent, width = max(cfg.num_entities, 1), max(cfg.vector_dim, 1)
+            self.register_buffer("ent_unit", torch.zeros(n_ent, width))  # unit entity vectors, row 0 zero
+            self.W_1n = nn.Linear(4, H1, bias=False)  # (8''''')
         self.drop = nn.Dropout(cfg.dropout)
 
     def user_state(
@@ -161,11 +204,23 @@ class RMBERT(Recommender):
         G = self.W_H(H)  # [B, M, D]
         Hs = self.metric(H) if self.cfg.similarity else None
         match = side_input(hist, "match") if self.cfg.feature_match else None
-        return UserState(H=H, mask=hist_mask, GH=torch.cat([G, H], dim=-1), Hs=Hs, match=match)
+        words = side_input(hist, "title_ids") if self.cfg.content_match else None
+        ents = side_input(hist, "entity_ids") if self.cfg.content_match else None
+        GH = torch.cat([G, H], dim=-1)
+        return UserState(H=H, mask=hist_mask, GH=GH, Hs=Hs, match=match, words=words, ents=ents)
 
     @classmethod
     def inputs_for(cls, cfg: RMBERTConfig) -> tuple[str, ...]:
-        return ("match",) if cfg.feature_match else ()
+        return ("match",) * cfg.feature_match + ("title_ids", "entity_ids") * cfg.content_match
+
+    def fit_training_news(self, vocab, tables: dict) -> None:
+        """content_match: the IDF of the training titles and the vocabulary's unit entity vectors."""
+        if not self.cfg.content_match:
+            return
+        self.idf.copy_(torch.from_numpy(idf_weights(tables["title_ids"], len(self.idf))))
+        if vocab is not None and vocab.vectors is not None and self.cfg.vector_dim:
+            v = torch.from_numpy(vocab.vectors).to(self.ent_unit.dtype)
+            self.ent_unit.copy_(nn.functional.normalize(v, dim=-1))  # zero rows stay zero
 
     def metric(self, x: torch.Tensor) -> torch.Tensor:
         """News vectors [..., D] -> unit S x per metric head [..., h, D] (eq. 8''')."""
@@ -201,6 +256,91 @@ class RMBERT(Recommender):
         n = mask.sum(-1).clamp(min=1)[:, None, None]  # [B, 1, 1]
         share = hits.sum(2) / n
         return torch.cat([share, hits.any(2).to(share.dtype)], -1)
+
+    @staticmethod
+    @torch.no_grad()
+    def lexical_cosines(ct: torch.Tensor, ht: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
+        """Title token ids ct [B, C, L] and ht [B, M, L'] (0 = padding), idf [V] -> l [B, C, M],
+        the IDF-weighted cosine of the binary bags of the two titles' words (eq. 8'''''). Costs
+        O(B C M U), U the most distinct words of one row of ct: put the smaller side first."""
+        B, V = ct.shape[0], len(idf)
+        ct, ht = ct.clamp(0, V - 1), ht.clamp(0, V - 1)
+        # Row b's bag of words spans only the words of ct[b] (U_b of them): keys b V + t, sorted;
+        # row b's words are keys[start_b : start_b + U_b].
+        user = torch.arange(B, device=ct.device)[:, None, None] * V
+        keys, index = torch.unique(ct + user, return_inverse=True)  # [K], [B, C, L]
+        start = torch.searchsorted(keys, user.flatten())  # [B]
+        U = int((torch.searchsorted(keys, user.flatten() + V) - start).max())
+        at = torch.searchsorted(keys, ht + user).clamp(max=len(keys) - 1)  # [B, M, L']
+        found = (keys[at] == ht + user) & (ht > 0)  # a word of ht[b] among ct[b]'s
+        local_c = index - start[:, None, None]  # [B, C, L] in [0, U)
+        local_h = torch.where(found, at - start[:, None, None], U)  # U: a column for the rest
+        # binary bags (amax: a repeated word counts once), idf-weighted, padding 0
+        bc = idf.new_zeros(*ct.shape[:2], U + 1).scatter_reduce_(-1, local_c, idf[ct] * (ct > 0), "amax")
+        bh = idf.new_zeros(*ht.shape[:2], U + 1).scatter_reduce_(-1, local_h, idf[ht] * found, "amax")
+        dot = torch.einsum("bcu,bmu->bcm", bc[..., :U], bh[..., :U])  # sum of idf^2 over shared words
+        norm = bag_norm(ct, idf)[:, :, None] * bag_norm(ht, idf)[:, None, :]  # [B, C, M]
+        return dot / norm.clamp(min=1e-6)
+
+    @staticmethod
+    @torch.no_grad()
+    def entity_cosines(ce: torch.Tensor, he: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        """Entity ids ce [B, C, E] and he [B, M, E] (0 = none), unit entity vectors [N, V] (row 0
+        zero) -> r [B, C, M], the largest cosine between an entity of each news clipped at 0
+        (0 where either has none), eq. 8'''''."""
+        slot = torch.arange(1, ce.shape[-1] + 1, device=ce.device)
+        E = max([int(((t > 0) * slot).max()) for t in (ce, he) if t.numel()] + [1])  # the slots in use
+        uc, uh = unit[ce[..., :E]], unit[he[..., :E]]  # [B, C, E, V], [B, M, E, V]
+        cos = torch.einsum("bcev,bmfv->bcmef", uc, uh)  # [B, C, M, E, E]
+        return cos.flatten(-2).amax(-1).clamp(min=0)
+
+    @staticmethod
+    def max_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Non-negative x [B, C, M], mask [B, M] -> [max_j, mean_j] over unmasked j [B, C, 2]
+        (0 for none)."""
+        x = x * mask[:, None, :]
+        if x.shape[-1] == 0:
+            return x.new_zeros(*x.shape[:2], 2)
+        return torch.stack([x.amax(-1), x.sum(-1) / mask.sum(-1).clamp(min=1)[:, None]], -1)
+
+    @staticmethod
+    def lexical_features(
+        ct: torch.Tensor, ht: torch.Tensor, mask: torch.Tensor, idf: torch.Tensor
+    ) -> torch.Tensor:
+        """Candidates' title ids ct [B, C, L], clicked news' ht [B, M, L'], mask [B, M] ->
+        [max_j l_j, mean_j l_j] [B, C, 2] (`lexical_cosines`), eq. 8'''''."""
+        return RMBERT.max_mean(RMBERT.lexical_cosines(ct, ht, idf), mask)
+
+    @staticmethod
+    def entity_features(
+        ce: torch.Tensor, he: torch.Tensor, mask: torch.Tensor, unit: torch.Tensor
+    ) -> torch.Tensor:
+        """Candidates' entity ids ce [B, C, E], clicked news' he [B, M, E], mask [B, M] ->
+        [max_j r_j, mean_j r_j] [B, C, 2] (`entity_cosines`), eq. 8'''''."""
+        return RMBERT.max_mean(RMBERT.entity_cosines(ce, he, unit), mask)
+
+    def content_features(self, ct: torch.Tensor, ce: torch.Tensor, user) -> torch.Tensor:
+        """Candidates' title ids [B, C, L] and entity ids [B, C, E], a user state with `words`,
+        `ents` and `mask` -> the four features of eq. 8''''' [B, C, 4]."""
+        lex = self.lexical_features(ct, user.words, user.mask, self.idf)
+        ent = self.entity_features(ce, user.ents, user.mask, self.ent_unit)
+        return torch.cat([lex, ent.to(lex.dtype)], -1)
+
+    @torch.no_grad()
+    def content_proxy(
+        self, ct: torch.Tensor, ce: torch.Tensor, ht: torch.Tensor, he: torch.Tensor
+    ) -> torch.Tensor:
+        """The four features of eq. 8''''' [G, 4] for G candidates (title ids ct [G, L], entity ids
+        ce [G, E]) of one user with clicks ht [M, L'], he [M, E], all unmasked: what
+        `content_features` gives, with the bag of words over the clicks' words (G is large in
+        retrieval, M small)."""
+        if len(ht) == 0:
+            return self.idf.new_zeros(len(ct), 4)
+        lex = self.lexical_cosines(ht[None], ct[None], self.idf)[0].T  # [G, M]
+        ent = self.entity_cosines(ce[None], he[None], self.ent_unit)[0]  # [G, M]
+        return torch.stack(
+            [lex.amax(-1), lex.mean(-1), ent.amax(-1).to(lex.dtype), ent.mean(-1).to(lex.dtype)], -1
+        )
 
     # -- eq. 1-3: the query unit (the candidate alone) ------------------------------------------
     def query_step(
@@ -311,6 +451,9 @@ class RMBERT(Recommender):
         if self.cfg.feature_match:
             cm = per_pair(side_input(cand, "match"))  # [B, C, F]
             pre = pre + self.W_1f(self.match_features(cm, state.match, state.mask).to(pre.dtype))  # (8'''')
+        if self.cfg.content_match:
+            ct, ce = per_pair(side_input(cand, "title_ids")), per_pair(side_input(cand, "entity_ids"))
+            pre = pre + self.W_1n(self.content_features(ct, ce, state).to(pre.dtype))  # (8''''')
         logits = self.W_2(torch.relu(pre)).squeeze(-1)  # [B, C]
         if record:
             att = {"title": per_pair(torch.stack(title, -2)), "history": torch.stack(hist_w, 2)}

@@ -31,6 +31,8 @@ class FoldedUser:
     Y: torch.Tensor | None  # [B, p M, D]: P m_p + b_P = y0 + [b_0 .. b_(p-1)] @ Y (click_product)
     Hs: torch.Tensor | None = None  # [B, M, h, D]: unit S h_j per metric head (similarity)
     match: torch.Tensor | None = None  # [B, M, F]: clicked news' match ids (feature_match)
+    words: torch.Tensor | None = None  # [B, M, L]: clicked news' title token ids (content_match)
+    ents: torch.Tensor | None = None  # [B, M, E]: clicked news' entity ids (content_match)
 
 
 class FoldedRMBERT(InferenceForm):
@@ -64,6 +66,8 @@ class FoldedRMBERT(InferenceForm):
     #   click [..., H1]   W_1x x_n + b_1, the news part of eq. 8
     #   sim  [..., h, D]  unit S x_n per metric head (similarity, eq. 8''')
     #   match [..., F]    the news's match ids, a side table that serving builds (feature_match, eq. 8'''')
+    #   title_ids [..., L] the news's title token ids, and
+    #   entity_ids [..., E] its entity ids, likewise (content_match, eq. 8''''')
     token_axes = {"base": 1, "K": 2, "click": 0}
 
     def __init__(self, m: RMBERT) -> None:
@@ -124,9 +128,11 @@ class FoldedRMBERT(InferenceForm):
         if cfg.similarity:
             self.token_axes = {**FoldedRMBERT.token_axes, "sim": 0}
         self.W_1f = m.W_1f.weight if cfg.feature_match else None  # [H1, 2K]
-        if cfg.feature_match:
-            self.side_tables = ("match",)
-            self.token_axes = {**self.token_axes, "match": 0}
+        self.side_tables = m.inputs_for(cfg)
+        self.token_axes = {**self.token_axes, **{k: int(k == "title_ids") for k in self.side_tables}}
+        self.W_1n = m.W_1n.weight if cfg.content_match else None  # [H1, 4]
+        self.content_features = m.content_features  # reads m's IDF and entity-vector buffers
+        self.content_proxy = m.content_proxy if cfg.content_match else None  # for retrieval
 
     def metric(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> unit S x per metric head [..., h, D]."""
@@ -149,9 +155,15 @@ class FoldedRMBERT(InferenceForm):
 
     @torch.no_grad()
     def user_state(
-        self, H: torch.Tensor, mask: torch.Tensor, match: torch.Tensor | None = None
+        self,
+        H: torch.Tensor,
+        mask: torch.Tensor,
+        match: torch.Tensor | None = None,
+        words: torch.Tensor | None = None,
+        ents: torch.Tensor | None = None,
     ) -> FoldedUser:
-        """H [B, M, D] (clicked news vectors), their match ids [B, M, F] (feature_match) -> FoldedUser."""
+        """H [B, M, D] (clicked news vectors), their match ids [B, M, F] (feature_match), title
+        token ids [B, M, L] and entity ids [B, M, E] (content_match) -> FoldedUser."""
         B, M, D = H.shape
         p, H1 = self.p, self.kappa.shape[0]
         HU = H @ self.U  # [B, M, 2D + (p-1) D + p H1]
@@ -168,14 +180,18 @@ class FoldedRMBERT(InferenceForm):
         Hs = self.metric(H) if self.S is not None else None
         if self.W_1f is not None and match is None:
             raise ValueError("rmbert.feature_match needs the clicked news' match ids")
-        return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q, Y, Hs, match)
+        if self.W_1n is not None and (words is None or ents is None):
+            raise ValueError("rmbert.content_match needs the clicked news' title token ids and entity ids")
+        return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q, Y, Hs, match, words, ents)
 
     @torch.no_grad()
     def score(
         self, H: torch.Tensor, mask: torch.Tensor, cand: NewsRepr, terms: dict, record: bool = False
     ) -> Scores:
         """H [B, M, D], mask [B, M] -> Scores, as RMBERT.reason in eval mode."""
-        return self.score_user(self.user_state(H, mask, terms.get("history_match")), cand, terms, record)
+        side = [terms.get("history_" + k) for k in ("match", "title_ids", "entity_ids")]
+        user = self.user_state(H, mask, *side)
+        return self.score_user(user, cand, terms, record)
 
     @torch.no_grad()
     def score_user(self, user: FoldedUser, cand: NewsRepr, terms: dict, record: bool = False) -> Scores:
@@ -229,6 +245,9 @@ class FoldedRMBERT(InferenceForm):
         if self.W_1f is not None:
             f = RMBERT.match_features(terms["match"], user.match, user.mask).to(pre.dtype)
             pre = pre + f @ self.W_1f.T  # (8'''')
+        if self.W_1n is not None:
+            f = self.content_features(terms["title_ids"], terms["entity_ids"], user).to(pre.dtype)
+            pre = pre + f @ self.W_1n.T  # (8''''')
         logits = torch.relu(pre) @ self.W_2 + self.b_2
         if record:
             return Scores(logits, {"title": torch.stack(title_w, 2), "history": bw.view(B, C, p, M)})

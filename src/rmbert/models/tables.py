@@ -17,6 +17,8 @@ saved vocabulary and the tokenizer) whenever a run is pointed at another store.
                           `align_entities`)
     abstract      [R, A]  the abstract's WordPiece ids (A = abstract_len; 0 = padding); the store
                           keeps titles only, so abstracts are tokenized here with the run's tokenizer
+    entity_ids    [R, E]  FeatureVocab ids of up to E = F - 2 (features.max_entities) entities, title's
+                          first (0 = none or not in the vocabulary), as the feature ids hold them
     match         [R, F]  hashed category, subcategory and up to F - 2 distinct entities (title's
                           first, then the abstract's), 0 = none (`match_ids`): for exact equality
                           tests only, so news and entities never seen in training still match
@@ -34,8 +36,19 @@ import numpy as np
 from rmbert.data.mind import News
 from rmbert.models.features import FeatureVocab
 
-TABLES = ("news_id", "category", "subcategory", "title_ids", "title_entity", "abstract", "match")
-VOCAB_TABLES = frozenset({"news_id", "category", "subcategory", "title_entity"})  # need the vocabulary
+TABLES = (
+    "news_id",
+    "category",
+    "subcategory",
+    "title_ids",
+    "title_entity",
+    "abstract",
+    "match",
+    "entity_ids",
+)
+VOCAB_TABLES = frozenset(
+    {"news_id", "category", "subcategory", "title_entity", "entity_ids"}
+)  # need the vocabulary
 TEXT_TABLES = frozenset({"title_ids", "title_entity", "abstract"})  # need the tokenizer
 TITLE_TABLES = frozenset({"title_ids", "title_entity"})  # with a title-token axis L
 
@@ -58,8 +71,15 @@ def match_ids(category: str, subcategory: str, entities: list[str], width: int) 
     return out
 
 
-SERVABLE_TABLES = frozenset({"match", "news_id", "category", "subcategory", "title_ids"})
+SERVABLE_TABLES = frozenset({"match", "news_id", "category", "subcategory", "title_ids", "entity_ids"})
 VOCAB_NAMES = {"news_id": "news", "category": "categories", "subcategory": "subcategories"}
+
+
+def entity_ids(vocab: FeatureVocab | None, entities: list[list[str]], width: int) -> np.ndarray:
+    """The `entity_ids` rows [N, width] of news with these entities (FeatureVocab.ids' entity part)."""
+    if vocab is None:
+        raise ValueError("the side input 'entity_ids' needs the feature vocabulary")
+    return vocab.ids([""] * len(entities), [""] * len(entities), entities, width)[:, 2:]
 
 
 def vocab_ids(vocab: FeatureVocab | None, name: str, values: list[str]) -> np.ndarray:
@@ -113,7 +133,19 @@ def serving_tables(
             out[name] = vocab_ids(vocab, name, values)
     if "title_ids" in names:
         out["title_ids"] = title_ids(np.asarray(src.input_ids), np.asarray(src.attn), title_len, sep_token_id)
+    if "entity_ids" in names:
+        out["entity_ids"] = entity_ids(vocab, [list(d.get("entities") or []) for d in info], match_width - 2)
     return out
+
+
+def idf_weights(titles: np.ndarray, vocab_size: int) -> np.ndarray:
+    """idf(t) = ln((1 + N) / (1 + df(t))) + 1 [V] float32, from the title token ids [N, L]
+    (0 = padding) of N news; a WordPiece no title has gets the largest value."""
+    df = np.zeros(vocab_size, np.float64)
+    for row in titles:
+        t = np.unique(row[row > 0])
+        df[t[t < vocab_size]] += 1
+    return (np.log((1.0 + len(titles)) / (1.0 + df)) + 1.0).astype(np.float32)
 
 
 def title_ids(input_ids: np.ndarray, attn: np.ndarray, L: int, sep_token_id: int) -> np.ndarray:
@@ -237,6 +269,9 @@ def _fill(
         width = out["match"].shape[1]
         for i, row in zip(take, r):
             out["match"][row] = match_ids(news.category[i], news.subcategory[i], news.entities(int(i)), width)
+    if "entity_ids" in out:
+        width = out["entity_ids"].shape[1]
+        out["entity_ids"][r] = entity_ids(vocab, [news.entities(int(i)) for i in take], width)
     values = {"news_id": news.ids, "category": news.category, "subcategory": news.subcategory}
     for name in VOCAB_NAMES:
         if name in out:
@@ -266,7 +301,7 @@ def build_tables(
     """The tables `names` [R, ...] for the news of several splits (`rows_list[i]`: store rows of
     `news_list[i]`'s news, 0 = not in the store; a news in several splits is read from the first).
     `store_arrays` is the store's arrays (`input_ids`, `attn`), R = their length; `match_width`
-    is F of the `match` table."""
+    is F of the `match` table (and F - 2 the width of `entity_ids`)."""
     unknown = set(names) - set(TABLES)
     if unknown:
         raise ValueError(f"unknown side input(s) {sorted(unknown)}; known: {', '.join(TABLES)}")
@@ -294,6 +329,8 @@ def build_tables(
         out["abstract"] = np.zeros((R, abstract_len), np.int64)
     if "match" in names:
         out["match"] = np.zeros((R, match_width), np.int64)
+    if "entity_ids" in names:
+        out["entity_ids"] = np.zeros((R, match_width - 2), np.int64)
     filled = np.zeros(R, bool)
     filled[0] = True
     for news, rows in zip(news_list, rows_list):

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import dataclasses
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import numpy as np
@@ -54,6 +55,7 @@ class Snapshot:
     tensors: dict[str, torch.Tensor]  # the arrays, viewed (not copied) as tensors
     retriever: Retriever | None = None  # the ANN index over the rows (it may hold rows >= n)
     best_prior: np.ndarray | None = None  # live rows with the best candidate-only prior, best first
+    content: Callable | None = None  # the model's content features (arrays, rows, clicks) -> [G, 4]
 
     def retrieve(self, hist_rows: np.ndarray, k: int = 0) -> np.ndarray | None:
         """A user's candidates from the whole live pool, best proxy first (serve/retrieval.py):
@@ -74,6 +76,7 @@ class Snapshot:
             self.live,
             k,
             self.arrays.get("match"),
+            None if self.content is None else lambda rows, hist: self.content(self.arrays, rows, hist),
         )
 
 
@@ -89,8 +92,17 @@ class ServingIndex:
     -> {name: [n, ...]}` adds per-news arrays (a model's precomputed news terms) or replaces some (the news vectors a
     model reads: pooled, standardised, with features)."""
 
-    def __init__(self, store: NewsStore, prepare=None, retrieval: RetrievalConfig | None = None) -> None:
+    def __init__(
+        self,
+        store: NewsStore,
+        prepare=None,
+        retrieval: RetrievalConfig | None = None,
+        content: Callable | None = None,
+    ) -> None:
+        """`content(arrays, rows, clicks) -> [G, 4]`: a model's content features for the
+        retrieval proxy (`Ranker.content_proxy`), or None."""
         self.prepare = prepare or (lambda arrays, info, ids: {})
+        self.content = content
         self.lock = threading.Lock()  # serialises appends; reads never wait
         self.retrieval = retrieval if retrieval is not None and retrieval.top_n > 0 else None
         self.retriever: Retriever | None = None  # over every row, kept in step with the rows
@@ -117,7 +129,10 @@ class ServingIndex:
         vectors, prior = retrieval_vectors(snap.arrays, slice(0, snap.n)), snap.arrays["prior"][: snap.n]
         match = snap.arrays["match"][: snap.n] if "match" in snap.arrays else None
         live = np.flatnonzero(snap.live)
-        weights = calibrate(vectors, prior, live, score, recent=self.retrieval.recent, match=match)
+        content = None if self.content is None else lambda rows, hist: self.content(snap.arrays, rows, hist)
+        weights = calibrate(
+            vectors, prior, live, score, recent=self.retrieval.recent, match=match, content=content
+        )
         with self.lock:
             self.retrieval = dataclasses.replace(self.retrieval, weights=weights)
             self.retriever.cfg = self.retrieval
@@ -155,7 +170,9 @@ class ServingIndex:
             k = min(len(live), self.retriever.cfg.prior_pool + 512)  # room for a user's clicks
             top = np.argpartition(-prior, k - 1)[:k]
             best = live[top[np.argsort(-prior[top], kind="stable")]]
-        return Snapshot(self.rows.n, arrays, index, info, fresh, is_live, tensors, self.retriever, best)
+        return Snapshot(
+            self.rows.n, arrays, index, info, fresh, is_live, tensors, self.retriever, best, self.content
+        )
 
     def add(self, store: NewsStore, first_new: int) -> None:
         """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""

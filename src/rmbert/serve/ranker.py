@@ -171,6 +171,29 @@ class Ranker:
             job.cancelled = True  # the client went away: do not score it
             raise
 
+    def content_proxy(self):
+        """The inference form's content features for the retrieval proxy as `(arrays, rows,
+        clicks) -> [G, 4]` (serve/retrieval.py), or None for a model without them."""
+        fn = self.form.content_proxy
+        if fn is None:
+            return None
+        dev = self.device
+
+        @torch.inference_mode()
+        def content(arrays: dict, rows: np.ndarray, clicks: np.ndarray) -> np.ndarray:
+            def take(name: str, r: np.ndarray) -> torch.Tensor:
+                return torch.from_numpy(np.asarray(arrays[name][r])).to(dev)
+
+            got = fn(
+                take("title_ids", rows),
+                take("entity_ids", rows),
+                take("title_ids", clicks),
+                take("entity_ids", clicks),
+            )
+            return got.float().cpu().numpy()
+
+        return content
+
     def score_rows(
         self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, chunk: int = 2000
     ) -> np.ndarray:

@@ -21,8 +21,9 @@ enters the serving index. Retrieval runs in two steps:
    with c_j = cos(x, h_j) over the user's clicks (exact cosines) and j' over the `recent` most
    recent ones (models with recency embeddings weigh them more). A model with
    `rmbert.feature_match` adds the six features its click layer reads (eq. 8''''): the shares
-   and indicators of clicks sharing the news's category, subcategory or an entity. The best
-   `top_n` go to the re-ranker.
+   and indicators of clicks sharing the news's category, subcategory or an entity; one with
+   `rmbert.content_match` the four of eq. 8''''' (the max and mean title-word and entity
+   cosines to the clicks, `RMBERT.content_proxy`). The best `top_n` go to the re-ranker.
 
 The weights are calibrated when the service loads (`calibrate`): pseudo-users made of random
 live news are scored exhaustively by the model, and w is the least-squares fit of
@@ -60,7 +61,7 @@ class RetrievalConfig:
     per_query: int = 100  # nearest news gathered per query
     prior_pool: int = 300  # news with the best candidate-only prior gathered for every user
     recent: int = 5  # the most recent clicks of the proxy's last two features
-    weights: tuple[float, ...] = (1.0, 1.0, 0.0, 0.0)  # w of the proxy (set by `calibrate`; 4 or 10 weights)
+    weights: tuple[float, ...] = (1.0, 1.0, 0.0, 0.0)  # w of the proxy (set by `calibrate`; 4 to 14 weights)
     max_history: int = 50  # the most recent clicks the cosines are taken over (the run's M)
     exact_below: int = 50_000  # smaller pools are searched exhaustively
     nprobe: int = 8  # inverted lists visited per query (larger pools)
@@ -138,6 +139,27 @@ def match_features(cand: np.ndarray, clicks: np.ndarray) -> np.ndarray:
     return np.concatenate([n / M, n > 0], 1).astype(np.float32)
 
 
+# A model's content features for the proxy (eq. 8'''''): (gathered rows [G], click rows [M]) -> [G, 4]
+Content = Callable[[np.ndarray, np.ndarray], np.ndarray] | None
+
+
+def proxy_features(
+    vectors: np.ndarray,
+    cand: np.ndarray,
+    hist: np.ndarray,
+    recent: int,
+    match: np.ndarray | None = None,
+    content: Content = None,
+) -> np.ndarray:
+    """The proxy's features [G, 4 (+ 6) (+ 4)] of rows cand [G] for a user with clicks hist [M]
+    (oldest first): `cosine_features` of the retrieval `vectors` [n, D] by row, the match
+    features where `match` [n, F] is given, then the content features where `content` is."""
+    f = cosine_features(vectors[cand], vectors[hist], recent, *_match_of(match, cand, hist))
+    if content is None:
+        return f
+    return np.concatenate([f, content(cand, hist).astype(f.dtype)], 1)
+
+
 def shortlist(rows: np.ndarray, prior: np.ndarray, features: np.ndarray, weights, k: int) -> np.ndarray:
     """The k rows [G] of the best proxy prior + features @ w ([G, F] `cosine_features`; a w
     shorter than F weighs the rest 0), best first (ties: the rows' order)."""
@@ -158,13 +180,15 @@ def calibrate(
     seed: int = 0,
     recent: int = 5,
     match: np.ndarray | None = None,
+    content: Content = None,
 ) -> tuple[float, ...]:
     """w: least squares of score - prior on the cosine features (and a constant) over pseudo-users
     (5-50 random live news as clicks; random candidates and the clicks' nearest neighbours, so
     that close news are represented; clicks drawn around a few news, as interests, fitted no
     better on planted data). `vectors` [n, D] and `prior` [n] by row; `score(hist_rows,
     cand_rows)` is the model's exhaustive score; `match` [n, F]: the match ids by row (a model
-    with `rmbert.feature_match`: the proxy then has 10 features)."""
+    with `rmbert.feature_match`: the proxy then has 10 features); `content`: a model's content
+    features (`rmbert.content_match`: 4 more)."""
     rng = np.random.default_rng(seed)
     X, y = [], []
     for _ in range(users):
@@ -174,7 +198,7 @@ def calibrate(
         rest = np.setdiff1d(live_rows, hist)
         near = rest[np.argsort(-(vectors[rest] @ vectors[hist].T).max(1))[: cands // 4]]
         cand = np.unique(np.concatenate([near, rng.choice(rest, min(len(rest), cands), replace=False)]))
-        f = cosine_features(vectors[cand], vectors[hist], recent, *_match_of(match, cand, hist))
+        f = proxy_features(vectors, cand, hist, recent, match, content)
         X.append(np.concatenate([f, np.ones((len(f), 1), f.dtype)], 1))
         y.append(score(hist, cand) - prior[cand])
     if not X:
@@ -275,12 +299,14 @@ def retrieve(
     live: np.ndarray,
     k: int = 0,
     match: np.ndarray | None = None,
+    content: Content = None,
 ) -> np.ndarray:
     """Both steps for one user: rows [<= k], best proxy first, the clicks left out.
 
     vectors(rows) -> the retrieval vectors [len(rows), D] of rows; prior [n] by row (None: 0);
     best_prior: live rows by descending prior (None: none); hist_rows [M] the clicks, oldest
-    first; live [n] bool (see `Retriever.nearest`); match [n, F]: match ids by row, or None."""
+    first; live [n] bool (see `Retriever.nearest`); match [n, F]: match ids by row, or None;
+    content: the model's content features (see `proxy_features`), or None."""
     cfg = retriever.cfg
     clicks = vectors(hist_rows)  # [M, D]
     near = retriever.nearest(clicks, hist_rows, live)
@@ -290,4 +316,6 @@ def retrieve(
     hist = hist_rows[-cfg.max_history :]
     match_of = _match_of(match, gathered, hist)
     features = cosine_features(vectors(gathered), clicks[-cfg.max_history :], cfg.recent, *match_of)
+    if content is not None:
+        features = np.concatenate([features, content(gathered, hist).astype(features.dtype)], 1)
     return shortlist(gathered, p, features, cfg.weights, k or cfg.top_n)
