@@ -528,3 +528,41 @@ def test_content_match_adds_a_path_fits_its_buffers_and_folds():
         f.score(H, hmask, cand, {k: v for k, v in terms.items() if k != "history_entity_ids"})
     with pytest.raises(ValueError, match="vocab_size"):
         RMBERT(RMBERTConfig(dim=D, content_match=True))
+
+
+def test_wide_adds_the_side_features_linearly_to_the_logit_and_folds():
+    """Eq. 8w: w_w starts at zero (the model without the switch); the logit then moves by
+    w_w . [similarity ; match ; content features]; the folded form scores as the model."""
+    H, hmask, cand = dbl(*inputs(21, empty_history_row=2))
+    ct, ht, ce, he = title_inputs(22)
+    cm, hm = match_inputs(23)
+    kw = dict(similarity=True, similarity_heads=2, feature_match=True, content_match=True)
+    kw |= dict(vocab_size=9, num_entities=6, vector_dim=4)
+    base, wide = model(seed=7, **kw), model(seed=7, wide=True, **kw)
+    wide.ent_unit.copy_(torch.nn.functional.normalize(torch.randn(6, 4, dtype=torch.float64), dim=-1))
+    base.load_state_dict(wide.state_dict(), strict=False)
+    assert set(wide.state_dict()) - set(base.state_dict()) == {"w_w.weight"}
+    assert wide.w_w.weight.shape == (1, 4 + 6 + 4) and torch.all(wide.w_w.weight == 0)
+    hist = NewsRepr(H, None, None, extra={"match": hm, "title_ids": ht, "entity_ids": he})
+    cand_s = dataclasses.replace(cand, extra={"match": cm, "title_ids": ct, "entity_ids": ce})
+    wide.eval(), base.eval()
+    assert torch.allclose(wide(hist, hmask, cand_s), base(hist, hmask, cand_s))
+    with torch.no_grad():
+        wide.w_w.weight.normal_()
+    state = wide.user_state(hist, hmask)
+    f = torch.cat(
+        [
+            wide.similarity_features(wide.metric(cand.cls), state.Hs, hmask),
+            wide.match_features(cm, hm, hmask),
+            wide.content_features(ct, ce, state),
+        ],
+        -1,
+    )
+    want = base(hist, hmask, cand_s) + f @ wide.w_w.weight[0]
+    assert torch.allclose(wide(hist, hmask, cand_s), want)
+    fold = wide.fold()
+    terms = {**fold.news_terms(cand), "match": cm, "title_ids": ct, "entity_ids": ce}
+    terms |= {"history_match": hm, "history_title_ids": ht, "history_entity_ids": he}
+    assert torch.allclose(fold.score(H, hmask, cand, terms).logits, want, atol=1e-9)
+    with pytest.raises(ValueError, match="wide needs"):
+        RMBERT(RMBERTConfig(dim=D, wide=True))

@@ -57,6 +57,12 @@ The IDF and the unit entity vectors are buffers saved with the weights. The clic
 the max and mean of each over clicked news (0 for no history):
 
     o = ReLU(... + W_1n [max_j l_j ; mean_j l_j ; max_j r_j ; mean_j r_j] + b_1)   (8''''')
+
+and option `wide` (not in the paper) also hands these side features f (those of eq. 8''',
+8'''' and 8''''' that are on) straight to the logit, as Wide & Deep does, so that a linear use
+of them needs no hidden unit (w_w starts at zero: the model without it):
+
+    logit = W_2 o + b_2 + w_w . f                                    (8w)
  `memory_logits_direct` computes (4)-(6) literally
 ([B, C, M, D] tensors); `memory_logits_fast` is the exact fast path: with v = w_b * k_i,
 W_I = [W_I1 W_I2], r = W_r m_{i-1} + b_r and G = W_H H + b_H (per user, computed once),
@@ -124,6 +130,7 @@ class RMBERTConfig:
     similarity_heads: int = 1  # h learned metrics in eq. 8''' (each its own max and mean)
     feature_match: bool = False  # eq. 8'''': category, subcategory and entity overlap with clicked news
     content_match: bool = False  # eq. 8''''': title-word overlap and entity relatedness with clicked news
+    wide: bool = False  # eq. 8w: the side features of eq. 8'''-8''''' linearly to the logit too
     # resolved from the encoder and the feature vocabulary (content_match's buffers)
     vocab_size: int = 0  # V: the WordPiece vocabulary (the IDF table)
     num_entities: int = 0  # the feature vocabulary's entities + 1
@@ -195,6 +202,16 @@ class RMBERT(Recommender):
             n_ent, width = max(cfg.num_entities, 1), max(cfg.vector_dim, 1)
             self.register_buffer("ent_unit", torch.zeros(n_ent, width))  # unit entity vectors, row 0 zero
             self.W_1n = nn.Linear(4, H1, bias=False)  # (8''''')
+        if cfg.wide:
+            n = (
+                2 * cfg.similarity_heads * cfg.similarity
+                + 2 * MATCH_KINDS * cfg.feature_match
+                + 4 * cfg.content_match
+            )
+            if n == 0:
+                raise ValueError("rmbert.wide needs similarity, feature_match or content_match")
+            self.w_w = nn.Linear(n, 1, bias=False)  # (8w)
+            nn.init.zeros_(self.w_w.weight)
         self.drop = nn.Dropout(cfg.dropout)
 
     def user_state(
@@ -446,15 +463,21 @@ class RMBERT(Recommender):
             pre = pre + self.W_1p(x * self.P(m))  # (8')
         if self.cfg.match_strength:
             pre = pre + self.W_1s(torch.stack(strength, -1))  # (8'') [B, C, p] -> [B, C, H1]
+        side = []  # the side features, for eq. 8w
         if self.cfg.similarity:
-            pre = pre + self.W_1c(self.similarity_features(per_pair(xs), state.Hs, state.mask))  # (8''')
+            side.append(self.similarity_features(per_pair(xs), state.Hs, state.mask))
+            pre = pre + self.W_1c(side[-1])  # (8''')
         if self.cfg.feature_match:
             cm = per_pair(side_input(cand, "match"))  # [B, C, F]
-            pre = pre + self.W_1f(self.match_features(cm, state.match, state.mask).to(pre.dtype))  # (8'''')
+            side.append(self.match_features(cm, state.match, state.mask).to(pre.dtype))
+            pre = pre + self.W_1f(side[-1])  # (8'''')
         if self.cfg.content_match:
             ct, ce = per_pair(side_input(cand, "title_ids")), per_pair(side_input(cand, "entity_ids"))
-            pre = pre + self.W_1n(self.content_features(ct, ce, state).to(pre.dtype))  # (8''''')
+            side.append(self.content_features(ct, ce, state).to(pre.dtype))
+            pre = pre + self.W_1n(side[-1])  # (8''''')
         logits = self.W_2(torch.relu(pre)).squeeze(-1)  # [B, C]
+        if self.cfg.wide:
+            logits = logits + self.w_w(torch.cat(side, -1)).squeeze(-1)  # (8w)
         if record:
             att = {"title": per_pair(torch.stack(title, -2)), "history": torch.stack(hist_w, 2)}
             return Scores(logits, att)

@@ -133,6 +133,7 @@ class FoldedRMBERT(InferenceForm):
         self.W_1n = m.W_1n.weight if cfg.content_match else None  # [H1, 4]
         self.content_features = m.content_features  # reads m's IDF and entity-vector buffers
         self.content_proxy = m.content_proxy if cfg.content_match else None  # for retrieval
+        self.w_w = m.w_w.weight[0] if cfg.wide else None  # [2h + 6 + 4], eq. 8w
 
     def metric(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> unit S x per metric head [..., h, D]."""
@@ -240,15 +241,19 @@ class FoldedRMBERT(InferenceForm):
             pre = pre + (cand.cls * (self.y0 + bw @ user.Y)) @ self.W_1p.T  # (8')
         if self.W_1s is not None:
             pre = pre + torch.stack(strength, -1) @ self.W_1s.T  # (8'')
+        side = []  # the side features, for eq. 8w
         if self.W_1c is not None:
-            pre = pre + RMBERT.similarity_features(terms["sim"], user.Hs, user.mask) @ self.W_1c.T  # (8''')
+            side.append(RMBERT.similarity_features(terms["sim"], user.Hs, user.mask))
+            pre = pre + side[-1] @ self.W_1c.T  # (8''')
         if self.W_1f is not None:
-            f = RMBERT.match_features(terms["match"], user.match, user.mask).to(pre.dtype)
-            pre = pre + f @ self.W_1f.T  # (8'''')
+            side.append(RMBERT.match_features(terms["match"], user.match, user.mask).to(pre.dtype))
+            pre = pre + side[-1] @ self.W_1f.T  # (8'''')
         if self.W_1n is not None:
-            f = self.content_features(terms["title_ids"], terms["entity_ids"], user).to(pre.dtype)
-            pre = pre + f @ self.W_1n.T  # (8''''')
+            side.append(self.content_features(terms["title_ids"], terms["entity_ids"], user).to(pre.dtype))
+            pre = pre + side[-1] @ self.W_1n.T  # (8''''')
         logits = torch.relu(pre) @ self.W_2 + self.b_2
+        if self.w_w is not None:
+            logits = logits + torch.cat(side, -1) @ self.w_w  # (8w)
         if record:
             return Scores(logits, {"title": torch.stack(title_w, 2), "history": bw.view(B, C, p, M)})
         return Scores(logits)
