@@ -514,3 +514,46 @@ def test_served_baselines_score_as_they_evaluate_an_unknown_user(model, story, t
             assert np.allclose([got[k] for k in cands], want, rtol=0, atol=1e-5)
         r = c.post("/rank", json={"history": hist, "candidates": None, "top_k": 5})
         assert r.status_code == 200 and len(r.json()["ranked"]) == 5
+
+
+def test_content_match_tables_are_the_same_in_training_and_serving(tiny_encoder, tmp_path):
+    """content_match's side tables, `title_ids` and `entity_ids` (the feature vocabulary's entity
+    ids, as the feature ids hold them), built alike from a split and from what serving keeps;
+    entities outside the vocabulary are 0."""
+    from rmbert.assemble import feature_ids, for_model
+    from rmbert.data.generators import GENERATORS
+    from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer
+    from rmbert.encoders.store import Encoding, cached_store
+    from rmbert.models.features import FeatureVocab
+    from rmbert.models.tables import ServingSource, serving_tables
+
+    GENERATORS["entity"](tmp_path / "ent", 60, 0)
+    train, dev = load_split(tmp_path / "ent" / "train"), load_split(tmp_path / "ent" / "dev")
+    tok = load_tokenizer(str(tiny_encoder))
+    enc = Encoding.of(BertNewsEncoder.from_pretrained(str(tiny_encoder), 12), tok)
+    store = cached_store(dev.news.ids, dev.news.title, enc, progress=False)
+    cfg = apply_overrides(preset("paper"), [f"encoder.name={tiny_encoder}", "rmbert.content_match=true"])
+    cfg = for_model(cfg)
+    assert cfg.features.vocab and cfg.features.entity_vectors  # switched on for the entity vectors
+    vocab = FeatureVocab.fit(train.news, cfg.features, tmp_path / "ent" / "train" / "entity_embedding.vec")
+    tables = feature_ids(cfg, vocab, store, [dev], tok)
+    E = cfg.features.max_entities
+    rows = store.rows(dev.news.ids)
+    want = vocab.news_ids(dev.news, E)[:, 2:]
+    assert tables["entity_ids"].shape == (len(store) + 1, E) and np.array_equal(
+        tables["entity_ids"][rows], want
+    )
+    assert (want[:, 0] > 0).mean() > 0.5 and (tables["entity_ids"][0] == 0).all()
+    news = dev.news
+    info = [{"entities": news.entities(i)} for i in range(len(news))]
+    src = ServingSource(list(news.ids), info, store.arrays["input_ids"][rows], store.arrays["attn"][rows])
+    got = serving_tables(
+        ("title_ids", "entity_ids"),
+        src,
+        vocab=vocab,
+        match_width=2 + E,
+        title_len=cfg.encoder.max_title_len,
+        sep_token_id=tok.sep_token_id,
+    )
+    assert np.array_equal(got["entity_ids"], want)
+    assert np.array_equal(got["title_ids"], tables["title_ids"][rows]) and (got["title_ids"][:, 0] > 0).all()
