@@ -143,21 +143,12 @@ def match_features(cand: np.ndarray, clicks: np.ndarray) -> np.ndarray:
 Content = Callable[[np.ndarray, np.ndarray], np.ndarray] | None
 
 
-def proxy_features(
-    vectors: np.ndarray,
-    cand: np.ndarray,
-    hist: np.ndarray,
-    recent: int,
-    match: np.ndarray | None = None,
-    content: Content = None,
-) -> np.ndarray:
-    """The proxy's features [G, 4 (+ 6) (+ 4)] of rows cand [G] for a user with clicks hist [M]
-    (oldest first): `cosine_features` of the retrieval `vectors` [n, D] by row, the match
-    features where `match` [n, F] is given, then the content features where `content` is."""
-    f = cosine_features(vectors[cand], vectors[hist], recent, *_match_of(match, cand, hist))
+def with_content(features: np.ndarray, content: Content, cand: np.ndarray, hist: np.ndarray) -> np.ndarray:
+    """The proxy's features [G, F] of rows cand [G] for clicks hist [M], followed by the model's
+    content features [G, 4] where it has them (`content` not None)."""
     if content is None:
-        return f
-    return np.concatenate([f, content(cand, hist).astype(f.dtype)], 1)
+        return features
+    return np.concatenate([features, content(cand, hist).astype(features.dtype)], 1)
 
 
 def shortlist(rows: np.ndarray, prior: np.ndarray, features: np.ndarray, weights, k: int) -> np.ndarray:
@@ -198,7 +189,8 @@ def calibrate(
         rest = np.setdiff1d(live_rows, hist)
         near = rest[np.argsort(-(vectors[rest] @ vectors[hist].T).max(1))[: cands // 4]]
         cand = np.unique(np.concatenate([near, rng.choice(rest, min(len(rest), cands), replace=False)]))
-        f = proxy_features(vectors, cand, hist, recent, match, content)
+        f = cosine_features(vectors[cand], vectors[hist], recent, *_match_of(match, cand, hist))
+        f = with_content(f, content, cand, hist)
         X.append(np.concatenate([f, np.ones((len(f), 1), f.dtype)], 1))
         y.append(score(hist, cand) - prior[cand])
     if not X:
@@ -306,7 +298,7 @@ def retrieve(
     vectors(rows) -> the retrieval vectors [len(rows), D] of rows; prior [n] by row (None: 0);
     best_prior: live rows by descending prior (None: none); hist_rows [M] the clicks, oldest
     first; live [n] bool (see `Retriever.nearest`); match [n, F]: match ids by row, or None;
-    content: the model's content features (see `proxy_features`), or None."""
+    content: the model's content features (see `with_content`), or None."""
     cfg = retriever.cfg
     clicks = vectors(hist_rows)  # [M, D]
     near = retriever.nearest(clicks, hist_rows, live)
@@ -316,6 +308,5 @@ def retrieve(
     hist = hist_rows[-cfg.max_history :]
     match_of = _match_of(match, gathered, hist)
     features = cosine_features(vectors(gathered), clicks[-cfg.max_history :], cfg.recent, *match_of)
-    if content is not None:
-        features = np.concatenate([features, content(gathered, hist).astype(features.dtype)], 1)
+    features = with_content(features, content, gathered, hist)
     return shortlist(gathered, p, features, cfg.weights, k or cfg.top_n)
