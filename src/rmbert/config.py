@@ -123,7 +123,11 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     rmbert: RMBERTConfig = field(
         default_factory=lambda: RMBERTConfig(
-            click_product=True, similarity=True, similarity_heads=4, feature_match=True
+            click_product=True,
+            similarity=True,
+            similarity_heads=4,
+            feature_match=True,
+            content_match=True,
         )
     )
     nrms: NRMSConfig = field(default_factory=NRMSConfig)

@@ -312,6 +312,44 @@ class RMBERT(Recommender):
         return cos.flatten(-2).amax(-1).clamp(min=0)
 
     @staticmethod
+    @torch.no_grad()
+    def lexical_pair_cosines(ct: torch.Tensor, ht: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
+        """`lexical_cosines` for one user, ct [G, L], ht [M, L'] -> l [G, M]: both sides' bags
+        over the U distinct words of the clicks, one [G, U] x [U, M] product (words the clicks
+        lack add nothing to the dot, only to the candidate's norm)."""
+
+        def distinct(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+            s = t.clamp(0, len(idf) - 1).sort(-1).values
+            first = torch.ones_like(s, dtype=torch.bool)
+            first[..., 1:] = s[..., 1:] != s[..., :-1]
+            return s, idf[s] * (first & (s > 0))  # sorted ids, the idf of each first occurrence
+
+        (sc, wc), (sh, wh) = distinct(ct), distinct(ht)  # [G, L], [M, L']
+        words = torch.unique(sh[wh > 0])  # [U]
+        U = len(words)
+        column = torch.full((len(idf),), U, dtype=torch.long, device=ct.device)
+        column[words] = torch.arange(U, device=ct.device)  # a word's column, U for the rest
+        bc = wc.new_zeros(len(ct), U + 1).scatter_add_(1, column[sc], wc)  # [G, U + 1]
+        bh = wh.new_zeros(len(ht), U + 1).scatter_add_(1, column[sh], wh)  # [M, U + 1]
+        dot = bc[:, :U] @ bh[:, :U].T  # [G, M]
+        norm = wc.square().sum(-1).sqrt()[:, None] * wh.square().sum(-1).sqrt()[None]
+        return dot / norm.clamp(min=1e-6)
+
+    @staticmethod
+    @torch.no_grad()
+    def entity_pair_cosines(ce: torch.Tensor, he: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+        """`entity_cosines` for one user, ce [G, E], he [M, E] -> r [G, M], over distinct
+        entities: one [U_c, U_h] product of the entities each side names instead of G M E E dot
+        products (retrieval gathers thousands of news that share few entities)."""
+        slot = torch.arange(1, ce.shape[-1] + 1, device=ce.device)
+        E = max([int(((t > 0) * slot).max()) for t in (ce, he) if t.numel()] + [1])  # slots in use
+        uc, ic = torch.unique(ce[:, :E], return_inverse=True)  # [U_c], [G, E]
+        uh, ih = torch.unique(he[:, :E], return_inverse=True)  # [U_h], [M, E]
+        cos = unit[uc] @ unit[uh].T  # [U_c, U_h]; entity 0 is the zero row
+        per_click = cos[:, ih].amax(-1)  # [U_c, M]: each distinct entity against each click
+        return per_click[ic].amax(1).clamp(min=0)  # [G, E, M] -> [G, M]
+
+    @staticmethod
     def max_mean(x: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
         """Non-negative x [B, C, M], mask [B, M] -> [max_j, mean_j] over unmasked j [B, C, 2]
         (0 for none)."""
@@ -353,8 +391,8 @@ class RMBERT(Recommender):
         retrieval, M small)."""
         if len(ht) == 0:
             return self.idf.new_zeros(len(ct), 4)
-        lex = self.lexical_cosines(ht[None], ct[None], self.idf)[0].T  # [G, M]
-        ent = self.entity_cosines(ce[None], he[None], self.ent_unit)[0]  # [G, M]
+        lex = self.lexical_pair_cosines(ct, ht, self.idf)  # [G, M]
+        ent = self.entity_pair_cosines(ce, he, self.ent_unit)  # [G, M]
         return torch.stack(
             [lex.amax(-1), lex.mean(-1), ent.amax(-1).to(lex.dtype), ent.mean(-1).to(lex.dtype)], -1
         )
