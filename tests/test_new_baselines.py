@@ -211,21 +211,23 @@ def test_mind_parses_surface_forms_and_offsets(tmp_path):
     assert t.mentions(2) == [("Q3", (("Q3 label", -1),))]
 
 
-def test_servable_flags_and_clear_refusal():
+def test_every_model_is_servable_and_word_inputs_need_the_embedding():
     from rmbert.models.nrms import NRMS, NRMSConfig
 
     assert NRMS(NRMSConfig(dim=E, heads=2, head_dim=4, query_dim=8)).servable
+    embed = torch.nn.Embedding(V, E, padding_idx=0)
     for m in models():
-        if m.name in ("deepfm", "dcn"):  # their side tables come from ids, metadata and token ids
-            form = m.inference_form()
-            assert m.servable and form.side_tables == m.side_inputs and form.token_axes["title_ids"] == 1
-            continue
-        if m.name == "fim":  # the clicked news' title tokens: the serving index has them
-            assert m.servable and m.inference_form().history_tokens
-            continue
-        assert not m.servable  # abstracts or entity mentions: not kept by serving
-        with pytest.raises(ValueError, match="cannot be served"):
-            m.inference_form()
+        assert m.servable
+        if m.word_inputs:  # NAML's abstract: token ids, embedded as the news side embeds them
+            with pytest.raises(ValueError, match="embed_words"):
+                m.inference_form()
+        form = m.inference_form(embed_words=embed)
+        assert form.side_tables == m.side_inputs and form.history_tokens == m.needs_history_tokens
+        assert all(form.token_axes[k] == int(k in ("title_ids", "title_entity")) for k in m.side_inputs)
+    m = models()[0]
+    m.servable = False
+    with pytest.raises(ValueError, match="cannot be served"):
+        m.inference_form()
 
 
 def test_cli_reproduce_and_config_know_the_models():
@@ -557,3 +559,64 @@ def test_content_match_tables_are_the_same_in_training_and_serving(tiny_encoder,
     )
     assert np.array_equal(got["entity_ids"], want)
     assert np.array_equal(got["title_ids"], tables["title_ids"][rows]) and (got["title_ids"][:, 0] > 0).all()
+
+
+@pytest.mark.parametrize("model", ["dkn", "naml"])
+def test_served_word_models_score_as_they_evaluate(model, tiny_encoder, tmp_path):
+    """DKN and NAML are served from what the store keeps of each news: `rmbert encode` records
+    the abstract and the title entities' mentions beside the title, and serving rebuilds
+    `title_entity` (by offsets) and `abstract` from them, so the served scores equal
+    evaluation's for a user not seen in training. A news posted with MIND's title_entities is
+    aligned the same way."""
+    from fastapi.testclient import TestClient
+
+    from rmbert.cli import main
+    from rmbert.data.generators import GENERATORS
+    from rmbert.evaluate import score_impressions
+    from rmbert.serve.app import Limits, create_app
+
+    GENERATORS["entity"](tmp_path / "ent", 60, 0)
+    data = tmp_path / "ent"
+    cfg = learn_cfg(tiny_encoder, model, "encoder.mode=frozen", "train.epochs=1", "train.max_steps=6")
+    train(cfg, data / "train", tmp_path / "run", progress=False)
+    news = str(data / "dev" / "news.tsv")
+    assert (
+        main(["--quiet", "encode", str(tmp_path / "run"), "--news", news, "--out", str(tmp_path / "store")])
+        == 0
+    )
+    run = load_run(tmp_path / "run")
+    run.user_index = {}
+    dev = load_split(data / "dev")
+    scores = score_impressions(run.model, run.batcher(dev, run.store([dev], progress=False)))
+    imps, ids = dev.impressions, dev.news.ids
+    app = create_app(tmp_path / "run", tmp_path / "store", limits=Limits(retrieve=0, max_candidates=400))
+    name = {"dkn": "title_entity", "naml": "abstract"}[model]
+    with TestClient(app) as c:
+        snap = c.app.state.serving.index.snapshot
+        assert (np.asarray(snap.arrays[name])[1:] > 0).any(1).mean() > 0.5  # most news have them
+        for i in range(4):
+            hist = [ids[j] for j in imps.hist[imps.hist_ptr[i] : imps.hist_ptr[i + 1]]][-20:]
+            cands = [ids[j] for j in imps.cand[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]]
+            r = c.post("/rank", json={"history": hist, "candidates": cands, "top_k": 400})
+            assert r.status_code == 200, r.text
+            got = {x["id"]: x["score"] for x in r.json()["ranked"]}
+            want = scores[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]
+            assert np.allclose([got[k] for k in cands], want, rtol=0, atol=1e-5)
+        # a posted news with MIND's title_entities: the same row as the one encoded from news.tsv
+        k = next(j for j in range(len(dev.news)) if dev.news.title_entities.mentions(j))
+        line = next(row for row in open(news, encoding="utf-8") if row.startswith(ids[k] + "\t"))
+        cols = line.rstrip("\n").split("\t")
+        item = {
+            "id": "POSTED1",
+            "title": cols[3],
+            "category": cols[1],
+            "subcategory": cols[2],
+            "abstract": cols[4],
+            "entities": dev.news.entities(k),
+            "title_entities": json.loads(cols[6]),
+        }
+        assert c.post("/news", json=[item]).status_code == 200
+        snap = c.app.state.serving.index.snapshot
+        a, b = snap.index["POSTED1"], snap.index[ids[k]]
+        assert np.array_equal(np.asarray(snap.arrays[name][a]), np.asarray(snap.arrays[name][b]))
+        assert (np.asarray(snap.arrays[name][a]) > 0).any()

@@ -205,14 +205,12 @@ def cmd_predict(a: argparse.Namespace) -> int:
 def cmd_encode(a: argparse.Namespace) -> int:
     from rmbert.data.mind import load_news
     from rmbert.encoders.store import NewsStore, build_store
+    from rmbert.models.tables import info_of
     from rmbert.run import load_run
 
     run = load_run(a.run)
     news = load_news(a.news)
-    info = [
-        {"category": c, "subcategory": s, "entities": news.entities(i)}
-        for i, (c, s) in enumerate(zip(news.category, news.subcategory))
-    ]
+    info = [info_of(news, i) for i in range(len(news))]
     if (a.out / "meta.json").is_file():
         store = NewsStore.open(a.out)
         if store.meta.get("encoder") != run.fingerprint:

@@ -57,18 +57,32 @@ class GenericInference(InferenceForm):
     knows no user ids: a model with a user field scores every request as the unknown user (id 0),
     as it scores users not seen in training."""
 
-    def __init__(self, rec: Recommender) -> None:
+    def __init__(
+        self, rec: Recommender, embed_words: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> None:
         self.rec = rec
         self.side_tables = tuple(rec.side_inputs)
         self.token_axes = {k: int(k in TITLE_TABLES) for k in self.side_tables}
         self.history_tokens = rec.needs_history_tokens
+        if rec.word_inputs and embed_words is None:
+            raise ValueError(
+                f"{rec.name} reads {', '.join(rec.word_inputs)} as words: pass the news side's embed_words"
+            )
+        self.embed_words = embed_words  # token ids [..., T] -> [..., T, E], as NewsRecModel.add_side
+
+    def _extra(self, terms: dict, prefix: str = "") -> dict:
+        extra = {k: terms[prefix + k] for k in self.side_tables}
+        for k in self.rec.word_inputs:
+            extra[k + "_mask"] = extra[k] > 0
+            extra[k] = self.embed_words(extra[k])
+        return extra
 
     @torch.no_grad()
     def score(self, H, mask, cand, terms, record=False) -> Scores:
         hist = NewsRepr(cls=H, tokens=terms.get("history_tokens"), mask=terms.get("history_mask"))
         if self.side_tables:
-            hist.extra = {k: terms["history_" + k] for k in self.side_tables}
-            cand = dataclasses.replace(cand, extra={k: terms[k] for k in self.side_tables})
+            hist.extra = self._extra(terms, "history_")
+            cand = dataclasses.replace(cand, extra=self._extra(terms))
         state = self.rec.user_state(hist, mask, None)
         return Scores(self.rec.score_candidates(state, cand))
 
@@ -102,14 +116,17 @@ class Recommender(nn.Module, metaclass=ABCMeta):
     def score_candidates(self, state: Any, cand: NewsRepr) -> torch.Tensor:
         """Click logits [B, C]."""
 
-    def inference_form(self) -> InferenceForm:
-        """The form serving scores with (a folded one where a model has it); eval mode only."""
+    def inference_form(
+        self, embed_words: Callable[[torch.Tensor], torch.Tensor] | None = None
+    ) -> InferenceForm:
+        """The form serving scores with (a folded one where a model has it); eval mode only.
+        `embed_words`: the news side's word embedding, for a model with `word_inputs`."""
         if not self.servable:
             raise ValueError(
                 f"{self.name} reads per-news side inputs ({', '.join(self.side_inputs) or 'title tokens'}) "
                 "that serving does not build: it cannot be served"
             )
-        return GenericInference(self)
+        return GenericInference(self, embed_words)
 
     def forward(
         self,

@@ -61,7 +61,6 @@ class DKN(Recommender):
     name = "dkn"
     needs_history_tokens = True
     side_inputs = ("title_entity",)
-    servable = False
 
     def __init__(self, cfg: DKNConfig) -> None:
         super().__init__()

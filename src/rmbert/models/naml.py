@@ -64,7 +64,6 @@ class NAML(Recommender):
     needs_history_tokens = True
     side_inputs = ("category", "subcategory", "abstract")
     word_inputs = ("abstract",)
-    servable = False
 
     def __init__(self, cfg: NAMLConfig) -> None:
         super().__init__()

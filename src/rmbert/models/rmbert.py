@@ -531,7 +531,7 @@ class RMBERT(Recommender):
 
         return FoldedRMBERT(self)
 
-    def inference_form(self):
+    def inference_form(self, embed_words=None):
         return self.fold()
 
 

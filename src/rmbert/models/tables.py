@@ -16,12 +16,17 @@ saved vocabulary and the tokenizer) whenever a run is pointed at another store.
                           (0 = none): by MIND's character offsets, else by surface form (see
                           `align_entities`)
     abstract      [R, A]  the abstract's WordPiece ids (A = abstract_len; 0 = padding); the store
-                          keeps titles only, so abstracts are tokenized here with the run's tokenizer
+                          keeps the abstract's text (not its vectors), so abstracts are tokenized
+                          here with the run's tokenizer
     entity_ids    [R, E]  FeatureVocab ids of up to E = F - 2 (features.max_entities) entities, title's
                           first (0 = none or not in the vocabulary), as the feature ids hold them
     match         [R, F]  hashed category, subcategory and up to F - 2 distinct entities (title's
                           first, then the abstract's), 0 = none (`match_ids`): for exact equality
                           tests only, so news and entities never seen in training still match
+
+Serving builds the same tables from what the store keeps of each news (`serving_tables`): its
+id, its token ids, and its news.jsonl record (category, subcategory, entities, and where given the
+abstract and the title entities' mentions, `info_of`).
 
 Shape letters: R store rows (row 0 included), L title tokens, A abstract tokens, F match slots.
 """
@@ -71,7 +76,42 @@ def match_ids(category: str, subcategory: str, entities: list[str], width: int) 
     return out
 
 
-SERVABLE_TABLES = frozenset({"match", "news_id", "category", "subcategory", "title_ids", "entity_ids"})
+SERVABLE_TABLES = frozenset(TABLES)
+
+
+def info_of(news: News, i: int) -> dict:
+    """What the store keeps of news `i` beside its title (its news.jsonl record), as serving reads
+    it back: category, subcategory, entities, and the abstract and the title entities' mentions
+    ([WikidataId, [[surface form, character offset or -1], ...]], `TitleEntities.mentions`) where
+    the news has them."""
+    out: dict = {
+        "category": news.category[i],
+        "subcategory": news.subcategory[i],
+        "entities": news.entities(i),
+    }
+    if news.abstract[i]:
+        out["abstract"] = news.abstract[i]
+    mentions = news.title_entities.mentions(i) if news.title_entities is not None else []
+    if mentions:
+        out["mentions"] = [[qid, [list(m) for m in ms]] for qid, ms in mentions]
+    return out
+
+
+@dataclass(frozen=True)
+class _InfoMentions:
+    """News records as `_entity_links` reads a split's News: titles, and mentions per row."""
+
+    title: list[str]
+    rows: list[list]
+
+    @property
+    def title_entities(self) -> _InfoMentions:
+        return self
+
+    def mentions(self, i: int) -> list[tuple[str, tuple[tuple[str, int], ...]]]:
+        return [(str(q), tuple((str(f), int(s)) for f, s in ms)) for q, ms in self.rows[i]]
+
+
 VOCAB_NAMES = {"news_id": "news", "category": "categories", "subcategory": "subcategories"}
 
 
@@ -108,13 +148,18 @@ def serving_tables(
     match_width: int = 7,
     title_len: int = 0,
     sep_token_id: int = 0,
+    tokenizer=None,
+    abstract_len: int = 50,
 ) -> dict[str, np.ndarray]:
     """The side tables `names` [N, ...] of the news `src` as `build_tables` makes them, built
-    from what serving keeps: the news ids and metadata, and the store's token ids. Tables that
-    need text the store does not keep (abstracts, entity mentions) cannot be built."""
+    from what serving keeps: the news ids, the store's token ids and each news's record
+    (`info_of`; `abstract` and `title_entity` need the run's tokenizer). A news whose record
+    lacks its abstract or mentions gets an empty row, as a split without them gives."""
     unknown = set(names) - SERVABLE_TABLES
     if unknown:
-        raise ValueError(f"serving cannot build the side input(s) {sorted(unknown)} from news metadata")
+        raise ValueError(f"serving cannot build the side input(s) {sorted(unknown)}")
+    if TEXT_TABLES & set(names) - {"title_ids"} and tokenizer is None:
+        raise ValueError(f"side inputs {sorted(TEXT_TABLES & set(names))} need the run's tokenizer")
     info, out = src.info, {}
     if "match" in names:
         rows = [
@@ -135,6 +180,19 @@ def serving_tables(
         out["title_ids"] = title_ids(np.asarray(src.input_ids), np.asarray(src.attn), title_len, sep_token_id)
     if "entity_ids" in names:
         out["entity_ids"] = entity_ids(vocab, [list(d.get("entities") or []) for d in info], match_width - 2)
+    if "abstract" in names:
+        out["abstract"] = _tokenize(tokenizer, [d.get("abstract") or "" for d in info], abstract_len)
+    if "title_entity" in names:
+        if vocab is None:
+            raise ValueError("the side input 'title_entity' needs the feature vocabulary")
+        titles = title_ids(np.asarray(src.input_ids), np.asarray(src.attn), title_len, sep_token_id)
+        records = _InfoMentions([d.get("title") or "" for d in info], [d.get("mentions") or [] for d in info])
+        ent_index = {v: i + 1 for i, v in enumerate(vocab.entities)}
+        with_mentions = np.array([i for i, d in enumerate(info) if d.get("mentions")], np.int64)
+        found = _entity_links(tokenizer, records, with_mentions, titles[with_mentions], ent_index, title_len)
+        out["title_entity"] = np.zeros((len(info), title_len), np.int64)
+        for i, links in found.items():
+            out["title_entity"][i] = align_entities(titles[i], *links)
     return out
 
 
@@ -210,7 +268,12 @@ def _tokenize(tokenizer, texts: list[str], length: int, chunk: int = 8192) -> np
 
 
 def _entity_links(
-    tokenizer, news: News, rows: np.ndarray, titles: np.ndarray, ent_index: dict[str, int], L: int
+    tokenizer,
+    news: News | _InfoMentions,
+    rows: np.ndarray,
+    titles: np.ndarray,
+    ent_index: dict[str, int],
+    L: int,
 ) -> dict[int, tuple[np.ndarray | None, list]]:
     """For the news `rows` of `news` with title entities: (token spans or None, links) as
     `align_entities` reads them; `titles` [len(rows), L] are their title token ids in the store."""

@@ -73,7 +73,7 @@ class Ranker:
         self.run = run
         self.device = torch.device(device)
         run.model.to(self.device)  # the index stays in host memory; each batch moves to the device
-        self.form = run.model.rec.inference_form()
+        self.form = run.model.rec.inference_form(embed_words=run.model.news.embed_words)
         self.max_history = run.cfg.train.max_history
         self.max_batch, self.queue_timeout = max_batch, queue_timeout
         self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # worker thread only
@@ -106,6 +106,8 @@ class Ranker:
             match_width=2 + cfg.features.max_entities,
             title_len=cfg.encoder.max_title_len,
             sep_token_id=self.run.tokenizer.sep_token_id,
+            tokenizer=self.run.tokenizer,
+            abstract_len=cfg.naml.abstract_len,
         )
         fids = None
         if model.features is not None and self.run.vocab is not None:

@@ -111,7 +111,7 @@ def add_news(batch: NewsBatch | list[NewsItem], state: State):
     items = list({it.id: it for it in items}.values())  # a repeated id: the last one wins
     if not items:
         return NewsAdded(added=0, updated=0, store_size=len(index.snapshot.index))
-    info = [{"category": it.category, "subcategory": it.subcategory, "entities": it.entities} for it in items]
+    info = [it.record() for it in items]
     with index.lock:
         known = sum(1 for it in items if it.id in index.index)
         try:

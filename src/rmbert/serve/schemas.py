@@ -58,6 +58,17 @@ class RankResponse(BaseModel):
     note: str | None = None
 
 
+class EntityLink(BaseModel):
+    """One item of MIND's title_entities column: where the title names an entity."""
+
+    WikidataId: str = Field(min_length=1, max_length=LABEL_MAX)
+    Label: str = Field("", max_length=LABEL_MAX)
+    SurfaceForms: list[Annotated[str, StringConstraints(max_length=TITLE_MAX)]] = Field(
+        default_factory=list, max_length=16
+    )
+    OccurrenceOffsets: list[int] = Field(default_factory=list, max_length=16)
+
+
 class NewsItem(BaseModel):
     id: str = Field(min_length=1, max_length=ID_MAX)
     title: str = Field(min_length=1, max_length=TITLE_MAX)
@@ -67,6 +78,11 @@ class NewsItem(BaseModel):
     entities: list[Annotated[str, StringConstraints(max_length=LABEL_MAX)]] = Field(
         default_factory=list, max_length=64, description="linked entities (WikidataIds), as MIND's"
     )
+    title_entities: list[EntityLink] = Field(
+        default_factory=list,
+        max_length=64,
+        description="MIND's title_entities: where the title names each entity (read by DKN)",
+    )
 
     @field_validator("id")
     @classmethod
@@ -74,6 +90,21 @@ class NewsItem(BaseModel):
         if any(c.isspace() for c in v):
             raise ValueError("news id must not contain whitespace")
         return v
+
+    def record(self) -> dict:
+        """What the store keeps beside the title (`rmbert.models.tables.info_of`'s fields), the
+        mentions parsed as MIND's reader parses them."""
+        from rmbert.data.mind import _surface_forms
+
+        out: dict = {"category": self.category, "subcategory": self.subcategory, "entities": self.entities}
+        if self.abstract:
+            out["abstract"] = self.abstract
+        links: dict[str, list] = {}
+        for e in self.title_entities:
+            links.setdefault(e.WikidataId.strip(), []).extend(list(m) for m in _surface_forms(e.model_dump()))
+        if links:
+            out["mentions"] = [[q, ms] for q, ms in links.items()]
+        return out
 
 
 class NewsBatch(BaseModel):
