@@ -251,3 +251,26 @@ def test_demo_trains_both_presets_and_prints_the_table(tiny_encoder, tmp_path, c
     default = json.loads((tmp_path / "d" / "default" / "config.json").read_text())
     assert paper["encoder"]["pooling"] == "cls" and not paper["rmbert"]["click_product"]
     assert paper != default
+
+
+@pytest.mark.parametrize("by", ["random", "time"])
+def test_validation_holdout_random_or_latest(planted, by):
+    """train.valid_by: a random share of the impressions, or the latest ones by time; either way
+    the two parts partition the split, in file order."""
+    from rmbert.train import split_validation
+
+    split = load_split(planted / "train")
+    tr, va = split_validation(split, 0.2, seed=0, by=by)
+    n = len(split.impressions)
+    assert len(va.impressions) == round(0.2 * n) and len(tr.impressions) + len(va.impressions) == n
+    ids = np.concatenate([tr.impressions.imp_ids, va.impressions.imp_ids])
+    assert sorted(ids.tolist()) == sorted(split.impressions.imp_ids.tolist())
+    at = {int(x): k for k, x in enumerate(split.impressions.imp_ids)}  # file positions
+    for part in (tr, va):
+        assert (np.diff([at[int(x)] for x in part.impressions.imp_ids]) > 0).all()
+    if by == "time":
+        assert va.impressions.times.min() >= tr.impressions.times.max()
+    else:  # planted impressions span several days: a random holdout reaches back in time
+        assert va.impressions.times.min() < tr.impressions.times.max()
+    with pytest.raises(ValueError, match="valid_by"):
+        apply_overrides(RunConfig(), ["train.valid_by=latest"])

@@ -52,6 +52,7 @@ class TrainConfig:
     warmup: float = 0.0  # share of all steps with a linear warm-up from 0
     max_history: int = 50  # M: the most recent clicks kept
     valid_fraction: float = 0.1  # used when no --valid split is given
+    valid_by: str = "random"  # random impressions (the paper's protocol) | time: the latest ones, as MIND's dev follows train
     patience: int = 2  # epochs without a better validation AUC before stopping
     seed: int = 0
     max_steps: int = 0  # stop after this many optimizer steps in total (0 = no limit)
@@ -75,6 +76,8 @@ class TrainConfig:
                 raise ValueError(f"train.{name} must be a number >= 0, not {getattr(self, name)}")
         if not 0.0 < self.valid_fraction < 1.0:
             raise ValueError(f"train.valid_fraction must be between 0 and 1, not {self.valid_fraction}")
+        if self.valid_by not in ("random", "time"):
+            raise ValueError(f"train.valid_by must be random or time, not {self.valid_by!r}")
         if self.amp not in ("auto", "off", "bf16", "fp16"):
             raise ValueError(f"train.amp must be auto, off, bf16 or fp16, not {self.amp!r}")
         if not (self.device in ("auto", "cpu", "cuda") or self.device.startswith("cuda:")):

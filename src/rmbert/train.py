@@ -157,10 +157,15 @@ def plot_curves(out: Path, rows: list[dict]) -> None:
     plt.close(fig)
 
 
-def split_validation(split: Split, fraction: float, seed: int) -> tuple[Split, Split]:
-    """A random `fraction` of the training impressions held out for validation (the paper's protocol)."""
+def split_validation(split: Split, fraction: float, seed: int, by: str = "random") -> tuple[Split, Split]:
+    """A `fraction` of the training impressions held out for validation: random ones (the paper's
+    protocol), or by="time" the latest ones (ties in file order), so that validation, like MIND's
+    dev split, asks about news published after most of the training clicks."""
     n = len(split.impressions)
-    perm = np.random.default_rng([seed, 7919]).permutation(n)
+    if by == "time":
+        perm = np.argsort(-split.impressions.times, kind="stable")  # the latest first
+    else:
+        perm = np.random.default_rng([seed, 7919]).permutation(n)
     n_valid = max(1, int(round(n * fraction)))
     valid_rows, train_rows = np.sort(perm[:n_valid]), np.sort(perm[n_valid:])
     imps = split.impressions
@@ -251,7 +256,9 @@ def load_data(cfg: RunConfig, train_dir: Path, valid_dir) -> tuple[Split, Split]
             f"{train_dir}: {len(train_split.impressions)} impressions; too few to hold out validation"
         )
     else:
-        train_split, valid_split = split_validation(train_split, cfg.train.valid_fraction, cfg.train.seed)
+        train_split, valid_split = split_validation(
+            train_split, cfg.train.valid_fraction, cfg.train.seed, cfg.train.valid_by
+        )
     for name, sp in (("training", train_split), ("validation", valid_split)):
         if len(sp.impressions) == 0:
             raise ValueError(f"{sp.path}: the {name} split has no impressions")
