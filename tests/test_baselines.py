@@ -137,7 +137,7 @@ def test_tiny_reproduce_grid_end_to_end(tiny_encoder, planted, tmp_path, capsys)
     rows = list(csv.DictReader(open(out / "results.csv")))
     assert len(rows) == 2 and all(0 <= float(r["auc"]) <= 1 for r in rows)
     md = (out / "figure2.md").read_text()
-    assert "| RMBERT | 1 |" in md and "| w/o PM | 1 |" in md
+    assert "| RMBERT | 1 |" in md and "| w/o PM | 1 |" in md and "validation peaked" in md
     from PIL import Image
 
     assert Image.open(out / "figure2.png").size[0] > 500
@@ -171,3 +171,29 @@ def test_table1_lists_paper_numbers(tmp_path):
         ],
     )
     assert "| RMBERT | 3 | 0.7000 ± 0.0100 |" in md and "0.6746 | 0.3249 | 0.3614" in md
+
+
+def test_table_reports_each_rows_budget():
+    """The budget columns: best epoch of each seed's run, whether validation stopped rising in
+    every seed (a row whose best epoch was its last is marked still rising), samples/s."""
+    from rmbert.reproduce import markdown, summarize
+
+    metrics = {"auc": 0.7, "mrr": 0.3, "ndcg@5": 0.3, "ndcg@10": 0.4}
+    rows = [reproduce_row("A"), reproduce_row("B")]
+    results = [
+        {"row": "A", "seed": 0, **metrics, "best_epoch": 2, "epochs_run": 4, "samples_per_s": 100.0},
+        {"row": "A", "seed": 1, **metrics, "best_epoch": 3, "epochs_run": 5, "samples_per_s": 300.0},
+        {"row": "B", "seed": 0, **metrics, "best_epoch": 2, "epochs_run": 3, "samples_per_s": 50.0},
+        {"row": "B", "seed": 1, **metrics, "best_epoch": 4, "epochs_run": 4, "samples_per_s": 50.0},
+    ]
+    summary = summarize(results, rows)
+    assert summary[0]["peaked"] and not summary[1]["peaked"] and summary[0]["samples_per_s"] == 200.0
+    md = markdown("table1", summary)
+    assert "| A | 2 | 0.7000 ± 0.0000 |" in md and "| 2/4, 3/5 | yes | 200 |" in md
+    assert "| 2/3, 4/4 | **no: still rising** | 50 |" in md
+
+
+def reproduce_row(name):
+    from rmbert.reproduce import Row
+
+    return Row(name)

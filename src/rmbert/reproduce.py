@@ -134,6 +134,9 @@ def run_grid(
             "valid_auc": t["valid"].get("auc"),
             "train_time_s": t["time_s"],
             "steps": t["steps"],
+            "best_epoch": t["best_epoch"],
+            "epochs_run": t["epochs_run"],
+            "samples_per_s": t["train_samples_per_s"],
         }
         result_file.write_text(json.dumps(result, indent=2))
         tqdm.write(
@@ -159,6 +162,12 @@ def summarize(results: list[dict], rows: list[Row]) -> list[dict]:
         for k in METRIC_KEYS:
             v = np.array([r[k] for r in rs])
             s[k], s[k + "_std"] = float(v.mean()), float(v.std(ddof=1)) if len(v) > 1 else 0.0
+        if all("best_epoch" in r for r in rs):  # the budget: where validation peaked, per seed
+            s["best_epochs"] = [r["best_epoch"] for r in rs]
+            s["epochs_run"] = [r["epochs_run"] for r in rs]
+            # validation stopped rising: in every seed a later epoch ran without beating the best
+            s["peaked"] = all(0 < r["best_epoch"] < r["epochs_run"] for r in rs)
+            s["samples_per_s"] = float(np.mean([r["samples_per_s"] for r in rs]))
         out.append(s)
     return out
 
@@ -167,7 +176,10 @@ def write_outputs(grid: str, out: Path, rows: list[Row]) -> list[dict]:
     results = collect(out)
     with open(out / "results.csv", "w", newline="") as f:
         w = csv.DictWriter(
-            f, fieldnames=["row", "seed", *METRIC_KEYS, "impressions", "valid_auc", "train_time_s", "steps"]
+            f,
+            fieldnames=["row", "seed", *METRIC_KEYS, "impressions", "valid_auc", "train_time_s", "steps"]
+            + ["best_epoch", "epochs_run", "samples_per_s"],
+            restval="",
         )
         w.writeheader()
         for r in results:
@@ -181,16 +193,30 @@ def write_outputs(grid: str, out: Path, rows: list[Row]) -> list[dict]:
 
 def markdown(grid: str, summary: list[dict]) -> str:
     head = "| Method | seeds | AUC | MRR | nDCG@5 | nDCG@10 |"
+    budget = any("best_epochs" in s for s in summary)
+    if budget:
+        head += " best epoch / run, per seed | validation peaked | training samples/s |"
     if grid == "table1":
         head += " paper AUC (MIND-small) | paper MRR | paper nDCG@5 |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in summary:
         cells = [s["row"], str(s["seeds"])] + [f"{s[k]:.4f} ± {s[k + '_std']:.4f}" for k in METRIC_KEYS]
+        if budget and "best_epochs" in s:
+            runs = ", ".join(f"{b}/{e}" for b, e in zip(s["best_epochs"], s["epochs_run"]))
+            cells += [runs, "yes" if s["peaked"] else "**no: still rising**", f"{s['samples_per_s']:,.0f}"]
+        elif budget:
+            cells += ["", "", ""]
         if grid == "table1":
             p = PAPER_TABLE1.get(s["paper"] or "", ((None, None, None),))[0]
             cells += [f"{v:.4f}" if v is not None else "" for v in p]
         lines.append("| " + " | ".join(cells) + " |")
     note = "\nMean ± standard deviation over seeds; our numbers are on the --test split given to `rmbert reproduce`."
+    if budget:
+        note += (
+            " Budget: each run trains until validation AUC has not risen for train.patience epochs"
+            " (or train.epochs); its weights are those of the best epoch. A row whose best epoch was"
+            " its last is marked still rising: a larger --epochs would be its fair budget."
+        )
     if grid == "table1":
         note += " The paper's columns are its MIND-small Table 1 (comparable only when the test split is MIND-small dev)."
     return "\n".join(lines) + "\n" + note + "\n"
