@@ -480,6 +480,44 @@ def test_match_table_is_the_same_in_training_and_serving(tiny_encoder, tmp_path)
         serving_tables(("abstract",), src)
 
 
+def served_as_evaluated(tiny_encoder, model, data, tmp_path):
+    """Train `model` over frozen vectors on data/train for a few steps, `rmbert encode` data/dev's
+    news into a store, and return (the serving app, the dev split, evaluation's scores of dev
+    with every user unknown, as serving sees them)."""
+    from rmbert.cli import main
+    from rmbert.evaluate import score_impressions
+    from rmbert.serve.app import Limits, create_app
+
+    cfg = learn_cfg(tiny_encoder, model, "encoder.mode=frozen", "train.epochs=1", "train.max_steps=6")
+    train(cfg, data / "train", tmp_path / "run", progress=False)
+    news = str(data / "dev" / "news.tsv")
+    assert (
+        main(["--quiet", "encode", str(tmp_path / "run"), "--news", news, "--out", str(tmp_path / "store")])
+        == 0
+    )
+    run = load_run(tmp_path / "run")
+    run.user_index = {}
+    dev = load_split(data / "dev")
+    scores = score_impressions(run.model, run.batcher(dev, run.store([dev], progress=False)))
+    app = create_app(tmp_path / "run", tmp_path / "store", limits=Limits(retrieve=0, max_candidates=400))
+    return app, dev, scores
+
+
+def assert_ranks_as_evaluated(client, dev, scores, impressions: int = 4) -> list[str]:
+    """/rank of the first dev impressions (last 20 clicks, every candidate) gives evaluation's
+    scores; returns the last history asked."""
+    imps, ids = dev.impressions, dev.news.ids
+    for i in range(impressions):
+        hist = [ids[j] for j in imps.hist[imps.hist_ptr[i] : imps.hist_ptr[i + 1]]][-20:]
+        cands = [ids[j] for j in imps.cand[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]]
+        r = client.post("/rank", json={"history": hist, "candidates": cands, "top_k": 400})
+        assert r.status_code == 200, r.text
+        got = {x["id"]: x["score"] for x in r.json()["ranked"]}
+        want = scores[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]
+        assert np.allclose([got[k] for k in cands], want, rtol=0, atol=1e-5)
+    return hist
+
+
 @pytest.mark.parametrize("model", ["deepfm", "dcn", "fim"])
 def test_served_baselines_score_as_they_evaluate_an_unknown_user(model, story, tiny_encoder, tmp_path):
     """DeepFM and DCN over frozen vectors are served with their side tables built from the news
@@ -488,32 +526,9 @@ def test_served_baselines_score_as_they_evaluate_an_unknown_user(model, story, t
     ids); a request without candidates ranks too."""
     from fastapi.testclient import TestClient
 
-    from rmbert.cli import main
-    from rmbert.evaluate import score_impressions
-    from rmbert.serve.app import Limits, create_app
-
-    cfg = learn_cfg(tiny_encoder, model, "encoder.mode=frozen", "train.epochs=1", "train.max_steps=6")
-    train(cfg, story[0] / "train", tmp_path / "run", progress=False)
-    news = str(story[0] / "dev" / "news.tsv")
-    assert (
-        main(["--quiet", "encode", str(tmp_path / "run"), "--news", news, "--out", str(tmp_path / "store")])
-        == 0
-    )
-    run = load_run(tmp_path / "run")
-    run.user_index = {}  # every user unknown, as serving sees them
-    dev = load_split(story[0] / "dev")
-    scores = score_impressions(run.model, run.batcher(dev, run.store([dev], progress=False)))
-    imps, ids = dev.impressions, dev.news.ids
-    app = create_app(tmp_path / "run", tmp_path / "store", limits=Limits(retrieve=0, max_candidates=400))
+    app, dev, scores = served_as_evaluated(tiny_encoder, model, story[0], tmp_path)
     with TestClient(app) as c:
-        for i in range(4):
-            hist = [ids[j] for j in imps.hist[imps.hist_ptr[i] : imps.hist_ptr[i + 1]]][-20:]
-            cands = [ids[j] for j in imps.cand[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]]
-            r = c.post("/rank", json={"history": hist, "candidates": cands, "top_k": 400})
-            assert r.status_code == 200, r.text
-            got = {x["id"]: x["score"] for x in r.json()["ranked"]}
-            want = scores[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]
-            assert np.allclose([got[k] for k in cands], want, rtol=0, atol=1e-5)
+        hist = assert_ranks_as_evaluated(c, dev, scores)
         r = c.post("/rank", json={"history": hist, "candidates": None, "top_k": 5})
         assert r.status_code == 200 and len(r.json()["ranked"]) == 5
 
@@ -570,38 +585,16 @@ def test_served_word_models_score_as_they_evaluate(model, tiny_encoder, tmp_path
     aligned the same way."""
     from fastapi.testclient import TestClient
 
-    from rmbert.cli import main
     from rmbert.data.generators import GENERATORS
-    from rmbert.evaluate import score_impressions
-    from rmbert.serve.app import Limits, create_app
 
     GENERATORS["entity"](tmp_path / "ent", 60, 0)
-    data = tmp_path / "ent"
-    cfg = learn_cfg(tiny_encoder, model, "encoder.mode=frozen", "train.epochs=1", "train.max_steps=6")
-    train(cfg, data / "train", tmp_path / "run", progress=False)
-    news = str(data / "dev" / "news.tsv")
-    assert (
-        main(["--quiet", "encode", str(tmp_path / "run"), "--news", news, "--out", str(tmp_path / "store")])
-        == 0
-    )
-    run = load_run(tmp_path / "run")
-    run.user_index = {}
-    dev = load_split(data / "dev")
-    scores = score_impressions(run.model, run.batcher(dev, run.store([dev], progress=False)))
-    imps, ids = dev.impressions, dev.news.ids
-    app = create_app(tmp_path / "run", tmp_path / "store", limits=Limits(retrieve=0, max_candidates=400))
+    app, dev, scores = served_as_evaluated(tiny_encoder, model, tmp_path / "ent", tmp_path)
+    ids, news = dev.news.ids, tmp_path / "ent" / "dev" / "news.tsv"
     name = {"dkn": "title_entity", "naml": "abstract"}[model]
     with TestClient(app) as c:
         snap = c.app.state.serving.index.snapshot
         assert (np.asarray(snap.arrays[name])[1:] > 0).any(1).mean() > 0.5  # most news have them
-        for i in range(4):
-            hist = [ids[j] for j in imps.hist[imps.hist_ptr[i] : imps.hist_ptr[i + 1]]][-20:]
-            cands = [ids[j] for j in imps.cand[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]]
-            r = c.post("/rank", json={"history": hist, "candidates": cands, "top_k": 400})
-            assert r.status_code == 200, r.text
-            got = {x["id"]: x["score"] for x in r.json()["ranked"]}
-            want = scores[imps.cand_ptr[i] : imps.cand_ptr[i + 1]]
-            assert np.allclose([got[k] for k in cands], want, rtol=0, atol=1e-5)
+        assert_ranks_as_evaluated(c, dev, scores)
         # a posted news with MIND's title_entities: the same row as the one encoded from news.tsv
         k = next(j for j in range(len(dev.news)) if dev.news.title_entities.mentions(j))
         line = next(row for row in open(news, encoding="utf-8") if row.startswith(ids[k] + "\t"))

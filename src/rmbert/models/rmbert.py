@@ -101,13 +101,19 @@ def side_input(news: NewsRepr, name: str) -> torch.Tensor:
     return news.extra[name]
 
 
+def distinct_idf(t: torch.Tensor, idf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Title token ids t [..., L] (0 = padding) -> (the ids sorted [..., L], the idf of each
+    distinct id's first occurrence, 0 elsewhere [..., L]): a title's binary IDF-weighted bag."""
+    s = t.clamp(0, len(idf) - 1).sort(-1).values
+    first = torch.ones_like(s, dtype=torch.bool)
+    first[..., 1:] = s[..., 1:] != s[..., :-1]
+    return s, idf[s] * (first & (s > 0))
+
+
 def bag_norm(t: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
     """Title token ids t [..., L] (0 = padding) -> the norm of the title's binary IDF-weighted bag
     of words [...]: sqrt of the sum of idf(t)^2 over its distinct tokens."""
-    s = t.sort(-1).values
-    first = torch.ones_like(s, dtype=torch.bool)
-    first[..., 1:] = s[..., 1:] != s[..., :-1]
-    return (idf[s.clamp(0, len(idf) - 1)] * (first & (s > 0))).square().sum(-1).sqrt()
+    return distinct_idf(t, idf)[1].square().sum(-1).sqrt()
 
 
 @dataclass(frozen=True)
@@ -317,14 +323,7 @@ class RMBERT(Recommender):
         """`lexical_cosines` for one user, ct [G, L], ht [M, L'] -> l [G, M]: both sides' bags
         over the U distinct words of the clicks, one [G, U] x [U, M] product (words the clicks
         lack add nothing to the dot, only to the candidate's norm)."""
-
-        def distinct(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-            s = t.clamp(0, len(idf) - 1).sort(-1).values
-            first = torch.ones_like(s, dtype=torch.bool)
-            first[..., 1:] = s[..., 1:] != s[..., :-1]
-            return s, idf[s] * (first & (s > 0))  # sorted ids, the idf of each first occurrence
-
-        (sc, wc), (sh, wh) = distinct(ct), distinct(ht)  # [G, L], [M, L']
+        (sc, wc), (sh, wh) = distinct_idf(ct, idf), distinct_idf(ht, idf)  # [G, L], [M, L']
         words = torch.unique(sh[wh > 0])  # [U]
         U = len(words)
         column = torch.full((len(idf),), U, dtype=torch.long, device=ct.device)
