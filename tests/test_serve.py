@@ -38,6 +38,23 @@ def test_rank_equals_evaluate(client, served, planted):
         assert ranked == sorted(ranked, reverse=True)
 
 
+def test_rank_makes_no_thread_pool_hop(client, planted, monkeypatch):
+    """/rank runs on the event loop and hands the scoring to the worker: a plain `def` dependency
+    or handler on its path would go through FastAPI's thread pool (one hop per request)."""
+    import fastapi.dependencies.utils as deps
+    import fastapi.routing as routing
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("a thread-pool hop on the /rank path")
+
+    monkeypatch.setattr(deps, "run_in_threadpool", refuse)
+    monkeypatch.setattr(routing, "run_in_threadpool", refuse)
+    ids = load_split(planted / "dev").news.ids
+    r = client.post("/rank", json={"history": ids[:3], "candidates": ids[5:9], "top_k": 2})
+    assert r.status_code == 200, r.text
+    assert len(r.json()["ranked"]) == 2
+
+
 def test_explain_gives_each_step(client, planted):
     split = load_split(planted / "dev")
     hist = split.news.ids[:4]

@@ -44,7 +44,9 @@ class ServingState:
         return self.run, self.index, self.ranker
 
 
-def get_state(request: Request) -> ServingState:
+async def get_state(request: Request) -> ServingState:
+    """async on purpose: FastAPI runs a plain `def` dependency in its thread pool, one thread hop
+    per request on the /rank path."""
     return request.app.state.serving
 
 
