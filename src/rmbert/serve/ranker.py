@@ -309,7 +309,11 @@ class Ranker:
             out.attentions = {k: v.float().cpu() for k, v in out.attentions.items()}
         if not torch.isfinite(out.logits).all():
             raise FloatingPointError("the model produced a non-finite score; nothing was served")
-        att = out.attentions if record else None
+        return self._ranked(snap, jobs, out, x, Lb)
+
+    def _ranked(self, snap: Snapshot, jobs: list[Job], out, x: torch.Tensor, Lb: int) -> list[Ranked]:
+        """Each job's order (MMR when it asks for diversity) and its JSON body, explanations included."""
+        att = out.attentions
         results = []
         for b, j in enumerate(jobs):
             n = len(j.cand_rows)
