@@ -566,3 +566,34 @@ def test_wide_adds_the_side_features_linearly_to_the_logit_and_folds():
     assert torch.allclose(fold.score(H, hmask, cand, terms).logits, want, atol=1e-9)
     with pytest.raises(ValueError, match="wide needs"):
         RMBERT(RMBERTConfig(dim=D, wide=True))
+
+
+def test_click_concat_off_drops_eq8s_concatenation_and_folds():
+    """Eq. 8c: W_1 [x_n ; m_p] is held at zero and never trained (only b_1 is): the scores are
+    those of the full model with W_1's weight zeroed, they still depend on the memory through
+    eq. 8', and the folded form scores as the model."""
+    H, hmask, cand = dbl(*inputs(26, empty_history_row=1))
+    cm, hm = match_inputs(27)
+    kw = dict(similarity=True, feature_match=True, click_product=True)
+    full, nc = model(seed=9, **kw), model(seed=9, click_concat=False, **kw)
+    assert torch.all(nc.W_1.weight == 0) and not nc.W_1.weight.requires_grad
+    assert nc.W_1.bias.requires_grad
+    full.load_state_dict(nc.state_dict())  # the same weights, W_1's zero included
+    hist = NewsRepr(H, None, None, extra={"match": hm})
+    cand_m = dataclasses.replace(cand, extra={"match": cm})
+    nc.eval(), full.eval()
+    want = full(hist, hmask, cand_m)
+    got = nc(hist, hmask, cand_m)
+    assert torch.allclose(got, want)
+    with torch.no_grad():
+        nc.P.weight.normal_()
+    assert not torch.allclose(nc(hist, hmask, cand_m), got)  # the memory reaches the score by eq. 8'
+    nc.train()
+    nc(hist, hmask, cand_m).sum().backward()
+    assert nc.W_1.weight.grad is None and nc.W_1.bias.grad is not None and nc.W_m.weight.grad is not None
+    nc.eval()
+    f = nc.fold()
+    terms = {**f.news_terms(cand), "match": cm, "history_match": hm}
+    assert torch.allclose(f.score(H, hmask, cand, terms).logits, nc(hist, hmask, cand_m), atol=1e-9)
+    with pytest.raises(ValueError, match="click_concat"):
+        RMBERT(RMBERTConfig(dim=D, click_concat=False))

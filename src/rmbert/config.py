@@ -204,6 +204,7 @@ PRESETS: dict[str, list[str]] = {
         "features.entity_vectors=false",
         "features.entities=false",
         "rmbert.click_product=false",
+        "rmbert.click_concat=true",
         "rmbert.match_strength=false",
         "rmbert.similarity=false",
         "rmbert.similarity_heads=1",

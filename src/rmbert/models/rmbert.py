@@ -58,6 +58,14 @@ the max and mean of each over clicked news (0 for no history):
 
     o = ReLU(... + W_1n [max_j l_j ; mean_j l_j ; max_j r_j ; mean_j r_j] + b_1)   (8''''')
 
+and option `click_concat=false` (not in the paper) takes eq. 8's concatenation out of the click layer,
+so that the candidate reaches the score only through its match with what the memory retrieved (eq.
+8') and the side features above, not through a prior over its own vector: on planted data that
+prior is fitted fast and does not carry over to unseen news (docs/results/quality.md). W_1 is held
+at zero (not trained), so the folded form is the same code:
+
+    o = ReLU(b_1 + W_1p (x_n * (P m_p + b_P)) + ...)                  (8c)
+
 and option `wide` (not in the paper) also hands these side features f (those of eq. 8''',
 8'''' and 8''''' that are on) straight to the logit, as Wide & Deep does, so that a linear use
 of them needs no hidden unit (w_w starts at zero: the model without it):
@@ -129,6 +137,7 @@ class RMBERTConfig:
     fast_path: bool = True  # exact fast path for eq. 4-6 (False: the direct form)
     dropout: float = 0.0  # on x_n, X_con and H
     click_product: bool = False  # eq. 8': the product x_n * P m_p inside the click predictor
+    click_concat: bool = True  # False: eq. 8c, eq. 8 without W_1 [x_n ; m_p] (W_1 held at zero)
     match_strength: bool = False  # eq. 8'': each step's log-sum-exp of the history logits, to the click layer
     similarity: bool = (
         False  # eq. 8''': max and mean learned-metric cosine to clicked news, to the click layer
@@ -188,6 +197,13 @@ class RMBERT(Recommender):
         H1 = cfg.click_hidden or D
         self.W_1 = nn.Linear(D + Dm, H1)  # (8)
         self.W_2 = nn.Linear(H1, 1)  # (8)
+        if not cfg.click_concat:  # (8c): W_1 [x_n ; m_p] is zero, only b_1 is learned
+            if not (cfg.click_product or cfg.similarity or cfg.feature_match or cfg.content_match):
+                raise ValueError(
+                    "rmbert.click_concat=false needs another input: click_product or a side feature"
+                )
+            nn.init.zeros_(self.W_1.weight)
+            self.W_1.weight.requires_grad_(False)
         if cfg.click_product:
             self.P = nn.Linear(Dm, D)  # (8')
             self.W_1p = nn.Linear(D, H1, bias=False)  # (8')
@@ -495,7 +511,8 @@ class RMBERT(Recommender):
             m = self.memory_update(b, m, state)
             hist_w.append(b)
             strength.append(lse)
-        pre = self.W_1(torch.cat([x, m], dim=-1))  # (8) [B, C, H1]
+        xm = torch.cat([x, m], dim=-1) if self.cfg.click_concat else None
+        pre = self.W_1(xm) if xm is not None else self.W_1.bias.expand(B, C, -1)  # (8) or (8c) [B, C, H1]
         if self.cfg.click_product:
             pre = pre + self.W_1p(x * self.P(m))  # (8')
         if self.cfg.match_strength:
