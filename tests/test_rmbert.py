@@ -597,3 +597,80 @@ def test_click_concat_off_drops_eq8s_concatenation_and_folds():
     assert torch.allclose(f.score(H, hmask, cand, terms).logits, nc(hist, hmask, cand_m), atol=1e-9)
     with pytest.raises(ValueError, match="click_concat"):
         RMBERT(RMBERTConfig(dim=D, click_concat=False))
+
+
+def field_inputs(seed=28, nc=4, ns=5):
+    """Category and subcategory ids of candidates [B, C] and clicked news [B, M] (0 = unknown)."""
+    g = torch.Generator().manual_seed(seed)
+    cand = {
+        "category": torch.randint(0, nc, (B, C), generator=g),
+        "subcategory": torch.randint(0, ns, (B, C), generator=g),
+    }
+    hist = {
+        "category": torch.randint(0, nc, (B, M), generator=g),
+        "subcategory": torch.randint(0, ns, (B, M), generator=g),
+    }
+    return cand, hist
+
+
+def test_field_affinity_reads_learned_relations_by_hand():
+    """Eq. 8f: per field the max and mean over unmasked clicked news of A[c(n), c(j)], 0 where
+    either id is unknown, then the candidate's priors b[c(n)]; an empty history gives zero
+    relations but keeps the priors."""
+    m = model(click_concat=False, field_affinity=True, num_categories=3, num_subcategories=3)
+    with torch.no_grad():
+        m.A_c.copy_(torch.tensor([[9.0, 9, 9], [9, 1, -2], [9, 3, 0.5]]))  # row/col 0 never read
+        m.A_s.copy_(torch.tensor([[9.0, 9, 9], [9, -1, -4], [9, 2, 0]]))
+        m.b_c.copy_(torch.tensor([9.0, 0.25, -0.5]))
+        m.b_s.copy_(torch.tensor([9.0, 1.5, 2.5]))
+    cf = torch.tensor([[[1, 2], [2, 0]], [[1, 1], [0, 0]]])  # [2 users, 2 candidates, 2 fields]
+    hf = torch.tensor([[[1, 1], [2, 2], [0, 1], [2, 1]], [[2, 2], [1, 1], [2, 1], [1, 1]]])  # [2, 4, 2]
+    mask = torch.tensor([[True, True, True, False], [False, False, False, False]])  # a padded click
+    got = m.affinity_features(cf, hf, mask)
+    # user 0, candidate 0: category 1 against 1, 2, unknown -> 1, -2, 0; subcategory 2 against 1, 2, 1 -> 2, 0, 2
+    want00 = [1.0, -1 / 3, 2.0, 4 / 3, 0.25, 2.5]
+    # candidate 1: category 2 -> 3, 0.5, 0; subcategory unknown -> all 0 and no prior
+    want01 = [3.0, 3.5 / 3, 0.0, 0.0, -0.5, 0.0]
+    assert torch.allclose(got[0], torch.tensor([want00, want01], dtype=got.dtype))
+    assert torch.allclose(got[1], torch.tensor([[0, 0, 0, 0, 0.25, 1.5], [0] * 6], dtype=got.dtype))
+
+
+def test_field_affinity_adds_a_path_learns_and_folds():
+    """With W_1a zeroed the score is the model's without the switch; the relations and priors
+    start at zero and get gradients; the folded form (ids in terms, the clicked news' under
+    history_) scores as the model, deduplicated candidates too; missing ids are an error."""
+    H, hmask, cand = dbl(*inputs(29, empty_history_row=1))
+    cids, hids = field_inputs()
+    kw = dict(similarity=True, click_product=True)
+    base = model(seed=6, **kw)
+    fa = model(seed=6, field_affinity=True, num_categories=4, num_subcategories=5, **kw)
+    fa.load_state_dict(base.state_dict(), strict=False)
+    assert set(fa.state_dict()) - set(base.state_dict()) == {"A_c", "A_s", "b_c", "b_s", "W_1a.weight"}
+    assert fa.side_inputs == ("category", "subcategory")
+    assert torch.all(fa.A_c == 0) and torch.all(fa.b_s == 0)
+    hist = NewsRepr(H, None, None, extra=hids)
+    cand_f = dataclasses.replace(cand, extra=cids)
+    assert torch.allclose(fa(hist, hmask, cand_f), base(H, hmask, cand))  # zero relations: no change
+    fa(hist, hmask, cand_f).sum().backward()
+    assert all(p.grad is not None and p.grad.abs().sum() > 0 for p in (fa.A_c, fa.A_s, fa.b_c, fa.b_s))
+    with torch.no_grad():
+        for p in (fa.A_c, fa.A_s, fa.b_c, fa.b_s):
+            p.normal_()
+    fa.eval()
+    want = fa.reason(fa.user_state(hist, hmask), cand_f).logits
+    assert not torch.allclose(want, base(H, hmask, cand))
+    f = fa.fold()
+    terms = {**f.news_terms(cand), **cids, **{"history_" + k: v for k, v in hids.items()}}
+    assert torch.allclose(f.score(H, hmask, cand, terms).logits, want, atol=1e-9)
+    idx = torch.arange(B * C).view(B, C)
+    flat = NewsRepr(cand.cls.flatten(0, 1), cand.tokens.flatten(0, 1), cand.mask.flatten(0, 1), idx)
+    flat.extra = {k: v.flatten() for k, v in cids.items()}
+    assert torch.allclose(fa.reason(fa.user_state(hist, hmask), flat).logits, want, atol=1e-10)
+    with pytest.raises(ValueError, match="field_affinity"):
+        fa(H, hmask, cand)
+    with pytest.raises(ValueError, match="field_affinity"):
+        f.score(H, hmask, cand, f.news_terms(cand))
+    with pytest.raises(ValueError, match="num_categories"):
+        RMBERT(RMBERTConfig(dim=D, field_affinity=True))
+    only = model(click_concat=False, field_affinity=True, num_categories=4, num_subcategories=5)
+    assert only(hist, hmask, cand_f).shape == (B, C)  # eq. 8c with eq. 8f alone is a valid model

@@ -87,11 +87,12 @@ def resolve(
     if cfg.features.history_position:
         cfg = cfg.override({"features.max_history": cfg.train.max_history})
     out = {"rmbert.dim": dim, "rmbert.vocab_size": vocab_size}
-    out |= {"rmbert.num_entities": cfg.features.num_entities, "rmbert.vector_dim": cfg.features.vector_dim}
+    f = cfg.features
+    out |= {"rmbert.num_entities": f.num_entities, "rmbert.vector_dim": f.vector_dim}
+    out |= {"rmbert.num_categories": f.num_categories, "rmbert.num_subcategories": f.num_subcategories}
     for m in ("nrms", "lstur", "npa"):
         out |= {f"{m}.dim": dim, f"{m}.word_encoder": words}
     out |= {"lstur.num_users": num_users, "npa.num_users": num_users}
-    f = cfg.features
     for m in ("deepfm", "dcn", "dkn", "fim", "naml"):
         out[f"{m}.dim"] = dim
     for m in ID_MODELS:

@@ -58,6 +58,18 @@ the max and mean of each over clicked news (0 for no history):
 
     o = ReLU(... + W_1n [max_j l_j ; mean_j l_j ; max_j r_j ; mean_j r_j] + b_1)   (8''''')
 
+and option `field_affinity` (not in the paper) learns how the candidate's category and subcategory
+relate to each clicked news's, beyond equality: with A_c [N_c, N_c] and A_s [N_s, N_s] learned
+tables (from zero; an unknown value, id 0, stays out) and c(.), s(.) a news's category and
+subcategory ids (side tables `category`, `subcategory`), a^c_j = A_c[c(n), c(j)] and a^s_j =
+A_s[s(n), s(j)], and the click layer reads their max and mean over clicked news (0 for no
+history) beside a candidate prior of the same low capacity, b_c[c(n)] and b_s[s(n)]: relations
+such as "readers of one subcategory click another" and a category's base rate, which hold for
+news never seen in training, where a prior over the candidate's D-dim vector does not:
+
+    o = ReLU(... + W_1a [max_j a^c_j ; mean_j a^c_j ; max_j a^s_j ; mean_j a^s_j ;
+                         b_c[c(n)] ; b_s[s(n)]] + b_1)                   (8f)
+
 and option `click_concat=false` (not in the paper) takes eq. 8's concatenation out of the click layer,
 so that the candidate reaches the score only through its match with what the memory retrieved (eq.
 8') and the side features above, not through a prior over its own vector: on planted data that
@@ -100,7 +112,10 @@ SWITCH_OF = {
     "match": "rmbert.feature_match",
     "title_ids": "rmbert.content_match",
     "entity_ids": "rmbert.content_match",
+    "category": "rmbert.field_affinity",
+    "subcategory": "rmbert.field_affinity",
 }
+AFFINITY_FEATURES = 6  # eq. 8f
 
 
 def side_input(news: NewsRepr, name: str) -> torch.Tensor:
@@ -145,11 +160,14 @@ class RMBERTConfig:
     similarity_heads: int = 1  # h learned metrics in eq. 8''' (each its own max and mean)
     feature_match: bool = False  # eq. 8'''': category, subcategory and entity overlap with clicked news
     content_match: bool = False  # eq. 8''''': title-word overlap and entity relatedness with clicked news
-    wide: bool = False  # eq. 8w: the side features of eq. 8'''-8''''' linearly to the logit too
+    field_affinity: bool = False  # eq. 8f: learned category/subcategory relations to clicked news, a prior
+    wide: bool = False  # eq. 8w: the side features of eq. 8'''-8f linearly to the logit too
     # resolved from the encoder and the feature vocabulary (content_match's buffers)
     vocab_size: int = 0  # V: the WordPiece vocabulary (the IDF table)
     num_entities: int = 0  # the feature vocabulary's entities + 1
     vector_dim: int = 0  # the entity vectors' width (0: no entity_embedding.vec, r_j = 0)
+    num_categories: int = 0  # the feature vocabulary's categories + 1 (field_affinity's N_c)
+    num_subcategories: int = 0  # its subcategories + 1 (N_s)
 
     def __post_init__(self) -> None:
         if self.query_attention not in ("softmax", "sigmoid"):
@@ -173,6 +191,7 @@ class UserState:
     match: torch.Tensor | None = None  # [B, M, F] clicked news' match ids (feature_match)
     words: torch.Tensor | None = None  # [B, M, L] clicked news' title token ids (content_match)
     ents: torch.Tensor | None = None  # [B, M, E] clicked news' entity ids (content_match)
+    fields: torch.Tensor | None = None  # [B, M, 2] clicked news' category, subcategory ids (field_affinity)
 
 
 class RMBERT(Recommender):
@@ -198,7 +217,13 @@ class RMBERT(Recommender):
         self.W_1 = nn.Linear(D + Dm, H1)  # (8)
         self.W_2 = nn.Linear(H1, 1)  # (8)
         if not cfg.click_concat:  # (8c): W_1 [x_n ; m_p] is zero, only b_1 is learned
-            if not (cfg.click_product or cfg.similarity or cfg.feature_match or cfg.content_match):
+            if not (
+                cfg.click_product
+                or cfg.similarity
+                or cfg.feature_match
+                or cfg.content_match
+                or cfg.field_affinity
+            ):
                 raise ValueError(
                     "rmbert.click_concat=false needs another input: click_product or a side feature"
                 )
@@ -224,14 +249,29 @@ class RMBERT(Recommender):
             n_ent, width = max(cfg.num_entities, 1), max(cfg.vector_dim, 1)
             self.register_buffer("ent_unit", torch.zeros(n_ent, width))  # unit entity vectors, row 0 zero
             self.W_1n = nn.Linear(4, H1, bias=False)  # (8''''')
+        if cfg.field_affinity:
+            nc, ns = cfg.num_categories, cfg.num_subcategories
+            if nc < 1 or ns < 1:
+                raise ValueError(
+                    "rmbert.field_affinity needs rmbert.num_categories and num_subcategories "
+                    "(resolved from the feature vocabulary)"
+                )
+            self.A_c = nn.Parameter(torch.zeros(nc, nc))  # (8f)
+            self.A_s = nn.Parameter(torch.zeros(ns, ns))
+            self.b_c = nn.Parameter(torch.zeros(nc))
+            self.b_s = nn.Parameter(torch.zeros(ns))
+            self.W_1a = nn.Linear(AFFINITY_FEATURES, H1, bias=False)  # (8f)
         if cfg.wide:
             n = (
                 2 * cfg.similarity_heads * cfg.similarity
                 + 2 * MATCH_KINDS * cfg.feature_match
                 + 4 * cfg.content_match
+                + AFFINITY_FEATURES * cfg.field_affinity
             )
             if n == 0:
-                raise ValueError("rmbert.wide needs similarity, feature_match or content_match")
+                raise ValueError(
+                    "rmbert.wide needs similarity, feature_match, content_match or field_affinity"
+                )
             self.w_w = nn.Linear(n, 1, bias=False)  # (8w)
             nn.init.zeros_(self.w_w.weight)
         self.drop = nn.Dropout(cfg.dropout)
@@ -245,12 +285,41 @@ class RMBERT(Recommender):
         match = side_input(hist, "match") if self.cfg.feature_match else None
         words = side_input(hist, "title_ids") if self.cfg.content_match else None
         ents = side_input(hist, "entity_ids") if self.cfg.content_match else None
+        fields = self.field_ids(hist) if self.cfg.field_affinity else None
         GH = torch.cat([G, H], dim=-1)
-        return UserState(H=H, mask=hist_mask, GH=GH, Hs=Hs, match=match, words=words, ents=ents)
+        return UserState(
+            H=H, mask=hist_mask, GH=GH, Hs=Hs, match=match, words=words, ents=ents, fields=fields
+        )
 
     @classmethod
     def inputs_for(cls, cfg: RMBERTConfig) -> tuple[str, ...]:
-        return ("match",) * cfg.feature_match + ("title_ids", "entity_ids") * cfg.content_match
+        return (
+            ("match",) * cfg.feature_match
+            + ("title_ids", "entity_ids") * cfg.content_match
+            + ("category", "subcategory") * cfg.field_affinity
+        )
+
+    @staticmethod
+    def field_ids(news: NewsRepr) -> torch.Tensor:
+        """News [..] -> their category and subcategory ids [.., 2] (field_affinity)."""
+        return torch.stack([side_input(news, "category"), side_input(news, "subcategory")], -1)
+
+    def affinity_features(self, cf: torch.Tensor, hf: torch.Tensor, mask: torch.Tensor) -> torch.Tensor:
+        """Candidates' category and subcategory ids cf [B, C, 2], clicked news' hf [B, M, 2], mask
+        [B, M] -> the six features of eq. 8f [B, C, 6]: per field the max and mean over unmasked
+        clicked news of the learned affinity (0 for none, and for an unknown id on either side),
+        then the candidate's priors."""
+        out = []
+        m = mask[:, None, :]  # [B, 1, M]
+        for f, A in enumerate((self.A_c, self.A_s)):
+            c, h = cf[..., f], hf[..., f]  # [B, C], [B, M]
+            ok = (c != 0)[..., None] & (h != 0)[:, None, :] & m  # [B, C, M]
+            a = A[c[..., None], h[:, None, :]] * ok  # [B, C, M]
+            top = a.masked_fill(~m, NEG).amax(-1) if a.shape[-1] else a.sum(-1)  # [B, C]
+            top = top.where(mask.any(-1)[:, None], torch.zeros_like(top))
+            out += [top, a.sum(-1) / mask.sum(-1).clamp(min=1)[:, None]]
+        out += [self.b_c[cf[..., 0]] * (cf[..., 0] != 0), self.b_s[cf[..., 1]] * (cf[..., 1] != 0)]
+        return torch.stack(out, -1)
 
     def fit_training_news(self, vocab, tables: dict) -> None:
         """content_match: the IDF of the training titles and the vocabulary's unit entity vectors."""
@@ -529,6 +598,9 @@ class RMBERT(Recommender):
             ct, ce = per_pair(side_input(cand, "title_ids")), per_pair(side_input(cand, "entity_ids"))
             side.append(self.content_features(ct, ce, state).to(pre.dtype))
             pre = pre + self.W_1n(side[-1])  # (8''''')
+        if self.cfg.field_affinity:
+            side.append(self.affinity_features(per_pair(self.field_ids(cand)), state.fields, state.mask))
+            pre = pre + self.W_1a(side[-1].to(pre.dtype))  # (8f)
         logits = self.W_2(torch.relu(pre)).squeeze(-1)  # [B, C]
         if self.cfg.wide:
             logits = logits + self.w_w(torch.cat(side, -1)).squeeze(-1)  # (8w)

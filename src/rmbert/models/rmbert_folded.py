@@ -33,6 +33,7 @@ class FoldedUser:
     match: torch.Tensor | None = None  # [B, M, F]: clicked news' match ids (feature_match)
     words: torch.Tensor | None = None  # [B, M, L]: clicked news' title token ids (content_match)
     ents: torch.Tensor | None = None  # [B, M, E]: clicked news' entity ids (content_match)
+    fields: torch.Tensor | None = None  # [B, M, 2]: clicked news' category, subcategory ids (field_affinity)
 
 
 class FoldedRMBERT(InferenceForm):
@@ -68,6 +69,7 @@ class FoldedRMBERT(InferenceForm):
     #   match [..., F]    the news's match ids, a side table that serving builds (feature_match, eq. 8'''')
     #   title_ids [..., L] the news's title token ids, and
     #   entity_ids [..., E] its entity ids, likewise (content_match, eq. 8''''')
+    #   category, subcategory [...] its feature-vocabulary ids, likewise (field_affinity, eq. 8f)
     token_axes = {"base": 1, "K": 2, "click": 0}
 
     def __init__(self, m: RMBERT) -> None:
@@ -133,7 +135,9 @@ class FoldedRMBERT(InferenceForm):
         self.W_1n = m.W_1n.weight if cfg.content_match else None  # [H1, 4]
         self.content_features = m.content_features  # reads m's IDF and entity-vector buffers
         self.content_proxy = m.content_proxy if cfg.content_match else None  # for retrieval
-        self.w_w = m.w_w.weight[0] if cfg.wide else None  # [2h + 6 + 4], eq. 8w
+        self.affinity_features = m.affinity_features if cfg.field_affinity else None  # reads A, b
+        self.W_1a = m.W_1a.weight if cfg.field_affinity else None  # [H1, 6]
+        self.w_w = m.w_w.weight[0] if cfg.wide else None  # [2h + 6 + 4 + 6], eq. 8w
 
     def metric(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> unit S x per metric head [..., h, D]."""
@@ -162,9 +166,11 @@ class FoldedRMBERT(InferenceForm):
         match: torch.Tensor | None = None,
         words: torch.Tensor | None = None,
         ents: torch.Tensor | None = None,
+        fields: torch.Tensor | None = None,
     ) -> FoldedUser:
         """H [B, M, D] (clicked news vectors), their match ids [B, M, F] (feature_match), title
-        token ids [B, M, L] and entity ids [B, M, E] (content_match) -> FoldedUser."""
+        token ids [B, M, L] and entity ids [B, M, E] (content_match), category and subcategory
+        ids [B, M, 2] (field_affinity) -> FoldedUser."""
         B, M, D = H.shape
         p, H1 = self.p, self.kappa.shape[0]
         HU = H @ self.U  # [B, M, 2D + (p-1) D + p H1]
@@ -183,7 +189,9 @@ class FoldedRMBERT(InferenceForm):
             raise ValueError("rmbert.feature_match needs the clicked news' match ids")
         if self.W_1n is not None and (words is None or ents is None):
             raise ValueError("rmbert.content_match needs the clicked news' title token ids and entity ids")
-        return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q, Y, Hs, match, words, ents)
+        if self.W_1a is not None and fields is None:
+            raise ValueError("rmbert.field_affinity needs the clicked news' category and subcategory ids")
+        return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q, Y, Hs, match, words, ents, fields)
 
     @torch.no_grad()
     def score(
@@ -191,8 +199,14 @@ class FoldedRMBERT(InferenceForm):
     ) -> Scores:
         """H [B, M, D], mask [B, M] -> Scores, as RMBERT.reason in eval mode."""
         side = [terms.get("history_" + k) for k in ("match", "title_ids", "entity_ids")]
-        user = self.user_state(H, mask, *side)
+        user = self.user_state(H, mask, *side, fields=self.fields(terms, "history_"))
         return self.score_user(user, cand, terms, record)
+
+    def fields(self, terms: dict, prefix: str = "") -> torch.Tensor | None:
+        """The category and subcategory ids [..., 2] among `terms` (field_affinity), else None."""
+        if self.W_1a is None or prefix + "category" not in terms:
+            return None
+        return torch.stack([terms[prefix + "category"], terms[prefix + "subcategory"]], -1)
 
     @torch.no_grad()
     def score_user(self, user: FoldedUser, cand: NewsRepr, terms: dict, record: bool = False) -> Scores:
@@ -251,6 +265,9 @@ class FoldedRMBERT(InferenceForm):
         if self.W_1n is not None:
             side.append(self.content_features(terms["title_ids"], terms["entity_ids"], user).to(pre.dtype))
             pre = pre + side[-1] @ self.W_1n.T  # (8''''')
+        if self.W_1a is not None:
+            side.append(self.affinity_features(self.fields(terms), user.fields, user.mask).to(pre.dtype))
+            pre = pre + side[-1] @ self.W_1a.T  # (8f)
         logits = torch.relu(pre) @ self.W_2 + self.b_2
         if self.w_w is not None:
             logits = logits + torch.cat(side, -1) @ self.w_w  # (8w)
