@@ -217,13 +217,8 @@ class RMBERT(Recommender):
         self.W_1 = nn.Linear(D + Dm, H1)  # (8)
         self.W_2 = nn.Linear(H1, 1)  # (8)
         if not cfg.click_concat:  # (8c): W_1 [x_n ; m_p] is zero, only b_1 is learned
-            if not (
-                cfg.click_product
-                or cfg.similarity
-                or cfg.feature_match
-                or cfg.content_match
-                or cfg.field_affinity
-            ):
+            others = (cfg.click_product, cfg.similarity, cfg.feature_match, cfg.content_match)
+            if not any(others) and not cfg.field_affinity:
                 raise ValueError(
                     "rmbert.click_concat=false needs another input: click_product or a side feature"
                 )
@@ -240,6 +235,11 @@ class RMBERT(Recommender):
             self.S.weight.data.copy_(torch.eye(D).repeat(h, 1))
             self.W_1c = nn.Linear(2 * h, H1, bias=False)  # (8''')
         self.side_inputs = self.inputs_for(cfg)
+        self._init_side_paths(cfg, H1)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def _init_side_paths(self, cfg: RMBERTConfig, H1: int) -> None:
+        """The click layer's inputs from side tables (eq. 8'''', 8''''', 8f) and eq. 8w."""
         if cfg.feature_match:
             self.W_1f = nn.Linear(2 * MATCH_KINDS, H1, bias=False)  # (8'''')
         if cfg.content_match:
@@ -274,7 +274,6 @@ class RMBERT(Recommender):
                 )
             self.w_w = nn.Linear(n, 1, bias=False)  # (8w)
             nn.init.zeros_(self.w_w.weight)
-        self.drop = nn.Dropout(cfg.dropout)
 
     def user_state(
         self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None = None
@@ -580,6 +579,17 @@ class RMBERT(Recommender):
             m = self.memory_update(b, m, state)
             hist_w.append(b)
             strength.append(lse)
+        logits = self.click(x, m, strength, per_pair, xs, cand, state)
+        if record:
+            att = {"title": per_pair(torch.stack(title, -2)), "history": torch.stack(hist_w, 2)}
+            return Scores(logits, att)
+        return Scores(logits)
+
+    def click(self, x, m, strength, per_pair, xs, cand: NewsRepr, state: UserState) -> torch.Tensor:
+        """The click predictor, eq. 8 and its options: x_n [B, C, D], m_p [B, C, Dm], each step's
+        log-sum-exp (match_strength), the candidates' metric vectors xs and side inputs (per
+        unique news; `per_pair` spreads them to [B, C, ...]) -> logits [B, C]."""
+        B, C, _ = x.shape
         xm = torch.cat([x, m], dim=-1) if self.cfg.click_concat else None
         pre = self.W_1(xm) if xm is not None else self.W_1.bias.expand(B, C, -1)  # (8) or (8c) [B, C, H1]
         if self.cfg.click_product:
@@ -604,10 +614,7 @@ class RMBERT(Recommender):
         logits = self.W_2(torch.relu(pre)).squeeze(-1)  # [B, C]
         if self.cfg.wide:
             logits = logits + self.w_w(torch.cat(side, -1)).squeeze(-1)  # (8w)
-        if record:
-            att = {"title": per_pair(torch.stack(title, -2)), "history": torch.stack(hist_w, 2)}
-            return Scores(logits, att)
-        return Scores(logits)
+        return logits
 
     def score_candidates(self, state: UserState, cand: NewsRepr) -> torch.Tensor:
         return self.reason(state, cand).logits

@@ -125,6 +125,11 @@ class FoldedRMBERT(InferenceForm):
         self.b_H = m.W_H.bias
         self.W_1x, self.b_1 = m.W_1.weight[:, :D], m.W_1.bias
         self.W_2, self.b_2 = m.W_2.weight[0], m.W_2.bias
+        self._init_side_paths(m)
+
+    def _init_side_paths(self, m: RMBERT) -> None:
+        """The click layer's side paths (eq. 8''' to 8f, 8w), read from m."""
+        cfg = m.cfg
         self.S = m.S.weight if cfg.similarity else None  # [h D, D]
         self.W_1c = m.W_1c.weight if cfg.similarity else None  # [H1, 2h]
         if cfg.similarity:
@@ -250,6 +255,14 @@ class FoldedRMBERT(InferenceForm):
                 r = self.rho[t + 1] + bw[..., : (t + 1) * M] @ user.P[:, (p - 2 - t) * M :]  # [B, C, D]
             if record:
                 title_w.append(a)
+        logits = self.click(user, cand, terms, bw, strength)
+        if record:
+            return Scores(logits, {"title": torch.stack(title_w, 2), "history": bw.view(B, C, p, M)})
+        return Scores(logits)
+
+    def click(self, user: FoldedUser, cand: NewsRepr, terms: dict, bw: torch.Tensor, strength: list):
+        """Eq. 8 and its options, from the history weights of every step bw [B, C, p M] ->
+        logits [B, C]."""
         pre = terms["click"] + self.kappa + bw @ user.Q  # (8), [B, C, H1]
         if self.y0 is not None and user.Y is not None:
             pre = pre + (cand.cls * (self.y0 + bw @ user.Y)) @ self.W_1p.T  # (8')
@@ -271,6 +284,4 @@ class FoldedRMBERT(InferenceForm):
         logits = torch.relu(pre) @ self.W_2 + self.b_2
         if self.w_w is not None:
             logits = logits + torch.cat(side, -1) @ self.w_w  # (8w)
-        if record:
-            return Scores(logits, {"title": torch.stack(title_w, 2), "history": bw.view(B, C, p, M)})
-        return Scores(logits)
+        return logits
