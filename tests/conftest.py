@@ -78,6 +78,7 @@ def served(tiny_encoder, planted, tmp_path_factory) -> Path:
             "rmbert.feature_match=true",
             "rmbert.content_match=true",
             "rmbert.wide=true",
+            "rmbert.field_affinity=true",
             "rmbert.steps=3",
             "train.epochs=1",
             "train.batch_size=8",

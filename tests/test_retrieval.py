@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import shutil
 
 import numpy as np
@@ -224,18 +225,18 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         best_before = snap.best_prior.tolist()
         gathered = np.union1d(best, gathered_near)
         match = snap.arrays["match"]  # the served run has rmbert.feature_match: 6 proxy features
-        assert len(cfg.weights) == 14  # and rmbert.content_match: 4 more
+        assert len(cfg.weights) == 20  # rmbert.content_match: 4 more; rmbert.field_affinity: 6 more
         feats = cosine_features(
             retrieval_vectors(snap.arrays, gathered), clicks, cfg.recent, match[gathered], match[hist_rows]
         )
-        t = {k: torch.from_numpy(snap.arrays[k]) for k in ("title_ids", "entity_ids")}
+        names = ("title_ids", "entity_ids", "category", "subcategory")
+        assert ranker.form.proxy_tables == names
+        t = {k: torch.from_numpy(snap.arrays[k]) for k in names}
         content = ranker.form.content_proxy(
-            t["title_ids"][gathered],
-            t["entity_ids"][gathered],
-            t["title_ids"][hist_rows],
-            t["entity_ids"][hist_rows],
+            {k: v[gathered] for k, v in t.items()}, {k: v[hist_rows] for k, v in t.items()}
         )
         assert content[:, 0].max() > 0  # titles share words
+        assert content[:, 4:].abs().max() > 0  # the trained relations and priors (eq. 8f)
         feats = np.concatenate([feats, content.numpy()], 1)
         want = shortlist(gathered, prior[gathered], feats, cfg.weights, 40)
         got = snap.retrieve(hist_rows, 40)
@@ -294,3 +295,39 @@ def test_the_proxys_content_features_equal_the_models(clicks):
     got = m.content_proxy(ct, ce, ht, he)
     assert got.shape == (50, 4) and torch.allclose(got, want, atol=1e-6)
     assert (clicks == 0) == (not got.any())
+
+
+@pytest.mark.parametrize("clicks", [0, 1, 7])
+def test_the_proxys_side_features_equal_the_click_layers(clicks):
+    """The folded form's proxy features for one user (eq. 8''''' then eq. 8f, every click
+    unmasked) are what the model's click layer reads, the priors alone for no clicks."""
+    from rmbert.models.rmbert import RMBERTConfig
+
+    torch.manual_seed(clicks)
+    cfg = RMBERTConfig(dim=8, steps=1, content_match=True, vocab_size=40, num_entities=9, vector_dim=3)
+    m = RMBERT(dataclasses.replace(cfg, field_affinity=True, num_categories=4, num_subcategories=6))
+    with torch.no_grad():
+        for p in (m.A_c, m.A_s, m.b_c, m.b_s):
+            p.normal_()
+    g = torch.Generator().manual_seed(clicks)
+    cand = {
+        "title_ids": torch.randint(0, 40, (50, 6), generator=g),
+        "entity_ids": torch.randint(0, 9, (50, 4), generator=g),
+        "category": torch.randint(0, 4, (50,), generator=g),
+        "subcategory": torch.randint(0, 6, (50,), generator=g),
+    }
+    hist = {
+        k: torch.randint(0, int(v.max()) + 1, (clicks, *v.shape[1:]), generator=g) for k, v in cand.items()
+    }
+    f = m.eval().fold()
+    assert f.proxy_tables == ("title_ids", "entity_ids", "category", "subcategory")
+    got = f.content_proxy(cand, hist)
+    mask = torch.ones(1, clicks, dtype=torch.bool)
+    user = type(
+        "User", (), {"words": hist["title_ids"][None], "ents": hist["entity_ids"][None], "mask": mask}
+    )
+    content = m.content_features(cand["title_ids"][None], cand["entity_ids"][None], user)[0]
+    fields = [torch.stack([d["category"], d["subcategory"]], -1)[None] for d in (cand, hist)]
+    affinity = m.affinity_features(*fields, mask)[0]
+    assert got.shape == (50, 10) and torch.allclose(got, torch.cat([content, affinity], -1), atol=1e-6)
+    assert (clicks == 0) == (not got[:, :4].any()) and got[:, 8:].any()

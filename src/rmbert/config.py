@@ -210,6 +210,7 @@ PRESETS: dict[str, list[str]] = {
         "rmbert.similarity_heads=1",
         "rmbert.feature_match=false",
         "rmbert.content_match=false",
+        "rmbert.field_affinity=false",
         "rmbert.wide=false",
         "features.init_std=0.1",
         "rmbert.query_attention=softmax",

@@ -37,9 +37,10 @@ class InferenceForm(ABC):
     # True: `score` reads the clicked news' title tokens, terms["history_tokens"] [B, M, L, D] and
     # terms["history_mask"] [B, M, L]
     history_tokens: bool = False
-    # features the retrieval proxy adds, from the side tables of G news and of one user's M
-    # clicks: (title ids [G, L], entity ids [G, E], the clicks' [M, L], [M, E]) -> [G, 4]
-    content_proxy: Callable[..., torch.Tensor] | None = None
+    # features the retrieval proxy adds, from the side tables named in `proxy_tables`:
+    # (those tables' rows of G news, of one user's M clicks) -> [G, k]
+    content_proxy: Callable[[dict, dict], torch.Tensor] | None = None
+    proxy_tables: tuple[str, ...] = ()
 
     def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
         return {}

@@ -139,7 +139,11 @@ class FoldedRMBERT(InferenceForm):
         self.token_axes = {**self.token_axes, **{k: int(k == "title_ids") for k in self.side_tables}}
         self.W_1n = m.W_1n.weight if cfg.content_match else None  # [H1, 4]
         self.content_features = m.content_features  # reads m's IDF and entity-vector buffers
-        self.content_proxy = m.content_proxy if cfg.content_match else None  # for retrieval
+        self._content_pairs = m.content_proxy  # eq. 8''''' for one user's clicks, all unmasked
+        self.proxy_tables = ("title_ids", "entity_ids") * cfg.content_match + ("category", "subcategory") * (
+            cfg.field_affinity
+        )
+        self.content_proxy = self.proxy_features if self.proxy_tables else None  # for retrieval
         self.affinity_features = m.affinity_features if cfg.field_affinity else None  # reads A, b
         self.W_1a = m.W_1a.weight if cfg.field_affinity else None  # [H1, 6]
         self.w_w = m.w_w.weight[0] if cfg.wide else None  # [2h + 6 + 4 + 6], eq. 8w
@@ -212,6 +216,22 @@ class FoldedRMBERT(InferenceForm):
         if self.W_1a is None or prefix + "category" not in terms:
             return None
         return torch.stack([terms[prefix + "category"], terms[prefix + "subcategory"]], -1)
+
+    @torch.no_grad()
+    def proxy_features(self, cand: dict, clicks: dict) -> torch.Tensor:
+        """The retrieval proxy's features from the model's side paths for G news of one user
+        with M clicks, all unmasked: the `proxy_tables` rows of the news (cand) and of the clicks
+        -> [G, 4] (eq. 8''''', content_match), then [G, 6] (eq. 8f, field_affinity), as the click
+        layer reads them."""
+        out = []
+        if self.cfg.content_match:
+            names = ("title_ids", "entity_ids")
+            out.append(self._content_pairs(*(cand[k] for k in names), *(clicks[k] for k in names)))
+        if self.W_1a is not None:
+            cf, hf = self.fields(cand)[None], self.fields(clicks)[None]  # [1, G, 2], [1, M, 2]
+            mask = torch.ones(hf.shape[:2], dtype=torch.bool, device=hf.device)
+            out.append(self.affinity_features(cf, hf, mask)[0].to(out[0].dtype if out else torch.float32))
+        return torch.cat(out, -1)
 
     @torch.no_grad()
     def score_user(self, user: FoldedUser, cand: NewsRepr, terms: dict, record: bool = False) -> Scores:

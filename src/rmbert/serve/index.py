@@ -55,7 +55,7 @@ class Snapshot:
     tensors: dict[str, torch.Tensor]  # the arrays, viewed (not copied) as tensors
     retriever: Retriever | None = None  # the ANN index over the rows (it may hold rows >= n)
     best_prior: np.ndarray | None = None  # live rows with the best candidate-only prior, best first
-    content: Callable | None = None  # the model's content features (arrays, rows, clicks) -> [G, 4]
+    content: Callable | None = None  # the model's side-path features (arrays, rows, clicks) -> [G, k]
 
     def retrieve(self, hist_rows: np.ndarray, k: int = 0) -> np.ndarray | None:
         """A user's candidates from the whole live pool, best proxy first (serve/retrieval.py):
@@ -99,7 +99,7 @@ class ServingIndex:
         retrieval: RetrievalConfig | None = None,
         content: Callable | None = None,
     ) -> None:
-        """`content(arrays, rows, clicks) -> [G, 4]`: a model's content features for the
+        """`content(arrays, rows, clicks) -> [G, k]`: a model's side-path features for the
         retrieval proxy (`Ranker.content_proxy`), or None."""
         self.prepare = prepare or (lambda arrays, info, ids: {})
         self.content = content

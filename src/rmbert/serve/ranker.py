@@ -174,25 +174,19 @@ class Ranker:
             raise
 
     def content_proxy(self):
-        """The inference form's content features for the retrieval proxy as `(arrays, rows,
-        clicks) -> [G, 4]` (serve/retrieval.py), or None for a model without them."""
-        fn = self.form.content_proxy
+        """The inference form's side-path features for the retrieval proxy as `(arrays, rows,
+        clicks) -> [G, k]` (serve/retrieval.py), or None for a model without them."""
+        fn, names = self.form.content_proxy, self.form.proxy_tables
         if fn is None:
             return None
         dev = self.device
 
         @torch.inference_mode()
         def content(arrays: dict, rows: np.ndarray, clicks: np.ndarray) -> np.ndarray:
-            def take(name: str, r: np.ndarray) -> torch.Tensor:
-                return torch.from_numpy(np.asarray(arrays[name][r])).to(dev)
+            def take(r: np.ndarray) -> dict[str, torch.Tensor]:
+                return {k: torch.from_numpy(np.asarray(arrays[k][r])).to(dev) for k in names}
 
-            got = fn(
-                take("title_ids", rows),
-                take("entity_ids", rows),
-                take("title_ids", clicks),
-                take("entity_ids", clicks),
-            )
-            return got.float().cpu().numpy()
+            return fn(take(rows), take(clicks)).float().cpu().numpy()
 
         return content
 

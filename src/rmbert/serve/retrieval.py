@@ -23,7 +23,9 @@ enters the serving index. Retrieval runs in two steps:
    `rmbert.feature_match` adds the six features its click layer reads (eq. 8''''): the shares
    and indicators of clicks sharing the news's category, subcategory or an entity; one with
    `rmbert.content_match` the four of eq. 8''''' (the max and mean title-word and entity
-   cosines to the clicks, `RMBERT.content_proxy`). The best `top_n` go to the re-ranker.
+   cosines to the clicks, `RMBERT.content_proxy`); one with `rmbert.field_affinity` the six of
+   eq. 8f (the learned category and subcategory relations to the clicks, and the priors;
+   `FoldedRMBERT.proxy_features`). The best `top_n` go to the re-ranker.
 
 The weights are calibrated when the service loads (`calibrate`): pseudo-users made of random
 live news are scored exhaustively by the model, and w is the least-squares fit of
@@ -139,13 +141,13 @@ def match_features(cand: np.ndarray, clicks: np.ndarray) -> np.ndarray:
     return np.concatenate([n / M, n > 0], 1).astype(np.float32)
 
 
-# A model's content features for the proxy (eq. 8'''''): (gathered rows [G], click rows [M]) -> [G, 4]
+# A model's side-path features for the proxy (eq. 8''''', 8f): (gathered rows [G], click rows [M]) -> [G, k]
 Content = Callable[[np.ndarray, np.ndarray], np.ndarray] | None
 
 
 def with_content(features: np.ndarray, content: Content, cand: np.ndarray, hist: np.ndarray) -> np.ndarray:
     """The proxy's features [G, F] of rows cand [G] for clicks hist [M], followed by the model's
-    content features [G, 4] where it has them (`content` not None)."""
+    side-path features [G, k] where it has them (`content` not None)."""
     if content is None:
         return features
     return np.concatenate([features, content(cand, hist).astype(features.dtype)], 1)
@@ -298,7 +300,7 @@ def retrieve(
     vectors(rows) -> the retrieval vectors [len(rows), D] of rows; prior [n] by row (None: 0);
     best_prior: live rows by descending prior (None: none); hist_rows [M] the clicks, oldest
     first; live [n] bool (see `Retriever.nearest`); match [n, F]: match ids by row, or None;
-    content: the model's content features (see `with_content`), or None."""
+    content: the model's side-path features (see `with_content`), or None."""
     cfg = retriever.cfg
     clicks = vectors(hist_rows)  # [M, D]
     near = retriever.nearest(clicks, hist_rows, live)
