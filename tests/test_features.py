@@ -181,7 +181,7 @@ def test_paper_preset_is_the_papers_model():
         {f"features.{k}": True for k in ("category", "subcategory", "entities", "entity_vectors")}
         | {"rmbert.click_product": True, "rmbert.match_strength": True, "rmbert.similarity_heads": 3}
         | {"rmbert.feature_match": True, "rmbert.content_match": True, "rmbert.wide": True}
-        | {"rmbert.click_concat": False, "rmbert.field_affinity": True}
+        | {"rmbert.click_concat": False, "rmbert.field_affinity": True, "rmbert.memory_match": True}
         | {"features.init_std": 2.0}
     )
     assert preset("paper", busy) == p

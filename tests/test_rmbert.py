@@ -674,3 +674,39 @@ def test_field_affinity_adds_a_path_learns_and_folds():
         RMBERT(RMBERTConfig(dim=D, field_affinity=True))
     only = model(click_concat=False, field_affinity=True, num_categories=4, num_subcategories=5)
     assert only(hist, hmask, cand_f).shape == (B, C)  # eq. 8c with eq. 8f alone is a valid model
+
+
+def test_memory_match_hands_the_click_layer_the_cosine_to_the_memory_and_folds():
+    """Eq. 8m: the click layer reads cos(x_n, P m_p + b_P): by hand for a user without clicks
+    (m_p from m_0 alone) where it is the click layer's only input; with W_1r zeroed the score is
+    the model's without it; the memory then learns through it alone; the folded form scores as
+    the model, with eq. 8' (which shares P) too."""
+    H, hmask, cand = dbl(*inputs(31, empty_history_row=1))
+    only = model(seed=8, click_concat=False, memory_match=True)
+    m = only.m0
+    for _ in range(only.cfg.steps):  # eq. 7 with U = 0
+        m = only.W_m(torch.cat([m, torch.zeros_like(m)]))
+    r = torch.nn.functional.cosine_similarity(cand.cls[1], only.P(m).expand(C, -1), dim=-1)  # [C]
+    want = only.W_2(torch.relu(only.W_1.bias + r[:, None] * only.W_1r.weight[:, 0])).squeeze(-1)
+    assert torch.allclose(only(H, hmask, cand)[1], want)
+    only(H, hmask, cand).sum().backward()
+    assert (
+        only.W_m.weight.grad.abs().sum() > 0 and only.W_beta.weight.grad.abs().sum() > 0
+    )  # the memory learns
+    assert only.W_1.weight.grad is None
+    base = model(seed=7, similarity=True)
+    mm = model(seed=7, similarity=True, memory_match=True)
+    assert set(mm.state_dict()) - set(base.state_dict()) == {"P.weight", "P.bias", "W_1r.weight"}
+    mm.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        mm.W_1r.weight.zero_()
+    assert torch.allclose(mm(H, hmask, cand), base(H, hmask, cand))
+    with torch.no_grad():
+        mm.W_1r.weight.normal_()
+    assert not torch.allclose(mm(H, hmask, cand), base(H, hmask, cand))
+    for m in (mm, only, model(seed=9, memory_match=True, click_product=True)):
+        m.eval()
+        f = m.fold()
+        assert torch.allclose(
+            f.score(H, hmask, cand, f.news_terms(cand)).logits, m(H, hmask, cand), atol=1e-9
+        )

@@ -211,6 +211,7 @@ PRESETS: dict[str, list[str]] = {
         "rmbert.feature_match=false",
         "rmbert.content_match=false",
         "rmbert.field_affinity=false",
+        "rmbert.memory_match=false",
         "rmbert.wide=false",
         "features.init_std=0.1",
         "rmbert.query_attention=softmax",

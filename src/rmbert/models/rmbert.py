@@ -19,6 +19,12 @@ matches what the memory retrieved reaches the score without the MLP relearning a
 
     o = ReLU(W_1 [x_n ; m_p] + W_1p (x_n * (P m_p + b_P)) + b_1)   (8')
 
+and option `memory_match` (not in the paper) hands the click predictor one number from the memory:
+how well the candidate matches what the memory retrieved, the cosine of x_n and P m_p + b_P (P
+shared with eq. 8'), a path of low capacity where [x_n ; m_p] and eq. 8' give it D inputs:
+
+    o = ReLU(... + W_1r cos(x_n, P m_p + b_P) + b_1)                 (8m)
+
 and option `match_strength` (not in the paper) hands the click predictor what eq. 6's softmax
 discards: each step's log-sum-exp of the history attention logits, a smooth maximum that grows
 with how well, and with how many, clicked news matched (s = [lse_1 .. lse_p], 0 for no history):
@@ -153,6 +159,7 @@ class RMBERTConfig:
     dropout: float = 0.0  # on x_n, X_con and H
     click_product: bool = False  # eq. 8': the product x_n * P m_p inside the click predictor
     click_concat: bool = True  # False: eq. 8c, eq. 8 without W_1 [x_n ; m_p] (W_1 held at zero)
+    memory_match: bool = False  # eq. 8m: cos(x_n, P m_p + b_P), the memory's match, to the click layer
     match_strength: bool = False  # eq. 8'': each step's log-sum-exp of the history logits, to the click layer
     similarity: bool = (
         False  # eq. 8''': max and mean learned-metric cosine to clicked news, to the click layer
@@ -217,16 +224,19 @@ class RMBERT(Recommender):
         self.W_1 = nn.Linear(D + Dm, H1)  # (8)
         self.W_2 = nn.Linear(H1, 1)  # (8)
         if not cfg.click_concat:  # (8c): W_1 [x_n ; m_p] is zero, only b_1 is learned
-            others = (cfg.click_product, cfg.similarity, cfg.feature_match, cfg.content_match)
-            if not any(others) and not cfg.field_affinity:
+            others = (cfg.click_product, cfg.memory_match, cfg.similarity, cfg.feature_match)
+            if not any(others) and not (cfg.content_match or cfg.field_affinity):
                 raise ValueError(
                     "rmbert.click_concat=false needs another input: click_product or a side feature"
                 )
             nn.init.zeros_(self.W_1.weight)
             self.W_1.weight.requires_grad_(False)
+        if cfg.click_product or cfg.memory_match:
+            self.P = nn.Linear(Dm, D)  # (8'), (8m)
         if cfg.click_product:
-            self.P = nn.Linear(Dm, D)  # (8')
             self.W_1p = nn.Linear(D, H1, bias=False)  # (8')
+        if cfg.memory_match:
+            self.W_1r = nn.Linear(1, H1, bias=False)  # (8m)
         if cfg.match_strength:
             self.W_1s = nn.Linear(cfg.steps, H1, bias=False)  # (8'')
         if cfg.similarity:
@@ -592,8 +602,11 @@ class RMBERT(Recommender):
         B, C, _ = x.shape
         xm = torch.cat([x, m], dim=-1) if self.cfg.click_concat else None
         pre = self.W_1(xm) if xm is not None else self.W_1.bias.expand(B, C, -1)  # (8) or (8c) [B, C, H1]
+        y = self.P(m) if self.cfg.click_product or self.cfg.memory_match else None  # [B, C, D]
         if self.cfg.click_product:
-            pre = pre + self.W_1p(x * self.P(m))  # (8')
+            pre = pre + self.W_1p(x * y)  # (8')
+        if self.cfg.memory_match:
+            pre = pre + self.W_1r(nn.functional.cosine_similarity(x, y, dim=-1)[..., None])  # (8m)
         if self.cfg.match_strength:
             pre = pre + self.W_1s(torch.stack(strength, -1))  # (8'') [B, C, p] -> [B, C, H1]
         side = []  # the side features, for eq. 8w

@@ -98,7 +98,7 @@ class FoldedRMBERT(InferenceForm):
         W_r, b_r, W_1m = f64["W_r.weight"], f64["W_r.bias"], f64["W_1.weight"][:, D:]
         mem, Ak_W = f64["m0"], W_m2  # m_t with U = 0, and A^k W_m2
         rho, T, S, Yk = [], [], [], []
-        Pm = f64["P.weight"] if cfg.click_product else None
+        Pm = f64["P.weight"] if cfg.click_product or cfg.memory_match else None
         for k in range(p):
             rho.append(W_r @ mem + b_r)
             mem = A @ mem + b_m
@@ -111,6 +111,7 @@ class FoldedRMBERT(InferenceForm):
         self.rho, self.kappa = torch.stack(rho).to(dtype), (W_1m @ mem).to(dtype)  # [p, D], [H1]
         self.y0 = (Pm @ mem + f64["P.bias"]).to(dtype) if Pm is not None else None  # [D]
         self.W_1p = m.W_1p.weight if cfg.click_product else None  # [H1, D]
+        self.W_1r = m.W_1r.weight[:, 0] if cfg.memory_match else None  # [H1], eq. 8m
         # eq. 8'': the history logits' constant v_t . b_I + b_b (it cancels in the softmax, not in the
         # log-sum-exp) is s_t . g + h with k_t = W_q s_t + b_q
         self.W_1s = m.W_1s.weight if cfg.match_strength else None  # [H1, p]
@@ -236,7 +237,7 @@ class FoldedRMBERT(InferenceForm):
     @torch.no_grad()
     def score_user(self, user: FoldedUser, cand: NewsRepr, terms: dict, record: bool = False) -> Scores:
         """Logits [B, C] (and per-step weights if record) for a folded user. cand.cls (x_n
-        [B, C, D]) is read only with `click_product`."""
+        [B, C, D]) is read only with `click_product` or `memory_match`."""
         cfg, p = self.cfg, self.p
         X, xmask = cand.tokens, cand.mask  # [B, C, L, D], [B, C, L]
         B, C, M = *X.shape[:2], user.mask.shape[1]
@@ -285,7 +286,11 @@ class FoldedRMBERT(InferenceForm):
         logits [B, C]."""
         pre = terms["click"] + self.kappa + bw @ user.Q  # (8), [B, C, H1]
         if self.y0 is not None and user.Y is not None:
-            pre = pre + (cand.cls * (self.y0 + bw @ user.Y)) @ self.W_1p.T  # (8')
+            y = self.y0 + bw @ user.Y  # P m_p + b_P, [B, C, D]
+            if self.W_1p is not None:
+                pre = pre + (cand.cls * y) @ self.W_1p.T  # (8')
+            if self.W_1r is not None:
+                pre = pre + torch.nn.functional.cosine_similarity(cand.cls, y, dim=-1)[..., None] * self.W_1r
         if self.W_1s is not None:
             pre = pre + torch.stack(strength, -1) @ self.W_1s.T  # (8'')
         side = []  # the side features, for eq. 8w
