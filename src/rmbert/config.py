@@ -108,10 +108,13 @@ class RunConfig:
     # The run-level defaults are the best RMBERT measured (docs/results/quality.md): mean-pooled,
     # standardised news vectors; category, subcategory and entity embeddings (with MIND's entity
     # vectors where the data has them, initialised at std 0.5 against the standardised vectors'
-    # 1) and recency embeddings of clicked news; the product path (eq. 8') and the learned-metric
-    # similarity path (eq. 8 with 3 primes) with 4 metric heads. The model dataclasses
-    # themselves default to the paper's form, so a config.json saved before a switch existed still
-    # loads as it was trained; `--preset paper` switches every addition off.
+    # 1) and recency embeddings of clicked news; a click layer fed by inputs of low capacity: the
+    # learned-metric similarity (eq. 8''', 4 metric heads), the exact and graded overlaps with the
+    # clicked news (eq. 8'''', 8'''''), the learned category/subcategory relations and priors (eq.
+    # 8f) and the memory's match to the candidate (eq. 8m), in place of eq. 8's D-dim
+    # [x_n ; m_p] (click_concat=false), which fits the training news and carries over worse. The
+    # model dataclasses themselves default to the paper's form, so a config.json saved before a
+    # switch existed still loads as it was trained; `--preset paper` switches every addition off.
     encoder: EncoderConfig = field(default_factory=lambda: EncoderConfig(pooling="mean", standardize=True))
     features: FeatureConfig = field(
         default_factory=lambda: FeatureConfig(
@@ -126,11 +129,13 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     rmbert: RMBERTConfig = field(
         default_factory=lambda: RMBERTConfig(
-            click_product=True,
+            click_concat=False,
             similarity=True,
             similarity_heads=4,
             feature_match=True,
             content_match=True,
+            field_affinity=True,
+            memory_match=True,
         )
     )
     nrms: NRMSConfig = field(default_factory=NRMSConfig)
