@@ -42,6 +42,18 @@ def dbl(H, hmask, cand):
     return H.double(), hmask, NewsRepr(cand.cls.double(), cand.tokens.double(), cand.mask)
 
 
+def check_new_path(new, base, weight, new_args, base_args):
+    """Load base's weights into new: with the new path's `weight` zeroed new scores as base;
+    with it random it does not (the path reaches the score)."""
+    new.load_state_dict(base.state_dict(), strict=False)
+    with torch.no_grad():
+        weight.zero_()
+    assert torch.allclose(new(*new_args), base(*base_args))
+    with torch.no_grad():
+        weight.normal_()
+    assert not torch.allclose(new(*new_args), base(*base_args))
+
+
 def test_shapes_and_recorded_attention():
     m = model()
     H, hmask, cand = dbl(*inputs())
@@ -269,12 +281,7 @@ def test_match_strength_reads_the_log_sum_exp_of_the_history_logits():
     s_i = log sum_j exp(history logit_ij) over clicked news (0 for an empty history), by hand."""
     H, hmask, cand = dbl(*inputs(11, empty_history_row=2))
     base, strong = model(seed=9), model(seed=9, match_strength=True)
-    strong.load_state_dict(base.state_dict(), strict=False)
-    with torch.no_grad():
-        strong.W_1s.weight.zero_()
-    assert torch.allclose(strong(H, hmask, cand), base(H, hmask, cand))
-    with torch.no_grad():
-        strong.W_1s.weight.normal_()
+    check_new_path(strong, base, strong.W_1s.weight, (H, hmask, cand), (H, hmask, cand))
     state = strong.user_state(NewsRepr(H, None, None), hmask)
     x, m = cand.cls, strong.m0.expand(B, C, -1)
     hm = hmask[:, None, :].expand(-1, C, -1)
@@ -697,13 +704,7 @@ def test_memory_match_hands_the_click_layer_the_cosine_to_the_memory_and_folds()
     base = model(seed=7, similarity=True)
     mm = model(seed=7, similarity=True, memory_match=True)
     assert set(mm.state_dict()) - set(base.state_dict()) == {"P.weight", "P.bias", "W_1r.weight"}
-    mm.load_state_dict(base.state_dict(), strict=False)
-    with torch.no_grad():
-        mm.W_1r.weight.zero_()
-    assert torch.allclose(mm(H, hmask, cand), base(H, hmask, cand))
-    with torch.no_grad():
-        mm.W_1r.weight.normal_()
-    assert not torch.allclose(mm(H, hmask, cand), base(H, hmask, cand))
+    check_new_path(mm, base, mm.W_1r.weight, (H, hmask, cand), (H, hmask, cand))
     for m in (mm, only, model(seed=9, memory_match=True, click_product=True)):
         m.eval()
         f = m.fold()
