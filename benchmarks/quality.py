@@ -311,6 +311,7 @@ def main() -> None:
     p.add_argument("--generators", default=",".join(g for g in GENERATORS))
     p.add_argument("--scales", default="2k,20k")
     p.add_argument("--seeds", type=int, default=3, help="seeds at 2k and 20k (100k runs seed 0 only)")
+    p.add_argument("--first-seed", type=int, default=0, help="start at this seed (add seeds to a run)")
     p.add_argument("--rows", default=",".join(ALL_ROWS))
     p.add_argument("--variant", action="append", default=[], help="NAME=MODEL:PRESET:key=v,key=v")
     p.add_argument(
@@ -333,7 +334,7 @@ def main() -> None:
     results = []
     for gen in a.generators.split(","):
         for scale in a.scales.split(","):
-            for seed in range(a.seeds if scale != "100k" else 1):
+            for seed in range(a.first_seed, a.seeds if scale != "100k" else 1):
                 for row in rows:
                     r = run_cell(a.out, gen, scale, seed, row, specs)
                     results.append(r)
