@@ -223,9 +223,13 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         )
         gathered_near = snap.retriever.nearest(clicks, hist_rows, snap.live).tolist()
         best_before = snap.best_prior.tolist()
-        gathered = np.union1d(best, gathered_near)
         match = snap.arrays["match"]  # the served run has rmbert.feature_match: 6 proxy features
-        assert len(cfg.weights) == 20  # rmbert.content_match: 4 more; rmbert.field_affinity: 6 more
+        fields = snap.fields[0].n, cfg.per_entity, cfg.per_subcategory  # and the field lists
+        shared = _sharing_by_hand(match, snap.live, prior, hist_rows, *fields)
+        assert set(shared) - set(best) - set(gathered_near) and fields[0] < snap.n  # they add news; a tail
+        gathered = np.setdiff1d(np.union1d(np.union1d(best, gathered_near), shared), hist_rows)
+        # a second metric head: 2 more; rmbert.content_match: 4 more; rmbert.field_affinity: 6 more
+        assert len(cfg.weights) == 22 and snap.arrays["sim"].shape[1] == 2
         feats = cosine_features(
             retrieval_vectors(snap.arrays, gathered), clicks, cfg.recent, match[gathered], match[hist_rows]
         )
@@ -237,7 +241,8 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         )
         assert content[:, 0].max() > 0  # titles share words
         assert content[:, 4:].abs().max() > 0  # the trained relations and priors (eq. 8f)
-        feats = np.concatenate([feats, content.numpy()], 1)
+        head1 = snap.arrays["sim"][gathered, 1] @ snap.arrays["sim"][hist_rows, 1].T  # [G, M]
+        feats = np.concatenate([feats, head1.max(1)[:, None], head1.mean(1)[:, None], content.numpy()], 1)
         want = shortlist(gathered, prior[gathered], feats, cfg.weights, 40)
         got = snap.retrieve(hist_rows, 40)
         assert got.tolist() == want.tolist() and not set(got.tolist()) & set(hist_rows.tolist())
@@ -331,3 +336,51 @@ def test_the_proxys_side_features_equal_the_click_layers(clicks):
     affinity = m.affinity_features(*fields, mask)[0]
     assert got.shape == (50, 10) and torch.allclose(got, torch.cat([content, affinity], -1), atol=1e-6)
     assert (clicks == 0) == (not got[:, :4].any()) and got[:, 8:].any()
+
+
+def _sharing_by_hand(match, live, prior, hist, listed_n, per_entity, per_subcategory):
+    """What `sharing` should give, from its definition, one row at a time."""
+    best_first = sorted((r for r in range(listed_n) if live[r]), key=lambda r: (-prior[r], r))
+    want = set()
+    for e in {int(e) for e in match[hist, 2:].ravel()} - {0}:
+        want |= set([r for r in best_first if e in match[r, 2:]][:per_entity])
+    for s in {int(s) for s in match[1:, 1]} - {0}:
+        want |= set([r for r in best_first if match[r, 1] == s][:per_subcategory])
+    ents, subs = set(match[hist, 2:].ravel()) - {0}, set(match[hist, 1]) - {0}
+    for r in range(listed_n, len(live)):  # the tail: sharing an entity or a subcategory
+        if live[r] and (set(match[r, 2:]) & ents or match[r, 1] in subs):
+            want.add(r)
+    return sorted(want)
+
+
+def test_the_gather_finds_news_sharing_a_field_with_the_clicks():
+    """`KeyLists` and `sharing`: the best-prior news naming each clicked entity and of every
+    subcategory, then the rows added since the lists were built; a row that stops being live
+    (an update) or a tail over `relist_after` makes the lists stale. Checked against the
+    definition, row by row, on ids from a small alphabet (repeats, unknown 0s, ties)."""
+    from rmbert.serve.retrieval import KeyLists, sharing
+
+    rng = np.random.default_rng(0)
+    n = 400
+    match = rng.integers(0, 9, size=(n, 6))  # category, subcategory, 4 entities; 0 = none
+    match[0] = 0  # the null row
+    prior = np.round(rng.normal(size=n), 1)  # ties
+    live = rng.random(n) > 0.1
+    live[0] = False
+    cfg = RetrievalConfig(per_entity=7, per_subcategory=3, relist_after=50)
+    listed_n = 300  # rows 300.. arrive after the lists were built
+    ents = KeyLists.build(match[:listed_n, 2:], live[:listed_n], prior)
+    subs = KeyLists.build(match[:listed_n, 1:2], live[:listed_n], prior)
+    assert ents.n == listed_n and not ents.stale(live[:listed_n], 50)
+    assert ents.stale(live, 50)  # a tail of 100 > 50
+    assert not ents.stale(live[:340], 50)
+    for hist in ([5, 17, 230], [1], list(range(1, 40))):
+        got = sharing(ents, subs, match, live[:340], np.array(hist), cfg)
+        assert got.tolist() == _sharing_by_hand(match, live[:340], prior, hist, listed_n, 7, 3)
+    live[np.flatnonzero(live[:listed_n])[3]] = False  # an update retires a listed row
+    assert ents.stale(live[:340], 50)
+    off = dataclasses.replace(cfg, per_entity=0, per_subcategory=0)
+    tail = sharing(ents, subs, match, live[:340], np.array([5]), off)
+    assert tail.min() >= listed_n  # only the tail is scanned
+    with pytest.raises(ValueError, match="retrieval.relist_after"):
+        RetrievalConfig(relist_after=0)

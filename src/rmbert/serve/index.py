@@ -17,7 +17,15 @@ import numpy as np
 import torch
 
 from rmbert.encoders.store import NewsStore
-from rmbert.serve.retrieval import RetrievalConfig, Retriever, calibrate, retrieval_vectors, retrieve
+from rmbert.serve.retrieval import (
+    KeyLists,
+    RetrievalConfig,
+    Retriever,
+    calibrate,
+    retrieval_vectors,
+    retrieve,
+    sharing,
+)
 
 
 class Rows:
@@ -56,6 +64,7 @@ class Snapshot:
     retriever: Retriever | None = None  # the ANN index over the rows (it may hold rows >= n)
     best_prior: np.ndarray | None = None  # live rows with the best candidate-only prior, best first
     content: Callable | None = None  # the model's side-path features (arrays, rows, clicks) -> [G, k]
+    fields: tuple[KeyLists, KeyLists] | None = None  # rows by entity, by subcategory (a model with "match")
 
     def retrieve(self, hist_rows: np.ndarray, k: int = 0) -> np.ndarray | None:
         """A user's candidates from the whole live pool, best proxy first (serve/retrieval.py):
@@ -67,6 +76,9 @@ class Snapshot:
         if len(hist_rows) == 0:
             return None if self.best_prior is None else self.best_prior[: k or self.retriever.cfg.top_n]
         prior = self.arrays.get("prior")
+        shared = None
+        if self.fields is not None:
+            shared = sharing(*self.fields, self.arrays["match"], self.live, hist_rows, self.retriever.cfg)
         return retrieve(
             self.retriever,
             lambda rows: retrieval_vectors(self.arrays, rows),
@@ -77,6 +89,7 @@ class Snapshot:
             k,
             self.arrays.get("match"),
             None if self.content is None else lambda rows, hist: self.content(self.arrays, rows, hist),
+            shared,
         )
 
 
@@ -106,6 +119,7 @@ class ServingIndex:
         self.lock = threading.Lock()  # serialises appends; reads never wait
         self.retrieval = retrieval if retrieval is not None and retrieval.top_n > 0 else None
         self.retriever: Retriever | None = None  # over every row, kept in step with the rows
+        self.fields: tuple[KeyLists, KeyLists] | None = None  # rebuilt when stale (KeyLists)
         self._load(store)
 
     def _load(self, store: NewsStore) -> None:
@@ -118,6 +132,7 @@ class ServingIndex:
                 retrieval_vectors(self.rows.data, slice(1, self.rows.n)), self.retrieval
             )
         self.index = dict(store.index)
+        self.fields = None
         self.snapshot = self._snap()
 
     def calibrate(self, score) -> tuple[float, float] | None:
@@ -170,9 +185,33 @@ class ServingIndex:
             k = min(len(live), self.retriever.cfg.prior_pool + 512)  # room for a user's clicks
             top = np.argpartition(-prior, k - 1)[:k]
             best = live[top[np.argsort(-prior[top], kind="stable")]]
+        fields = self._fields(arrays, is_live)
         return Snapshot(
-            self.rows.n, arrays, index, info, fresh, is_live, tensors, self.retriever, best, self.content
+            self.rows.n,
+            arrays,
+            index,
+            info,
+            fresh,
+            is_live,
+            tensors,
+            self.retriever,
+            best,
+            self.content,
+            fields,
         )
+
+    def _fields(self, arrays: dict[str, np.ndarray], live: np.ndarray) -> tuple[KeyLists, KeyLists] | None:
+        """The field lists of the gather step (serve/retrieval.py), rebuilt only when stale."""
+        if self.retriever is None or "match" not in arrays or "prior" not in arrays:
+            return None
+        relist = self.retriever.cfg.relist_after
+        if self.fields is None or self.fields[0].stale(live, relist):
+            match, prior = arrays["match"][: len(live)], arrays["prior"][: len(live)]
+            self.fields = (
+                KeyLists.build(match[:, 2:], live, prior),
+                KeyLists.build(match[:, 1:2], live, prior),
+            )
+        return self.fields
 
     def add(self, store: NewsStore, first_new: int) -> None:
         """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""

@@ -17,6 +17,7 @@ from rmbert.models.tables import ServingSource, serving_tables
 from rmbert.run import LoadedRun
 from rmbert.serve import explain
 from rmbert.serve.index import Snapshot
+from rmbert.serve.retrieval import head_cosines
 from rmbert.types import NewsRepr
 
 
@@ -177,7 +178,8 @@ class Ranker:
         """The inference form's side-path features for the retrieval proxy as `(arrays, rows,
         clicks) -> [G, k]` (serve/retrieval.py), or None for a model without them."""
         fn, names = self.form.content_proxy, self.form.proxy_tables
-        if fn is None:
+        heads = getattr(self.form, "S", None) is not None and self.form.cfg.similarity_heads > 1
+        if fn is None and not heads:
             return None
         dev = self.device
 
@@ -186,7 +188,10 @@ class Ranker:
             def take(r: np.ndarray) -> dict[str, torch.Tensor]:
                 return {k: torch.from_numpy(np.asarray(arrays[k][r])).to(dev) for k in names}
 
-            return fn(take(rows), take(clicks)).float().cpu().numpy()
+            parts = [head_cosines(arrays["sim"], rows, clicks)] if heads else []
+            if fn is not None:
+                parts.append(fn(take(rows), take(clicks)).float().cpu().numpy())
+            return np.concatenate(parts, 1)
 
         return content
 
