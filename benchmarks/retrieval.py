@@ -2,10 +2,12 @@
 
 Two parts, one JSON object on the last line:
 
-- "pools": synthetic clustered unit vectors (D = 384; 2,000 topics) and a random prior at each
-  pool size: index build time and memory, the cost of adding one news, the latency of one
-  user's retrieval (50 clicks; both steps: gather, then shortlist 200 by the proxy), and the
-  ANN's recall@200: how much of the shortlist an exact index would give it holds.
+- "pools": synthetic clustered unit vectors (D = 384; 2,000 topics), a random prior and
+  synthetic categories and entities (`synthetic_fields`) at each pool size: index build time
+  and memory, the field lists' build time, the cost of adding one news, the latency of one
+  user's retrieval (50 clicks; both steps: gather, with the news sharing a field with the
+  clicks, then shortlist 200 by the proxy), and the ANN's recall@200: how much of the
+  shortlist an exact index would give it holds.
 - "recall": a trained run and a store of a split's news (planted data, or --run/--split): for
   each of the split's users, the exact top-10 of exhaustive scoring of the whole pool by the
   model's serving form, and how much of it the retrieval top-N holds (N = 50 ... 400); beside
@@ -32,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from _common import planted, quick_run
 
-from rmbert.serve.retrieval import RetrievalConfig, Retriever, retrieve
+from rmbert.serve.retrieval import KeyLists, RetrievalConfig, Retriever, retrieve, sharing
 
 SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
 D = 384
@@ -44,6 +46,18 @@ def clustered(n: int, centers: np.ndarray, rng: np.random.Generator) -> tuple[np
     topic = rng.integers(0, len(centers), n)
     x = centers[topic] + 0.066 * rng.standard_normal((n, D)).astype(np.float32)
     return x / np.linalg.norm(x, axis=1, keepdims=True), topic
+
+
+def synthetic_fields(topic: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    """Match ids [n + 1, 5] (row 0 null) as MIND's are spread: a subcategory per topic among
+    285, 16 subcategories to a category, and 0-3 title entities from a Zipf-like vocabulary of
+    100,000 (about a third of titles name none)."""
+    n = len(topic)
+    sub = topic % 285 + 1
+    ents = (rng.zipf(1.3, size=(n, 3)) % 100_000) + 1
+    ents[rng.random((n, 3)) < np.array([0.33, 0.6, 0.85])] = 0
+    out = np.concatenate([np.stack([(sub - 1) // 16 + 1, sub], 1), ents], 1)
+    return np.concatenate([np.zeros((1, 5), np.int64), out])
 
 
 def pct(values: list[float], q: float) -> float:
@@ -63,11 +77,15 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
     live = np.ones(n + 1, bool)
     prior = (0.5 * rng.standard_normal(n + 1)).astype(np.float32)  # a candidate-only prior per news
     best = np.argsort(-prior[1:], kind="stable")[:712] + 1
+    match = synthetic_fields(topic, rng)
     t0 = time.perf_counter()
     r = Retriever(
         vectors[1:], RetrievalConfig(weights=(3.8, 1.6, 0.5, 0.5))
     )  # about as calibrated on planted data
     build = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    fields = KeyLists.build(match[:, 2:], live, prior), KeyLists.build(match[:, 1:2], live, prior)
+    lists = time.perf_counter() - t0
     exact = r
     if r.kind != "exact":
         exact = Retriever(vectors[1:], dataclasses.replace(r.cfg, exact_below=n + 1))
@@ -75,7 +93,7 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
     def rows_of(rows: np.ndarray) -> np.ndarray:
         return vectors[rows]
 
-    lat, recall = [], []
+    lat, recall, gathered = [], [], []
     for _ in range(users):
         hist = rng.integers(1, n + 1, 50)  # 14 clicks anywhere, 36 on the user's 3 topics
         for j, t in enumerate(rng.choice(topics, 3, replace=False)):
@@ -83,10 +101,12 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
                 hist[14 + 12 * j : 26 + 12 * j] = by_topic[rng.integers(starts[t], starts[t + 1], 12)]
         hist = np.array(list(dict.fromkeys(hist.tolist())), dtype=np.int64)
         t0 = time.perf_counter()
-        got = retrieve(r, rows_of, prior, best, hist, live)
+        shared = sharing(*fields, match, live, hist, r.cfg)
+        got = retrieve(r, rows_of, prior, best, hist, live, match=match, shared=shared)
         lat.append(time.perf_counter() - t0)
+        gathered.append(len(shared))
         if exact is not r:
-            want = retrieve(exact, rows_of, prior, best, hist, live)
+            want = retrieve(exact, rows_of, prior, best, hist, live, match=match, shared=shared)
             recall.append(len(np.intersect1d(got, want)) / max(1, len(want)))
     adds = []
     for i in range(200):
@@ -98,6 +118,8 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
         "news": n,
         "index": r.kind,
         "build_s": round(build, 2),
+        "field_lists_build_s": round(lists, 2),
+        "field_gathered_mean": round(float(np.mean(gathered)), 1),
         "index_mib": round(r.memory_bytes() / 2**20, 1),
         "retrieve_p50_ms": pct(lat, 50),
         "retrieve_p99_ms": pct(lat, 99),

@@ -344,7 +344,7 @@ def _sharing_by_hand(match, live, prior, hist, listed_n, per_entity, per_subcate
     want = set()
     for e in {int(e) for e in match[hist, 2:].ravel()} - {0}:
         want |= set([r for r in best_first if e in match[r, 2:]][:per_entity])
-    for s in {int(s) for s in match[1:, 1]} - {0}:
+    for s in {int(s) for s in match[hist, 1]} - {0}:
         want |= set([r for r in best_first if match[r, 1] == s][:per_subcategory])
     ents, subs = set(match[hist, 2:].ravel()) - {0}, set(match[hist, 1]) - {0}
     for r in range(listed_n, len(live)):  # the tail: sharing an entity or a subcategory
@@ -354,8 +354,8 @@ def _sharing_by_hand(match, live, prior, hist, listed_n, per_entity, per_subcate
 
 
 def test_the_gather_finds_news_sharing_a_field_with_the_clicks():
-    """`KeyLists` and `sharing`: the best-prior news naming each clicked entity and of every
-    subcategory, then the rows added since the lists were built; a row that stops being live
+    """`KeyLists` and `sharing`: the best-prior news naming each clicked entity and of each
+    clicked subcategory, then the rows added since the lists were built; a row that stops being live
     (an update) or a tail over `relist_after` makes the lists stale. Checked against the
     definition, row by row, on ids from a small alphabet (repeats, unknown 0s, ties)."""
     from rmbert.serve.retrieval import KeyLists, sharing
