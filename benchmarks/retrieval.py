@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from _common import planted, quick_run
 
-from rmbert.serve.retrieval import KeyLists, RetrievalConfig, Retriever, retrieve, sharing
+from rmbert.serve.retrieval import FieldLists, RetrievalConfig, Retriever, retrieve, sharing
 
 SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
 D = 384
@@ -84,7 +84,7 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
     )  # about as calibrated on planted data
     build = time.perf_counter() - t0
     t0 = time.perf_counter()
-    fields = KeyLists.build(match[:, 2:], live, prior), KeyLists.build(match[:, 1:2], live, prior)
+    fields = FieldLists.build(match, live, prior, None, r.cfg.relist_after)
     lists = time.perf_counter() - t0
     exact = r
     if r.kind != "exact":
@@ -101,7 +101,7 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
                 hist[14 + 12 * j : 26 + 12 * j] = by_topic[rng.integers(starts[t], starts[t + 1], 12)]
         hist = np.array(list(dict.fromkeys(hist.tolist())), dtype=np.int64)
         t0 = time.perf_counter()
-        shared = sharing(*fields, match, live, hist, r.cfg)
+        shared = sharing(fields, match, live, hist, r.cfg)
         got = retrieve(r, rows_of, prior, best, hist, live, match=match, shared=shared)
         lat.append(time.perf_counter() - t0)
         gathered.append(len(shared))

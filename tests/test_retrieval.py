@@ -224,8 +224,8 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         gathered_near = snap.retriever.nearest(clicks, hist_rows, snap.live).tolist()
         best_before = snap.best_prior.tolist()
         match = snap.arrays["match"]  # the served run has rmbert.feature_match: 6 proxy features
-        fields = snap.fields[0].n, cfg.per_entity, cfg.per_subcategory  # and the field lists
-        shared = _sharing_by_hand(match, snap.live, prior, hist_rows, *fields)
+        fields = snap.fields.listed[0].n, cfg.per_entity, cfg.per_subcategory  # and the field lists
+        shared = _sharing_by_hand(match, snap.live, snap.live, prior, hist_rows, *fields)
         assert set(shared) - set(best) - set(gathered_near) and fields[0] < snap.n  # they add news; a tail
         gathered = np.setdiff1d(np.union1d(np.union1d(best, gathered_near), shared), hist_rows)
         # a second metric head: 2 more; rmbert.content_match: 4 more; rmbert.field_affinity: 6 more
@@ -338,49 +338,60 @@ def test_the_proxys_side_features_equal_the_click_layers(clicks):
     assert (clicks == 0) == (not got[:, :4].any()) and got[:, 8:].any()
 
 
-def _sharing_by_hand(match, live, prior, hist, listed_n, per_entity, per_subcategory):
-    """What `sharing` should give, from its definition, one row at a time."""
-    best_first = sorted((r for r in range(listed_n) if live[r]), key=lambda r: (-prior[r], r))
+def _sharing_by_hand(match, live_then, live, prior, hist, listed_n, per_entity, per_subcategory):
+    """What `sharing` should give, from its definition, one row at a time: per clicked entity
+    and subcategory, the best-prior rows among those listed (live then) and among those added
+    since (live now); of these, the rows live now."""
+    listed = [r for r in range(listed_n) if live_then[r]]
+    tail = [r for r in range(listed_n, len(live)) if live[r]]
     want = set()
-    for e in {int(e) for e in match[hist, 2:].ravel()} - {0}:
-        want |= set([r for r in best_first if e in match[r, 2:]][:per_entity])
-    for s in {int(s) for s in match[hist, 1]} - {0}:
-        want |= set([r for r in best_first if match[r, 1] == s][:per_subcategory])
-    ents, subs = set(match[hist, 2:].ravel()) - {0}, set(match[hist, 1]) - {0}
-    for r in range(listed_n, len(live)):  # the tail: sharing an entity or a subcategory
-        if live[r] and (set(match[r, 2:]) & ents or match[r, 1] in subs):
-            want.add(r)
-    return sorted(want)
+    for rows in (listed, tail):
+        best_first = sorted(rows, key=lambda r: (-prior[r], r))
+        for e in {int(e) for e in match[hist, 2:].ravel()} - {0}:
+            want |= set([r for r in best_first if e in match[r, 2:]][:per_entity])
+        for s in {int(s) for s in match[hist, 1]} - {0}:
+            want |= set([r for r in best_first if match[r, 1] == s][:per_subcategory])
+    return sorted(r for r in want if live[r])
 
 
 def test_the_gather_finds_news_sharing_a_field_with_the_clicks():
-    """`KeyLists` and `sharing`: the best-prior news naming each clicked entity and of each
-    clicked subcategory, then the rows added since the lists were built; a row that stops being live
-    (an update) or a tail over `relist_after` makes the lists stale. Checked against the
-    definition, row by row, on ids from a small alphabet (repeats, unknown 0s, ties)."""
-    from rmbert.serve.retrieval import KeyLists, sharing
+    """`FieldLists` and `sharing`: per clicked entity and subcategory, the best-prior news among
+    those listed at the last rebuild (less those replaced since) and among those added since;
+    the listed part is rebuilt once more than `relist_after` news were added or replaced.
+    Checked against the definition, row by row, on ids from a small alphabet (repeats,
+    unknown 0s, ties, keys with fewer rows than asked for, keys no live row carries)."""
+    from rmbert.serve.retrieval import FieldLists, sharing
 
     rng = np.random.default_rng(0)
     n = 400
     match = rng.integers(0, 9, size=(n, 6))  # category, subcategory, 4 entities; 0 = none
+    rare = rng.random((n, 6)) < 0.02
+    match[rare] = rng.integers(20, 30, size=int(rare.sum()))  # keys with a few rows each
     match[0] = 0  # the null row
     prior = np.round(rng.normal(size=n), 1)  # ties
-    live = rng.random(n) > 0.1
-    live[0] = False
-    cfg = RetrievalConfig(per_entity=7, per_subcategory=3, relist_after=50)
+    live_then = rng.random(n) > 0.1
+    live_then[0] = False
+    cfg = RetrievalConfig(per_entity=7, per_subcategory=3, relist_after=50, max_history=30)
     listed_n = 300  # rows 300.. arrive after the lists were built
-    ents = KeyLists.build(match[:listed_n, 2:], live[:listed_n], prior)
-    subs = KeyLists.build(match[:listed_n, 1:2], live[:listed_n], prior)
-    assert ents.n == listed_n and not ents.stale(live[:listed_n], 50)
-    assert ents.stale(live, 50)  # a tail of 100 > 50
-    assert not ents.stale(live[:340], 50)
-    for hist in ([5, 17, 230], [1], list(range(1, 40))):
-        got = sharing(ents, subs, match, live[:340], np.array(hist), cfg)
-        assert got.tolist() == _sharing_by_hand(match, live[:340], prior, hist, listed_n, 7, 3)
-    live[np.flatnonzero(live[:listed_n])[3]] = False  # an update retires a listed row
-    assert ents.stale(live[:340], 50)
+    first = FieldLists.build(match[:listed_n], live_then[:listed_n], prior, None, 50)
+    live = live_then.copy()
+    gathered = sharing(first, match, live_then[:listed_n], np.array([5, 17, 230]), cfg)
+    live[gathered[[0, 5, 9]]] = False  # updates retire 3 listed rows that were gathered
+    fields = FieldLists.build(match[:340], live[:340], prior, first, 50)
+    assert fields.listed is first.listed and fields.tail[0].n == 340  # kept; a tail of 40
+    named = int(np.flatnonzero((match[1:300, 2:] >= 20).any(1))[0]) + 1  # a click naming a rare entity
+    for hist in ([5, 17, 230], [1], [named, 310], list(range(1, 40)), list(range(1, 340))):
+        got = sharing(fields, match, live[:340], np.array(hist), cfg)
+        window = hist[-30:]  # the model's max_history
+        assert got.tolist() == _sharing_by_hand(match, live_then, live[:340], prior, window, listed_n, 7, 3)
     off = dataclasses.replace(cfg, per_entity=0, per_subcategory=0)
-    tail = sharing(ents, subs, match, live[:340], np.array([5]), off)
-    assert tail.min() >= listed_n  # only the tail is scanned
+    assert len(sharing(fields, match, live[:340], np.array([5, 310]), off)) == 0
+    assert not fields.listed[0].stale(live[:350], 50)
+    assert fields.listed[0].stale(live[:351], 50)  # 51 added
+    many = live[:340].copy()
+    many[np.flatnonzero(many[:listed_n])[:48]] = False  # 51 or more replaced
+    assert FieldLists.build(match[:340], many, prior, first, 50).listed is not first.listed
+    empty = FieldLists.build(match[:1], np.zeros(1, bool), prior, None, 50)  # no news at all
+    assert len(sharing(empty, match, np.zeros(1, bool), np.zeros(0, np.int64), cfg)) == 0
     with pytest.raises(ValueError, match="retrieval.relist_after"):
         RetrievalConfig(relist_after=0)

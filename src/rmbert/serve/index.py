@@ -18,7 +18,7 @@ import torch
 
 from rmbert.encoders.store import NewsStore
 from rmbert.serve.retrieval import (
-    KeyLists,
+    FieldLists,
     RetrievalConfig,
     Retriever,
     calibrate,
@@ -64,7 +64,7 @@ class Snapshot:
     retriever: Retriever | None = None  # the ANN index over the rows (it may hold rows >= n)
     best_prior: np.ndarray | None = None  # live rows with the best candidate-only prior, best first
     content: Callable | None = None  # the model's side-path features (arrays, rows, clicks) -> [G, k]
-    fields: tuple[KeyLists, KeyLists] | None = None  # rows by entity, by subcategory (a model with "match")
+    fields: FieldLists | None = None  # rows by entity, by subcategory (a model with "match")
 
     def retrieve(self, hist_rows: np.ndarray, k: int = 0) -> np.ndarray | None:
         """A user's candidates from the whole live pool, best proxy first (serve/retrieval.py):
@@ -78,7 +78,7 @@ class Snapshot:
         prior = self.arrays.get("prior")
         shared = None
         if self.fields is not None:
-            shared = sharing(*self.fields, self.arrays["match"], self.live, hist_rows, self.retriever.cfg)
+            shared = sharing(self.fields, self.arrays["match"], self.live, hist_rows, self.retriever.cfg)
         return retrieve(
             self.retriever,
             lambda rows: retrieval_vectors(self.arrays, rows),
@@ -119,7 +119,7 @@ class ServingIndex:
         self.lock = threading.Lock()  # serialises appends; reads never wait
         self.retrieval = retrieval if retrieval is not None and retrieval.top_n > 0 else None
         self.retriever: Retriever | None = None  # over every row, kept in step with the rows
-        self.fields: tuple[KeyLists, KeyLists] | None = None  # rebuilt when stale (KeyLists)
+        self.fields: FieldLists | None = None  # the listed part rebuilt only when stale
         self._load(store)
 
     def _load(self, store: NewsStore) -> None:
@@ -200,17 +200,14 @@ class ServingIndex:
             fields,
         )
 
-    def _fields(self, arrays: dict[str, np.ndarray], live: np.ndarray) -> tuple[KeyLists, KeyLists] | None:
-        """The field lists of the gather step (serve/retrieval.py), rebuilt only when stale."""
+    def _fields(self, arrays: dict[str, np.ndarray], live: np.ndarray) -> FieldLists | None:
+        """The field lists of the gather step (serve/retrieval.py): the listed part kept until
+        stale, the tail rebuilt."""
         if self.retriever is None or "match" not in arrays or "prior" not in arrays:
             return None
+        n = len(live)
         relist = self.retriever.cfg.relist_after
-        if self.fields is None or self.fields[0].stale(live, relist):
-            match, prior = arrays["match"][: len(live)], arrays["prior"][: len(live)]
-            self.fields = (
-                KeyLists.build(match[:, 2:], live, prior),
-                KeyLists.build(match[:, 1:2], live, prior),
-            )
+        self.fields = FieldLists.build(arrays["match"][:n], live, arrays["prior"][:n], self.fields, relist)
         return self.fields
 
     def add(self, store: NewsStore, first_new: int) -> None:

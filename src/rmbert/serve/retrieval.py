@@ -17,7 +17,7 @@ enters the serving index. Retrieval runs in two steps:
    one per recent click (the max-cosine term) and the clicks' normalised mean (the mean-cosine
    term); the `prior_pool` news with the best prior join them. A model whose click layer reads
    categories and entities (`rmbert.feature_match`: the serving array "match") also gets the
-   news that share a field with the clicks rather than lie near them (`KeyLists`): the
+   news that share a field with the clicks rather than lie near them (`FieldLists`): the
    `per_entity` best-prior news naming each entity the clicks name, and the `per_subcategory`
    best-prior news of each subcategory they fall in. Without them, a model that scores by
    shared entities finds its top news outside the gathered set (planted entity data,
@@ -74,7 +74,7 @@ class RetrievalConfig:
     prior_pool: int = 300  # news with the best candidate-only prior gathered for every user
     per_entity: int = 100  # best-prior news gathered per entity the clicks name (0: none)
     per_subcategory: int = 80  # best-prior news gathered per subcategory the clicks fall in (0: none)
-    relist_after: int = 4096  # news added since the field lists were built before they are rebuilt
+    relist_after: int = 4096  # news added, or replaced, since the field lists were built before they are rebuilt
     recent: int = 5  # the most recent clicks of the proxy's last two features
     weights: tuple[float, ...] = (1.0, 1.0, 0.0, 0.0)  # w of the proxy (set by `calibrate`; 4 to 14 weights)
     max_history: int = 50  # the most recent clicks the cosines are taken over (the run's M)
@@ -240,22 +240,20 @@ def calibrate(
 @dataclass(frozen=True)
 class KeyLists:
     """Rows grouped by a key they carry (a subcategory, an entity; 0 = none), each group best
-    prior first: where the gather step finds the news that share a field with the clicks.
-    Built over the live rows below `n`; rows added later (the tail) are scanned instead, and
-    the lists are rebuilt when the tail outgrows `relist_after` or a listed row stops being
-    live (`stale`), so that every listed row is live."""
+    prior first: where the gather step finds the news that share a field with the clicks."""
 
     keys: np.ndarray  # [K] distinct keys, ascending
     starts: np.ndarray  # [K + 1] where each key's rows begin in `rows`
     rows: np.ndarray  # [R] rows grouped by key, best prior first within a key (ties: row order)
-    n: int  # the lists cover rows below n
-    dead: int  # rows below n that were not live when the lists were built
+    n: int  # the rows below n were listed (those live then)
+    dead: int  # rows below n that were not live then
 
     @staticmethod
-    def build(key_of: np.ndarray, live: np.ndarray, prior: np.ndarray) -> KeyLists:
-        """key_of [n, E] the keys of every row; live [n] bool; prior [n]."""
-        rows = np.flatnonzero(live)
-        keys = key_of[rows].reshape(len(rows), -1)  # [L, E]
+    def build(key_of: np.ndarray, live: np.ndarray, prior: np.ndarray, lo: int = 0) -> KeyLists:
+        """key_of [n, E] the keys of every row; live [n] bool; prior [n]: the live rows of
+        lo..n-1 listed."""
+        rows = lo + np.flatnonzero(live[lo:])
+        keys = key_of[rows]  # [L, E]
         r, k = np.repeat(rows, keys.shape[1]), keys.ravel()
         keep = k != 0
         r, k = r[keep], k[keep]
@@ -268,8 +266,9 @@ class KeyLists:
         return KeyLists(distinct, np.append(first, len(k)), r, len(live), int(len(live) - live.sum()))
 
     def stale(self, live: np.ndarray, relist_after: int) -> bool:
-        """Rebuild? (the tail is too long, or a row below n stopped being live)"""
-        return len(live) - self.n > relist_after or int(self.n - live[: self.n].sum()) != self.dead
+        """Rebuild? (more than `relist_after` rows were added, or replaced, since the build)"""
+        added, dead = len(live) - self.n, int(self.n - live[: self.n].sum())
+        return added > relist_after or dead - self.dead > relist_after
 
     def top(self, keys: np.ndarray, per_key: int) -> np.ndarray:
         """The first `per_key` rows of each of `keys` (distinct; unknown keys give none), key by key."""
@@ -283,33 +282,53 @@ class KeyLists:
         return self.rows[offsets + np.arange(int(size.sum()))]
 
 
+@dataclass(frozen=True)
+class FieldLists:
+    """The gather step's lists for a model with match ids (`rmbert.feature_match`): rows by
+    entity and by subcategory. `listed` covers the rows live at the last rebuild, which happens
+    once more than `relist_after` news were added or replaced since; `tail` the rows added
+    since, rebuilt with every snapshot (few)."""
+
+    listed: tuple[KeyLists, KeyLists]  # by entity, by subcategory
+    tail: tuple[KeyLists, KeyLists]
+
+    @staticmethod
+    def build(
+        match: np.ndarray, live: np.ndarray, prior: np.ndarray, previous: FieldLists | None, relist_after: int
+    ) -> FieldLists:
+        """match [n, F] (category, subcategory, entities by row), live [n], prior [n]; the
+        previous snapshot's lists, kept unless stale."""
+
+        def lists(lo: int) -> tuple[KeyLists, KeyLists]:
+            return KeyLists.build(match[:, 2:], live, prior, lo), KeyLists.build(
+                match[:, 1:2], live, prior, lo
+            )
+
+        keep = previous is not None and not previous.listed[0].stale(live, relist_after)
+        listed = previous.listed if keep else lists(0)
+        return FieldLists(listed, lists(listed[0].n))
+
+
 def sharing(
-    entities: KeyLists | None,
-    subcategories: KeyLists | None,
-    match: np.ndarray,
-    live: np.ndarray,
-    hist_rows: np.ndarray,
-    cfg: RetrievalConfig,
+    fields: FieldLists, match: np.ndarray, live: np.ndarray, hist_rows: np.ndarray, cfg: RetrievalConfig
 ) -> np.ndarray:
-    """Rows [S] that share a field with the clicks hist_rows (match [n, F]: category,
-    subcategory, entities by row; live [n]): the `per_entity` best-prior news naming each of
-    the clicks' entities and the `per_subcategory` best-prior news of each of their
-    subcategories, as listed; and, of the rows added since (the tail), the live ones naming one
-    of the clicks' entities or in one of their subcategories. Clicks included (the caller
-    drops them)."""
-    got = []
-    ents, subs = np.unique(match[hist_rows, 2:]), np.unique(match[hist_rows, 1])
+    """Live rows [S] that share a field with the clicks (match [n, F]: category, subcategory,
+    entities by row; live [n]; hist_rows: the clicks, oldest first, of which the model reads
+    the last `max_history`): the `per_entity` best-prior news naming each of the clicks'
+    entities and the `per_subcategory` best-prior news of each of their subcategories, among
+    the rows listed (less those replaced since) and among the rows added since. Clicks
+    included (the caller drops them)."""
+    hist = hist_rows[-cfg.max_history :]
+    ents, subs = np.unique(match[hist, 2:]), np.unique(match[hist, 1])
     ents, subs = ents[ents != 0], subs[subs != 0]
-    if entities is not None and cfg.per_entity and len(ents):
-        got.append(entities.top(ents, cfg.per_entity))
-    if subcategories is not None and cfg.per_subcategory and len(subs):
-        got.append(subcategories.top(subs, cfg.per_subcategory))
-    lists = entities if entities is not None else subcategories
-    if lists is not None and lists.n < len(live):
-        tail = lists.n + np.flatnonzero(live[lists.n :])
-        near = np.isin(match[tail, 2:], ents).any(1) | np.isin(match[tail, 1], subs)
-        got.append(tail[near])
-    return np.unique(np.concatenate(got)) if got else np.zeros(0, np.int64)
+    got = [np.zeros(0, np.int64)]
+    for by_entity, by_subcategory in (fields.listed, fields.tail):
+        if cfg.per_entity and len(ents):
+            got.append(by_entity.top(ents, cfg.per_entity))
+        if cfg.per_subcategory and len(subs):
+            got.append(by_subcategory.top(subs, cfg.per_subcategory))
+    rows = np.unique(np.concatenate(got))
+    return rows[live[rows]]
 
 
 def _interests(rng: np.random.Generator, live_rows: np.ndarray, subcategory: np.ndarray) -> np.ndarray | None:
