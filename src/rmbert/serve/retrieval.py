@@ -74,9 +74,7 @@ class RetrievalConfig:
     prior_pool: int = 300  # news with the best candidate-only prior gathered for every user
     per_entity: int = 100  # best-prior news gathered per entity the clicks name (0: none)
     per_subcategory: int = 80  # best-prior news gathered per subcategory the clicks fall in (0: none)
-    relist_after: int = (
-        4096  # news added, or replaced, since the field lists were built before they are rebuilt
-    )
+    relist_after: int = 4096  # news added or replaced before the field lists are rebuilt
     recent: int = 5  # the most recent clicks of the proxy's last two features
     weights: tuple[float, ...] = (1.0, 1.0, 0.0, 0.0)  # w of the proxy (set by `calibrate`; 4 to 14 weights)
     max_history: int = 50  # the most recent clicks the cosines are taken over (the run's M)
@@ -302,9 +300,8 @@ class FieldLists:
         previous snapshot's lists, kept unless stale."""
 
         def lists(lo: int) -> tuple[KeyLists, KeyLists]:
-            return KeyLists.build(match[:, 2:], live, prior, lo), KeyLists.build(
-                match[:, 1:2], live, prior, lo
-            )
+            by_entity = KeyLists.build(match[:, 2:], live, prior, lo)
+            return by_entity, KeyLists.build(match[:, 1:2], live, prior, lo)
 
         keep = previous is not None and not previous.listed[0].stale(live, relist_after)
         listed = previous.listed if keep else lists(0)
