@@ -34,7 +34,7 @@ from pathlib import Path
 import numpy as np
 from _common import planted, quick_run
 
-from rmbert.serve.retrieval import FieldLists, RetrievalConfig, Retriever, retrieve, sharing
+from rmbert.serve.retrieval import FieldLists, Related, RetrievalConfig, Retriever, retrieve, sharing
 
 SIZES = {"10k": 10_000, "100k": 100_000, "1m": 1_000_000}
 D = 384
@@ -86,6 +86,9 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
     t0 = time.perf_counter()
     fields = FieldLists.build(match, live, prior, None, r.cfg.relist_after)
     lists = time.perf_counter() - t0
+    subs = np.arange(286)  # the synthetic match keys of subcategories are their ids
+    affinity = np.random.default_rng(seed + 1).standard_normal((286, 286))  # a learned one's cost
+    related = Related.build(affinity, subs, ())
     exact = r
     if r.kind != "exact":
         exact = Retriever(vectors[1:], dataclasses.replace(r.cfg, exact_below=n + 1))
@@ -101,7 +104,7 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
                 hist[14 + 12 * j : 26 + 12 * j] = by_topic[rng.integers(starts[t], starts[t + 1], 12)]
         hist = np.array(list(dict.fromkeys(hist.tolist())), dtype=np.int64)
         t0 = time.perf_counter()
-        shared = sharing(fields, match, live, hist, r.cfg)
+        shared = sharing(fields, match, live, hist, r.cfg, related)
         got = retrieve(r, rows_of, prior, best, hist, live, match=match, shared=shared)
         lat.append(time.perf_counter() - t0)
         gathered.append(len(shared))

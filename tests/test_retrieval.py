@@ -225,7 +225,10 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         best_before = snap.best_prior.tolist()
         match = snap.arrays["match"]  # the served run has rmbert.feature_match: 6 proxy features
         fields = snap.fields.listed[0].n, cfg.per_entity, cfg.per_subcategory  # and the field lists
-        shared = _sharing_by_hand(match, snap.live, snap.live, prior, hist_rows, *fields)
+        # and the subcategory the trained affinity (eq. 8f) relates most to each clicked one
+        related = _related_by_hand(ranker, cfg.weights, cfg.related)
+        assert cfg.related == 1 and related and snap.retriever.related is not None
+        shared = _sharing_by_hand(match, snap.live, snap.live, prior, hist_rows, *fields, related)
         assert set(shared) - set(best) - set(gathered_near) and fields[0] < snap.n  # they add news; a tail
         gathered = np.setdiff1d(np.union1d(np.union1d(best, gathered_near), shared), hist_rows)
         # a second metric head: 2 more; rmbert.content_match: 4 more; rmbert.field_affinity: 6 more
@@ -338,20 +341,84 @@ def test_the_proxys_side_features_equal_the_click_layers(clicks):
     assert (clicks == 0) == (not got[:, :4].any()) and got[:, 8:].any()
 
 
-def _sharing_by_hand(match, live_then, live, prior, hist, listed_n, per_entity, per_subcategory):
+def _related_by_hand(ranker, weights, k: int) -> dict[int, list[int]]:
+    """{clicked subcategory's match key: the k others of the largest trained affinity to it,
+    oriented by the proxy's weights on eq. 8f's a^s pair}, from the run's A_s and vocabulary."""
+    from rmbert.models.tables import match_key
+
+    A = ranker.run.model.rec.A_s.detach().double().numpy()
+    subs = ranker.run.vocab.subcategories
+    sign = 1.0 if weights[-4] + weights[-3] >= 0 else -1.0
+    out = {}
+    for j in range(1, len(A)):
+        others = sorted((s for s in range(1, len(A)) if s != j), key=lambda s: (-sign * A[s, j], s))
+        out[match_key("s", subs[j - 1])] = [match_key("s", subs[s - 1]) for s in others[:k]]
+    return out
+
+
+def _sharing_by_hand(
+    match, live_then, live, prior, hist, listed_n, per_entity, per_subcategory, related=None
+):
     """What `sharing` should give, from its definition, one row at a time: per clicked entity
-    and subcategory, the best-prior rows among those listed (live then) and among those added
-    since (live now); of these, the rows live now."""
+    and subcategory, and per subcategory `related` ({clicked key: [related keys]}) names for a
+    clicked one, the best-prior rows among those listed (live then) and among those added since
+    (live now); of these, the rows live now."""
     listed = [r for r in range(listed_n) if live_then[r]]
     tail = [r for r in range(listed_n, len(live)) if live[r]]
+    subs = {int(s) for s in match[hist, 1]} - {0}
+    subs |= {int(t) for s in subs for t in (related or {}).get(s, [])}
     want = set()
     for rows in (listed, tail):
         best_first = sorted(rows, key=lambda r: (-prior[r], r))
         for e in {int(e) for e in match[hist, 2:].ravel()} - {0}:
             want |= set([r for r in best_first if e in match[r, 2:]][:per_entity])
-        for s in {int(s) for s in match[hist, 1]} - {0}:
+        for s in subs:
             want |= set([r for r in best_first if match[r, 1] == s][:per_subcategory])
     return sorted(r for r in want if live[r])
+
+
+def test_the_gather_adds_the_subcategories_the_model_relates_to_the_clicked_ones():
+    """`Related`: per clicked subcategory, the others with the largest learned affinity A[s, j]
+    (eq. 8f: a candidate of s after a click in j), never the clicked one itself nor the unknown
+    id 0, in match keys; the orientation follows the calibrated proxy's weights on a^s; and
+    `sharing` gathers their best-prior news as it does the clicked subcategories'."""
+    from rmbert.serve.retrieval import FieldLists, Related, sharing
+
+    A = np.array(  # ids 0 (unknown) .. 4; column j: the clicked id
+        [
+            [9.0, 9.0, 9.0, 9.0, 9.0],
+            [0.0, 5.0, 0.3, -2.0, 0.1],
+            [0.0, 1.0, 5.0, 0.2, -0.4],
+            [0.0, 0.5, 0.1, 5.0, 0.3],
+            [0.0, -1.0, 0.2, 0.1, 5.0],
+        ]
+    )
+    keys = np.array([0, 11, 12, 13, 14])
+    up = (0.0,) * 10 + (0.5, 0.1, 1.0, 0.5, 0.0, 0.0)  # a^s weighs positively: larger A draws clicks
+    rel = Related.build(A, keys, up, k=2)
+    assert rel.keys.tolist() == [11, 12, 13, 14]
+    assert rel.table.tolist() == [[12, 13], [11, 14], [12, 14], [13, 11]]
+    assert rel.of(np.array([11, 14, 99]), 1).tolist() == [12, 13]  # an unknown key relates to none
+    down = up[:12] + (-1.0, 0.2) + up[14:]  # the model learned the other orientation
+    assert Related.build(A, keys, down, k=1).table[:, 0].tolist() == [14, 13, 11, 12]
+    assert Related.build(A, keys, (1.0, 1.0), k=1).table[:, 0].tolist() == [12, 11, 12, 13]  # too few: as is
+    # sharing: subcategory 12's news join a click in 11 (and 13's, with two relations)
+    rng = np.random.default_rng(1)
+    n = 120
+    match = np.zeros((n, 4), np.int64)
+    match[1:, 1] = rng.choice([11, 12, 13, 14], n - 1)
+    match[1:, 2] = rng.integers(0, 40, n - 1)
+    prior = rng.normal(size=n)
+    live = np.ones(n, bool)
+    live[0] = False
+    fields = FieldLists.build(match, live, prior, None, 50)
+    hist = np.flatnonzero(match[:, 1] == 11)[:3]
+    for k in (0, 1, 2):
+        cfg = RetrievalConfig(per_entity=2, per_subcategory=4, related=k)
+        got = sharing(fields, match, live, hist, cfg, rel)
+        by_hand = {11: [12, 13][:k]}
+        assert got.tolist() == _sharing_by_hand(match, live, live, prior, hist, n, 2, 4, by_hand)
+        assert {int(s) for s in match[got, 1]} >= {11, *by_hand[11]}
 
 
 def test_the_gather_finds_news_sharing_a_field_with_the_clicks():

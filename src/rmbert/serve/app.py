@@ -83,7 +83,9 @@ def create_app(
         check_servable(run, store, run_dir, store_dir)
         ranker = Ranker(run, limits.max_batch, limits.max_queue, limits.queue_timeout_s, limits.device)
         retrieval = RetrievalConfig(top_n=limits.retrieve, max_history=run.cfg.train.max_history)
-        index = ServingIndex(store, ranker.prepare, retrieval, ranker.content_proxy())
+        index = ServingIndex(
+            store, ranker.prepare, retrieval, ranker.content_proxy(), ranker.subcategory_affinity()
+        )
         index.calibrate(lambda hist, cand: ranker.score_rows(index.snapshot, hist, cand))  # before serving
         state.run, state.index, state.ranker = run, index, ranker
         state.users = load_users(behaviors, store.live_ids)

@@ -19,6 +19,7 @@ import torch
 from rmbert.encoders.store import NewsStore
 from rmbert.serve.retrieval import (
     FieldLists,
+    Related,
     RetrievalConfig,
     Retriever,
     calibrate,
@@ -78,7 +79,14 @@ class Snapshot:
         prior = self.arrays.get("prior")
         shared = None
         if self.fields is not None:
-            shared = sharing(self.fields, self.arrays["match"], self.live, hist_rows, self.retriever.cfg)
+            shared = sharing(
+                self.fields,
+                self.arrays["match"],
+                self.live,
+                hist_rows,
+                self.retriever.cfg,
+                self.retriever.related,
+            )
         return retrieve(
             self.retriever,
             lambda rows: retrieval_vectors(self.arrays, rows),
@@ -111,11 +119,14 @@ class ServingIndex:
         prepare=None,
         retrieval: RetrievalConfig | None = None,
         content: Callable | None = None,
+        affinity: tuple[np.ndarray, np.ndarray] | None = None,
     ) -> None:
         """`content(arrays, rows, clicks) -> [G, k]`: a model's side-path features for the
-        retrieval proxy (`Ranker.content_proxy`), or None."""
+        retrieval proxy (`Ranker.content_proxy`), or None; `affinity`: a model's learned
+        subcategory affinity and its ids' match keys (`Ranker.subcategory_affinity`), or None."""
         self.prepare = prepare or (lambda arrays, info, ids: {})
-        self.content = content
+        self.content, self.affinity = content, affinity
+        self.related: Related | None = None  # from the affinity, once the proxy is calibrated
         self.lock = threading.Lock()  # serialises appends; reads never wait
         self.retrieval = retrieval if retrieval is not None and retrieval.top_n > 0 else None
         self.retriever: Retriever | None = None  # over every row, kept in step with the rows
@@ -131,6 +142,7 @@ class ServingIndex:
             self.retriever = Retriever(
                 retrieval_vectors(self.rows.data, slice(1, self.rows.n)), self.retrieval
             )
+            self.retriever.related = self.related
         self.index = dict(store.index)
         self.fields = None
         self.snapshot = self._snap()
@@ -151,6 +163,9 @@ class ServingIndex:
         with self.lock:
             self.retrieval = dataclasses.replace(self.retrieval, weights=weights)
             self.retriever.cfg = self.retrieval
+            if self.affinity is not None:
+                self.related = Related.build(*self.affinity, weights)
+                self.retriever.related = self.related
         return weights
 
     def refresh(self) -> int:

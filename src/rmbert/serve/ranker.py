@@ -13,7 +13,7 @@ import numpy as np
 import torch
 
 from rmbert.beyond import mmr_order
-from rmbert.models.tables import ServingSource, serving_tables
+from rmbert.models.tables import ServingSource, match_key, serving_tables
 from rmbert.run import LoadedRun
 from rmbert.serve import explain
 from rmbert.serve.index import Snapshot
@@ -194,6 +194,19 @@ class Ranker:
             return np.concatenate(parts, 1)
 
         return content
+
+    def subcategory_affinity(self) -> tuple[np.ndarray, np.ndarray] | None:
+        """A model with eq. 8f (`rmbert.field_affinity`): its learned subcategory affinity A_s
+        [N_s, N_s] (candidate id, clicked id) and each id's match key [N_s] (0 for id 0), for the
+        retrieval stage's related subcategories (`Related`); else None."""
+        rec, vocab = self.run.model.rec, self.run.vocab
+        A = getattr(rec, "A_s", None)
+        if A is None or vocab is None or not getattr(rec.cfg, "field_affinity", False):
+            return None
+        keys = np.array([0] + [match_key("s", v) for v in vocab.subcategories], dtype=np.int64)
+        if len(keys) != A.shape[0]:
+            return None
+        return A.detach().float().cpu().numpy(), keys
 
     def score_rows(
         self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, chunk: int = 2000
