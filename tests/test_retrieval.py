@@ -244,6 +244,11 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         )
         assert content[:, 0].max() > 0  # titles share words
         assert content[:, 4:].abs().max() > 0  # the trained relations and priors (eq. 8f)
+        # eq. 8f's max a^s is the 4th feature from the end: the weight `Related` orients A_s by
+        A_s = ranker.run.model.rec.A_s.detach().double().numpy()
+        sg, sh = snap.arrays["subcategory"][gathered], snap.arrays["subcategory"][hist_rows]
+        a_s = A_s[sg][:, sh] * ((sg != 0)[:, None] & (sh != 0)[None, :])  # [G, M]
+        assert np.allclose(content[:, -4].double().numpy(), a_s.max(1), atol=1e-5) and a_s.any()
         head1 = snap.arrays["sim"][gathered, 1] @ snap.arrays["sim"][hist_rows, 1].T  # [G, M]
         feats = np.concatenate([feats, head1.max(1)[:, None], head1.mean(1)[:, None], content.numpy()], 1)
         want = shortlist(gathered, prior[gathered], feats, cfg.weights, 40)
@@ -343,7 +348,8 @@ def test_the_proxys_side_features_equal_the_click_layers(clicks):
 
 def _related_by_hand(ranker, weights, k: int) -> dict[int, list[int]]:
     """{clicked subcategory's match key: the k others of the largest trained affinity to it,
-    oriented by the proxy's weights on eq. 8f's a^s pair}, from the run's A_s and vocabulary."""
+    oriented by the proxy's weights on eq. 8f's a^s pair, where that affinity is above 0}, from
+    the run's A_s and vocabulary."""
     from rmbert.models.tables import match_key
 
     A = ranker.run.model.rec.A_s.detach().double().numpy()
@@ -352,7 +358,9 @@ def _related_by_hand(ranker, weights, k: int) -> dict[int, list[int]]:
     out = {}
     for j in range(1, len(A)):
         others = sorted((s for s in range(1, len(A)) if s != j), key=lambda s: (-sign * A[s, j], s))
-        out[match_key("s", subs[j - 1])] = [match_key("s", subs[s - 1]) for s in others[:k]]
+        out[match_key("s", subs[j - 1])] = [
+            match_key("s", subs[s - 1]) for s in others[:k] if sign * A[s, j] > 0
+        ]
     return out
 
 
@@ -400,7 +408,9 @@ def test_the_gather_adds_the_subcategories_the_model_relates_to_the_clicked_ones
     assert rel.table.tolist() == [[12, 13], [11, 14], [12, 14], [13, 11]]
     assert rel.of(np.array([11, 14, 99]), 1).tolist() == [12, 13]  # an unknown key relates to none
     down = up[:12] + (-1.0, 0.2) + up[14:]  # the model learned the other orientation
-    assert Related.build(A, keys, down, k=1).table[:, 0].tolist() == [14, 13, 11, 12]
+    flipped = Related.build(A, keys, down, k=1)
+    assert flipped.table[:, 0].tolist() == [14, 0, 11, 12]  # 12: no other draws its readers
+    assert flipped.of(np.array([12, 13]), 1).tolist() == [11]
     assert Related.build(A, keys, (1.0, 1.0), k=1).table[:, 0].tolist() == [12, 11, 12, 13]  # too few: as is
     # sharing: subcategory 12's news join a click in 11 (and 13's, with two relations)
     rng = np.random.default_rng(1)

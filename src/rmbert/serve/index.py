@@ -164,7 +164,7 @@ class ServingIndex:
             self.retrieval = dataclasses.replace(self.retrieval, weights=weights)
             self.retriever.cfg = self.retrieval
             if self.affinity is not None:
-                self.related = Related.build(*self.affinity, weights)
+                self.related = Related.build(*self.affinity, weights, self.retrieval.related)
                 self.retriever.related = self.related
         return weights
 

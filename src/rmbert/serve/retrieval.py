@@ -23,8 +23,8 @@ enters the serving index. Retrieval runs in two steps:
    shared entities finds its top news outside the gathered set (planted entity data,
    recall@200: 0.57 without, 1.0 with); on planted drift data, the 80 best of the clicks'
    subcategories gather as much as the 30 best of every subcategory (0.91 and 0.90), at a cost
-   that does not grow with the number of subcategories. A model with `rmbert.field_affinity`
-   also names, per clicked subcategory, the `related` one its learned affinity A_s (eq. 8f)
+   that does not grow with the number of subcategories. A model with `rmbert.field_affinity` as
+   well names, per clicked subcategory, the `related` one its learned affinity A_s (eq. 8f)
    ties most to it (`Related`), whose `per_subcategory` best-prior news join too: readers of
    one subcategory drawn to another (planted drift data: recall@200 0.918 -> 0.967).
 2. Shortlist: each gathered news gets the proxy score
@@ -350,18 +350,22 @@ class Related:
     A_s of eq. 8f (`RMBERT.affinity_features`), read as "readers of subcategory j click s". The
     gather step adds their best-prior news (planted drift data, whose users are drawn to a hidden
     second subcategory of each they read: recall@200 0.918 -> 0.967, with one relation per
-    clicked subcategory as with two; story and entity data unchanged at 0.995 and 1.000)."""
+    clicked subcategory as with two; story and entity data unchanged at 0.995 and 1.000). Used
+    where the field lists are, so for a model with both `rmbert.feature_match` (the "match"
+    array the lists are keyed by) and `rmbert.field_affinity`."""
 
     keys: np.ndarray  # [K] the clicked subcategories' match keys, ascending
-    table: np.ndarray  # [K, k] per key, its related subcategories' match keys, most related first
+    table: np.ndarray  # [K, k] per key, its related subcategories' match keys, most related first (0: none)
 
     @staticmethod
-    def build(affinity: np.ndarray, keys: np.ndarray, weights, k: int = 4) -> Related:
+    def build(affinity: np.ndarray, keys: np.ndarray, weights, k: int = 1) -> Related:
         """affinity [N_s, N_s]: A[s, j], the learned affinity of a candidate of subcategory id s to
         a clicked news of id j; keys [N_s]: the match key of each id (0 for id 0, unknown);
         weights: the calibrated proxy weights, whose last six are eq. 8f's features (max and mean
-        of a^c, of a^s, then the priors): the sign of the a^s pair says whether a larger A draws
-        clicks (the click layer may have learned either orientation)."""
+        of a^c, of a^s, then the priors; `FoldedRMBERT.proxy_features` puts them last): the sign
+        of the a^s pair says whether a larger A draws clicks (the click layer may have learned
+        either orientation). A relation must draw clicks: an affinity at or below 0 in that
+        orientation (A starts at 0; pairs training never showed stay there) is none."""
         w = np.asarray(weights, dtype=np.float64)
         sign = 1.0 if len(w) < 6 or w[-4] + w[-3] >= 0 else -1.0
         A = sign * np.asarray(affinity, dtype=np.float64).T  # [j, s]
@@ -369,9 +373,10 @@ class Related:
         np.fill_diagonal(A, -np.inf)  # nor is the clicked subcategory itself (gathered anyway)
         k = max(0, min(k, len(A) - 2))
         top = np.argsort(-A, axis=1, kind="stable")[:, :k]  # [N_s, k]
+        table = np.where(np.take_along_axis(A, top, 1) > 0, keys[top], 0)
         known = keys != 0
         order = np.argsort(keys[known], kind="stable")
-        return Related(keys[known][order], keys[top[known][order]])
+        return Related(keys[known][order], table[known][order])
 
     def of(self, subs: np.ndarray, k: int) -> np.ndarray:
         """The match keys [<= len(subs) k] of the first k relations of match keys `subs`
