@@ -242,6 +242,50 @@ def collect(out: Path) -> list[dict]:
     return [json.loads(p.read_text()) for p in sorted((out / "results").glob("*/*/seed*/*.json"))]
 
 
+SUMMARY_FIELDS = (
+    "generator",
+    "scale",
+    "row",
+    "seeds",
+    "train_impressions",
+    "auc",
+    "auc_std",
+    "mrr",
+    "ndcg@5",
+    "ndcg@10",
+)
+
+
+def read_summary(path: Path) -> list[dict]:
+    """A summary CSV (`--summary`): one cell per line; empty metrics stay None."""
+    import csv
+
+    if not path.is_file():
+        return []
+    out = []
+    with path.open(newline="") as f:
+        for rec in csv.DictReader(f):
+            cell: dict = {k: rec[k] for k in ("generator", "scale", "row")}
+            cell["seeds"], cell["train_impressions"] = int(rec["seeds"]), int(rec["train_impressions"])
+            for k in ("auc", "auc_std", "mrr", "ndcg@5", "ndcg@10"):
+                cell[k] = float(rec[k]) if rec[k] else None
+            out.append(cell)
+    return out
+
+
+def write_summary(path: Path, summary: list[dict]) -> None:
+    import csv
+
+    order = {r: i for i, r in enumerate(ALL_ROWS)}
+    cells = sorted(
+        summary, key=lambda c: (c["generator"], SCALES[c["scale"]], order.get(c["row"], 99), c["row"])
+    )
+    with path.open("w", newline="") as f:
+        w = csv.DictWriter(f, SUMMARY_FIELDS, extrasaction="ignore")
+        w.writeheader()
+        w.writerows({k: ("" if c.get(k) is None else c[k]) for k in SUMMARY_FIELDS} for c in cells)
+
+
 def plot_curves(summary: list[dict], rows: list[str], path: Path) -> None:
     import matplotlib
 
@@ -317,10 +361,21 @@ def main() -> None:
     p.add_argument(
         "--plot", type=Path, default=None, help="write the learning-curve PNG of all cached results"
     )
+    p.add_argument(
+        "--summary",
+        type=Path,
+        default=None,
+        help="with --plot: a summary CSV of earlier cells, kept up to date (the cached cells replace theirs)",
+    )
     a = p.parse_args()
     if a.plot:
         everything = collect(a.out)
         summary = summarize([r for r in everything if r["row"] in ALL_ROWS])
+        if a.summary:
+            fresh = {(c["generator"], c["scale"], c["row"]) for c in summary}
+            kept = [c for c in read_summary(a.summary) if (c["generator"], c["scale"], c["row"]) not in fresh]
+            summary = kept + summary
+            write_summary(a.summary, summary)
         plot_curves(summary, ALL_ROWS, a.plot)
         print(report_tables(summary, ALL_ROWS))
         tried = sorted({r["row"] for r in everything} - set(ALL_ROWS))
