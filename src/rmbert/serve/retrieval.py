@@ -26,7 +26,10 @@ enters the serving index. Retrieval runs in two steps:
    that does not grow with the number of subcategories. A model with `rmbert.field_affinity` as
    well names, per clicked subcategory, the `related` one its learned affinity A_s (eq. 8f)
    ties most to it (`Related`), whose `per_subcategory` best-prior news join too: readers of
-   one subcategory drawn to another (planted drift data: recall@200 0.918 -> 0.967).
+   one subcategory drawn to another (planted drift data, 7k-news pool: recall@200 0.918 ->
+   0.967). Known limit: the lists are ordered by the prior, which is not how the default model
+   orders a subcategory's news for a user with clicks; on a 34k-news pool recall@200 falls to
+   0.52 (docs/benchmarks.md).
 2. Shortlist: each gathered news gets the proxy score
        prior + w . [max_j c_j, mean_j c_j, max_j' c_j', mean_j' c_j']
    with c_j = cos(x, h_j) over the user's clicks (exact cosines) and j' over the `recent` most
