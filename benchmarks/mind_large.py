@@ -9,8 +9,8 @@ child's own ru_maxrss from os.wait4. Generation runs as a child as well, and thi
 neither numpy nor torch (so not benchmarks/_common.py): on Linux a child's ru_maxrss starts at
 its parent's peak. Prints one JSON object (last line); `under_8_gib` compares the largest peak of
 the rmbert steps with the 8 GiB target. This replaces memory_plan.py's extrapolation with a run.
-Usage: python benchmarks/mind_large.py [--scale 1.0] [--steps 300] [--out DIR] [--encoder NAME]
-       [--seed 0] [--skip-existing] [--only-generate]
+Usage: python benchmarks/mind_large.py [--scale 1.0] [--steps 300] [--out DIR] [--encoder NAME |
+       --random-encoder D] [--model rmbert] [--preset default] [--seed 0] [--skip-existing] [--only-generate]
 """
 
 from __future__ import annotations
@@ -267,7 +267,8 @@ def rmbert(*args: str) -> list[str]:
 def workflow(a: argparse.Namespace, data: Path) -> list[tuple[str, list[str]]]:
     """The rmbert steps, in order: train, encode, evaluate, predict, score."""
     run, out = a.out / "run", a.out
-    encoder = ["--encoder", a.encoder] if a.encoder else []
+    encoder = ["--encoder", str(a.encoder)] if a.encoder else []
+    model = ["--model", a.model, "--preset", a.preset]
     return [
         (
             "train",
@@ -282,6 +283,7 @@ def workflow(a: argparse.Namespace, data: Path) -> list[tuple[str, list[str]]]:
                 "--set",
                 f"train.max_steps={a.steps}",
                 *encoder,
+                *model,
             ),
         ),
         ("encode", rmbert("encode", str(run), "--news", str(data / "news.tsv"), "--out", str(out / "store"))),
@@ -317,9 +319,25 @@ def extras(name: str, rec: dict, a: argparse.Namespace) -> None:
         rec["zip_mib"] = round((a.out / "prediction.zip").stat().st_size / 2**20, 1)
 
 
+def random_encoder(a: argparse.Namespace) -> None:
+    """--random-encoder D: a one-layer random BERT of width D over the generated titles' words,
+    written to OUT/encoder-D (by a child process: it imports torch) and used as --encoder. The
+    memory of every step depends on D, not on the encoder's depth or weights, so this measures
+    bert-base's D = 768 offline."""
+    path = a.out / f"encoder-{a.random_encoder}"
+    code = (
+        "import sys; from rmbert.data.words import FILLERS, TOPICS; "
+        "from rmbert.encoders.bert import save_tiny_encoder; "
+        "words = [w for d in TOPICS.values() for ws in d.values() for w in ws] + FILLERS; "
+        "save_tiny_encoder(sys.argv[1], words, hidden=int(sys.argv[2]), layers=1)"
+    )
+    subprocess.run([sys.executable, "-c", code, str(path), str(a.random_encoder)], check=True)
+    a.encoder = path
+
+
 def fresh(out: Path) -> None:
     """Remove what an earlier run of the workflow left (the generated data stays)."""
-    for name in ("run", "store", "cache", "logs"):
+    for name in ("run", "store", "cache", "logs", *(p.name for p in out.glob("encoder-*"))):
         shutil.rmtree(out / name, ignore_errors=True)
     (out / "prediction.zip").unlink(missing_ok=True)
 
@@ -334,6 +352,8 @@ def main_workflow(a: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
     fresh(a.out)
     env, logs, data = child_env(a.out), a.out / "logs", a.out / "data"
+    if a.random_encoder:
+        random_encoder(a)
     gen_cmd = [sys.executable, str(Path(__file__).resolve()), "--only-generate"]
     gen_cmd += ["--scale", repr(a.scale), "--seed", str(a.seed), "--out", str(a.out)]
     gen_cmd += ["--skip-existing"] if a.skip_existing else []
@@ -355,7 +375,9 @@ def main_workflow(a: argparse.Namespace) -> dict:
     return {
         "scale": a.scale,
         "train_steps": a.steps,
-        "encoder": a.encoder or "default",
+        "encoder": f"random, 1 layer, D = {a.random_encoder}" if a.random_encoder else a.encoder or "default",
+        "model": a.model,
+        "preset": a.preset,
         "sizes": sizes,
         "steps": steps,
         "failed": failed,
@@ -378,6 +400,15 @@ def main() -> None:
     ap.add_argument(
         "--encoder", default=None, help="passed to `rmbert train --encoder` (default: its default)"
     )
+    ap.add_argument(
+        "--random-encoder",
+        type=int,
+        default=0,
+        metavar="D",
+        help="a one-layer random BERT of width D instead (768: bert-base's width, offline)",
+    )
+    ap.add_argument("--model", default="rmbert", help="passed to `rmbert train --model` (rmbert, nrms, ...)")
+    ap.add_argument("--preset", default="default", choices=("default", "paper"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
         "--skip-existing", action="store_true", help="reuse data generated with this scale and seed"

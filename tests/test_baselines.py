@@ -197,3 +197,29 @@ def reproduce_row(name):
     from rmbert.reproduce import Row
 
     return Row(name)
+
+
+def test_a_frozen_cls_baseline_gathers_no_candidate_tokens(tiny_encoder, planted, tmp_path):
+    """NRMS over [CLS] never reads title tokens: the frozen news side skips gathering and
+    standardising them for the candidates, and the scores are those with the tokens gathered."""
+    from rmbert.data.mind import load_split
+    from rmbert.run import load_run
+
+    cfg = dataclasses.replace(tiny_cfg(tiny_encoder, batch_size=32), model="nrms")
+    train(cfg, planted / "train", tmp_path / "r", planted / "dev", progress=False)
+    run = load_run(tmp_path / "r")
+    split = load_split(planted / "dev")
+    batch = run.batcher(split, run.store([split], progress=False)).batch(np.arange(6))
+    model = run.model.eval()
+    assert model.reads_tokens == (False, False)
+    gathered = []
+    frozen = model.news._frozen
+    model.news._frozen = lambda rows, tokens: gathered.append(tokens) or frozen(rows, tokens)
+    with torch.no_grad():
+        lean = model(batch)
+        model.rec.needs_candidate_tokens = True
+        full = model(batch)
+    assert gathered == [False, False, False, True]  # history, candidates; then candidates with tokens
+    torch.testing.assert_close(lean, full, rtol=0, atol=0)
+    words = NRMS(NRMSConfig(dim=E, word_encoder=True))
+    assert (words.needs_history_tokens, words.needs_candidate_tokens) == (True, True)

@@ -171,7 +171,7 @@ class NewsRecModel(nn.Module):
         parts = []
         for i in range(0, len(rows), chunk):
             r = rows[i : i + chunk][None]
-            _, cand = self.news(r, r, False)
+            _, cand = self.news(r, r, False, False)
             parts.append(self.add_features(cand, r).cls[0])
         return torch.cat(parts) if parts else torch.zeros(0)
 
@@ -182,20 +182,26 @@ class NewsRecModel(nn.Module):
             return hist
         return dataclasses.replace(hist, cls=hist.cls + self.features.positions(batch.hist_mask))
 
+    @property
+    def reads_tokens(self) -> tuple[bool, bool]:
+        """Whether the recommender reads the clicked news' and the candidates' title tokens."""
+        return self.rec.needs_history_tokens, self.rec.needs_candidate_tokens
+
     def forward(self, batch: Batch) -> torch.Tensor:
         if not self.rec.dedup_candidates:
-            hist, cand = self.news(batch.hist, batch.cand, self.rec.needs_history_tokens)
+            hist, cand = self.news(batch.hist, batch.cand, *self.reads_tokens)
             hist, cand = self.add_history_features(hist, batch), self.add_features(cand, batch.cand)
             hist, cand = self.add_side(hist, batch.hist), self.add_side(cand, batch.cand)
             return self.rec(hist, batch.hist_mask, cand, batch.users)
         # each candidate news once: a news shown in several impressions of the batch shares its
         # candidate-only computation (RMBERT's query unit)
         uniq, inv = torch.unique(batch.cand, return_inverse=True)  # [U], [B, C]
-        hist, cand = self.news(batch.hist, uniq[None], self.rec.needs_history_tokens)
+        hist, cand = self.news(batch.hist, uniq[None], *self.reads_tokens)
         hist, cand = self.add_history_features(hist, batch), self.add_features(cand, uniq[None])
         hist, cand = self.add_side(hist, batch.hist), self.add_side(cand, uniq[None])
         extra = None if cand.extra is None else {k: v[0] for k, v in cand.extra.items()}
-        cand = NewsRepr(cls=cand.cls[0], tokens=cand.tokens[0], mask=cand.mask[0], index=inv, extra=extra)
+        first = (None if t is None else t[0] for t in (cand.tokens, cand.mask))
+        cand = NewsRepr(cls=cand.cls[0], tokens=next(first), mask=next(first), index=inv, extra=extra)
         return self.rec(hist, batch.hist_mask, cand, batch.users)
 
 

@@ -142,16 +142,17 @@ class NewsSide(nn.Module):
         return NewsRepr(cls=cls, tokens=tok, mask=mask)
 
     def forward(
-        self, hist: torch.Tensor, cand: torch.Tensor, hist_tokens: bool = False
+        self, hist: torch.Tensor, cand: torch.Tensor, hist_tokens: bool = False, cand_tokens: bool = True
     ) -> tuple[NewsRepr, NewsRepr]:
         """hist [B, M], cand [B, C] store rows -> history NewsRepr [B, M, ...], candidates [B, C, ...].
 
-        History token states are gathered only when `hist_tokens` (models with their own news encoder).
+        History token states are gathered only when `hist_tokens` (models with their own news
+        encoder); in frozen mode, candidate token states only when `cand_tokens`.
         """
         B, M = hist.shape
         Bc, C = cand.shape  # Bc = 1 when the candidates are a batch's unique news
         if self.mode == "frozen":
-            return self._frozen(hist, hist_tokens), self._frozen(cand, True)
+            return self._frozen(hist, hist_tokens), self._frozen(cand, cand_tokens)
         flat = torch.cat([hist.reshape(-1), cand.reshape(-1)])
         self.stats["news_total"] += flat.numel()
         if self.dedup:

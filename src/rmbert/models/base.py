@@ -91,6 +91,9 @@ class GenericInference(InferenceForm):
 class Recommender(nn.Module, metaclass=ABCMeta):
     name = "base"
     needs_history_tokens = False  # True for models that encode clicked news from their words
+    # False for models that read only the candidates' vectors (NRMS, LSTUR, NPA over [CLS]): a
+    # frozen news side then gathers no candidate title tokens (cand.tokens and cand.mask are None)
+    needs_candidate_tokens = True
     dedup_candidates = False  # True: score_candidates takes unique candidates [U, ...] + NewsRepr.index
     # Per-news side inputs beyond the news side's vectors, read from NewsRepr.extra (the names of
     # rmbert.models.tables.TABLES); `word_inputs` are those of them that are token ids, which the

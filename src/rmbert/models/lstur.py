@@ -47,6 +47,7 @@ class LSTUR(Recommender):
         self.bias = nn.Parameter(torch.zeros(()))  # calibrates pointwise BCE; cancels under softmax
         F = cfg.filters
         self.needs_history_tokens = cfg.word_encoder
+        self.needs_candidate_tokens = cfg.word_encoder
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.word_encoder:
             self.cnn = TitleCNN(cfg.dim, F, cfg.window, cfg.dropout)

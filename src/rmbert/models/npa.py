@@ -48,6 +48,7 @@ class NPA(Recommender):
         self.bias = nn.Parameter(torch.zeros(()))  # calibrates pointwise BCE; cancels under softmax
         F, Q = cfg.filters, cfg.query_dim
         self.needs_history_tokens = cfg.word_encoder
+        self.needs_candidate_tokens = cfg.word_encoder
         self.drop = nn.Dropout(cfg.dropout)
         self.user_emb = nn.Embedding(cfg.num_users + 1, cfg.user_dim)
         self.word_query = nn.Linear(cfg.user_dim, Q)

@@ -44,6 +44,7 @@ class NRMS(Recommender):
         self.bias = nn.Parameter(torch.zeros(()))  # calibrates pointwise BCE; cancels under softmax
         F = cfg.heads * cfg.head_dim
         self.needs_history_tokens = cfg.word_encoder
+        self.needs_candidate_tokens = cfg.word_encoder
         self.in_proj = nn.Linear(cfg.dim, F)
         self.drop = nn.Dropout(cfg.dropout)
         if cfg.word_encoder:
