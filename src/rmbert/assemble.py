@@ -200,8 +200,9 @@ class NewsRecModel(nn.Module):
         hist, cand = self.add_history_features(hist, batch), self.add_features(cand, uniq[None])
         hist, cand = self.add_side(hist, batch.hist), self.add_side(cand, uniq[None])
         extra = None if cand.extra is None else {k: v[0] for k, v in cand.extra.items()}
-        first = (None if t is None else t[0] for t in (cand.tokens, cand.mask))
-        cand = NewsRepr(cls=cand.cls[0], tokens=next(first), mask=next(first), index=inv, extra=extra)
+        tokens = None if cand.tokens is None else cand.tokens[0]  # None: the recommender reads no tokens
+        mask = None if cand.mask is None else cand.mask[0]
+        cand = NewsRepr(cls=cand.cls[0], tokens=tokens, mask=mask, index=inv, extra=extra)
         return self.rec(hist, batch.hist_mask, cand, batch.users)
 
 
