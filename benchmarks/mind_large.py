@@ -5,12 +5,15 @@ Writes MIND-format splits of MIND-large's sizes (161,013 news; 2,232,748 train, 
 empty; the test split unlabeled, with a labeled twin as the score truth), then runs each step as
 its own `rmbert` process (frozen training for a fixed number of steps, `encode` of all news,
 `evaluate` on dev, `predict` and `score` on test) and records its wall time and peak RSS: the
-child's own ru_maxrss from os.wait4. Generation runs as a child as well, and this parent imports
-neither numpy nor torch (so not benchmarks/_common.py): on Linux a child's ru_maxrss starts at
-its parent's peak. Prints one JSON object (last line); `under_8_gib` compares the largest peak of
-the rmbert steps with the 8 GiB target. This replaces memory_plan.py's extrapolation with a run.
+child's own ru_maxrss from os.wait4, and the peaks of its anonymous and file-backed parts (the
+memory-mapped store's pages are file-backed), sampled from /proc twice a second. Generation runs as
+a child as well, and this parent imports neither numpy nor torch (so not benchmarks/_common.py): on
+Linux a child's ru_maxrss starts at its parent's peak. Prints one JSON object (last line);
+`under_8_gib` compares the largest peak of the rmbert steps with the 8 GiB target. This replaces
+memory_plan.py's extrapolation with a run.
 Usage: python benchmarks/mind_large.py [--scale 1.0] [--steps 300] [--out DIR] [--encoder NAME |
-       --random-encoder D] [--model rmbert] [--preset default] [--seed 0] [--skip-existing] [--only-generate]
+       --random-encoder D] [--model rmbert] [--preset default] [--seed 0] [--last-step score]
+       [--skip-existing] [--only-generate]
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ CANDIDATES = (5, 70)  # inclusive range, mean 37.5
 CHUNK = 20_000  # impressions rendered at a time
 TARGET_GIB = 8.0
 MARKER = "done.json"
+STEPS = ("train", "encode", "evaluate", "predict", "score")  # the rmbert steps, in order
 
 
 # -- generation (a child process: --only-generate) ------------------------------------------------
@@ -243,16 +247,37 @@ def parse_output(path: Path) -> dict | None:
     return None
 
 
-def run_child(name: str, cmd: list[str], env: dict[str, str], logs: Path) -> dict:
-    """Run one step; its wall time, its own peak RSS, and its JSON output (or the failure)."""
+def rss_split(pid: int) -> tuple[int, int]:
+    """The process's resident anonymous and file-backed memory now, in KiB (0, 0 once gone).
+    File-backed pages are the memory-mapped store's and the libraries': clean ones the kernel
+    can drop under pressure, so the anonymous part is what a step cannot do without."""
+    try:
+        text = Path(f"/proc/{pid}/status").read_text()
+    except OSError:
+        return 0, 0
+    kib = {line.split(":")[0]: int(line.split()[1]) for line in text.splitlines() if line.startswith("Rss")}
+    return kib.get("RssAnon", 0), kib.get("RssFile", 0) + kib.get("RssShmem", 0)
+
+
+def run_child(name: str, cmd: list[str], env: dict[str, str], logs: Path, every: float = 0.5) -> dict:
+    """Run one step; its wall time, its own peak RSS (ru_maxrss), the peaks of its anonymous and
+    file-backed parts (sampled every `every` s), and its JSON output (or the failure)."""
     logs.mkdir(parents=True, exist_ok=True)
+    anon = file = 0
     with open(logs / f"{name}.out", "w") as out, open(logs / f"{name}.err", "w") as err:
         t0 = time.perf_counter()
         p = subprocess.Popen(cmd, stdout=out, stderr=err, env=env)
-        _, status, usage = os.wait4(p.pid, 0)
+        while True:
+            a, f = rss_split(p.pid)
+            anon, file = max(anon, a), max(file, f)
+            pid, status, usage = os.wait4(p.pid, os.WNOHANG)
+            if pid:
+                break
+            time.sleep(every)
         wall = time.perf_counter() - t0
     p.returncode = os.waitstatus_to_exitcode(status)
     rec: dict = {"wall_s": round(wall, 1), "peak_rss_gib": round(usage.ru_maxrss / 2**20, 2)}
+    rec.update(peak_anon_gib=round(anon / 2**20, 2), peak_file_gib=round(file / 2**20, 2))
     if p.returncode != 0:
         rec.update(returncode=p.returncode, stderr_tail=tail(logs / f"{name}.err"))
     else:
@@ -359,7 +384,8 @@ def main_workflow(a: argparse.Namespace) -> dict:
     gen_cmd += ["--skip-existing"] if a.skip_existing else []
     steps: dict[str, dict] = {}
     failed = None
-    for name, cmd in [("generate", gen_cmd), *workflow(a, data)]:
+    chosen = workflow(a, data)[: STEPS.index(a.last_step) + 1]  # workflow's names are STEPS
+    for name, cmd in [("generate", gen_cmd), *chosen]:
         rec = steps[name] = run_child(name, cmd, env, logs)
         if "returncode" in rec:
             failed = name
@@ -381,6 +407,7 @@ def main_workflow(a: argparse.Namespace) -> dict:
         "sizes": sizes,
         "steps": steps,
         "failed": failed,
+        "last_step": a.last_step,
         "D": steps.get("encode", {}).get("D"),
         "max_peak_rss_gib": peaks.get(top) if top else None,
         "max_peak_rss_step": top,
@@ -410,6 +437,12 @@ def main() -> None:
     ap.add_argument("--model", default="rmbert", help="passed to `rmbert train --model` (rmbert, nrms, ...)")
     ap.add_argument("--preset", default="default", choices=("default", "paper"))
     ap.add_argument("--seed", type=int, default=0)
+    ap.add_argument(
+        "--last-step",
+        default="score",
+        choices=STEPS,
+        help="stop after this step (evaluate: skip predict and score, e.g. for a slow model)",
+    )
     ap.add_argument(
         "--skip-existing", action="store_true", help="reuse data generated with this scale and seed"
     )

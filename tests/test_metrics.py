@@ -5,8 +5,10 @@ import numpy as np
 import pytest
 from sklearn.metrics import roc_auc_score
 
+import rmbert.metrics as metrics_module
 from rmbert.metrics import (
     SubmissionError,
+    blocks,
     mind_metrics,
     per_impression,
     pooled_auc,
@@ -120,6 +122,41 @@ def test_score_submission_equals_metrics_of_scores(tmp_path):
     ]
     assert got["auc"] == pytest.approx(np.mean([r["auc"] for r in ref]), abs=1e-6)
     assert got["ndcg@10"] == pytest.approx(np.mean([r["ndcg@10"] for r in ref]), abs=1e-6)
+
+
+def test_blocks_cover_every_impression_once():
+    ptr = np.array([0, 3, 4, 14, 16, 18, 19])  # impression 2 alone is wider than a block
+    got = blocks(ptr, rows=4)
+    assert got == [(0, 2), (2, 3), (3, 5), (5, 6)]
+    assert all(ptr[b] - ptr[a] <= 4 or b == a + 1 for a, b in got)
+    assert blocks(np.array([0])) == []
+
+
+def test_blocked_metrics_ranks_zip_and_scoring_equal_one_block(tmp_path, monkeypatch):
+    """MIND-large's 89M test rows are processed in blocks of impressions; every result must be
+    the one of a single block, whatever the block size (here blocks of about 50 rows)."""
+    rng = np.random.default_rng(7)
+    labels, scores, ptr = random_impressions(rng, n=300, ties=True)
+    ids = np.arange(1, 301)
+    whole = per_impression(labels, scores, ptr, block_rows=10**9)
+    zip_whole = write_prediction_zip(tmp_path / "whole.zip", ids, ptr, scores)
+    ranks_whole = ranks_from_scores(scores, ptr)
+    score_whole = score_submission(read_prediction_lines(zip_whole), ids, ptr, labels)
+
+    monkeypatch.setattr(metrics_module, "BLOCK_ROWS", 50)
+    monkeypatch.setattr(metrics_module, "PARSE_LINES", 7)
+    assert len(blocks(ptr)) > 100
+    split = per_impression(labels, scores, ptr)
+    for k in whole:
+        np.testing.assert_array_equal(split[k], whole[k])
+    np.testing.assert_array_equal(ranks_from_scores(scores, ptr), ranks_whole)
+    zip_split = write_prediction_zip(tmp_path / "split.zip", ids, ptr, scores)
+    assert read_prediction_lines(zip_split) == read_prediction_lines(zip_whole)
+    assert score_submission(read_prediction_lines(zip_split), ids, ptr, labels) == score_whole
+    bad = read_prediction_lines(zip_whole)
+    bad[250] = f"251 [{','.join(['0'] * int(ptr[251] - ptr[250]))}]"
+    with pytest.raises(SubmissionError, match="prediction.txt:251: ranks must be 1"):
+        score_submission(bad, ids, ptr, labels)
 
 
 def test_missing_lines_count_as_equal_ranks():

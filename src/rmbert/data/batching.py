@@ -60,13 +60,16 @@ class ImpressionBatcher:
         self, imps: Impressions, news_rows: np.ndarray, max_history: int, user_index: dict[str, int]
     ):
         self.imps = imps
-        # news row -> store row; missing news (-1) -> 0
-        self.hist_rows = news_rows[imps.hist] if len(imps.hist) else np.zeros(0, np.int64)
-        self.cand_rows = np.where(imps.cand >= 0, news_rows[np.maximum(imps.cand, 0)], 0)
+        # news row -> store row; missing news (-1) -> 0. int32, as the split's own arrays: these
+        # two hold a row per history item and per candidate (167M at MIND-large's test split)
+        rows = np.asarray(news_rows).astype(np.int32)
+        self.hist_rows = rows[imps.hist] if len(imps.hist) else np.zeros(0, np.int32)
+        self.cand_rows = rows[np.maximum(imps.cand, 0)]
+        self.cand_rows[imps.cand < 0] = 0
         self.max_history = max_history
         ptr = imps.cand_ptr
         self.clicks = (
-            np.add.reduceat((imps.labels == 1).astype(np.int64), ptr[:-1])
+            np.add.reduceat(imps.labels == 1, ptr[:-1], dtype=np.int64)
             if len(imps)
             else np.zeros(0, np.int64)
         )
