@@ -57,13 +57,12 @@ def flops(D: int) -> dict[str, float]:
     tail = C * P * (D * D + 2 * D * D + M * D + 2 * D * D) + C * (2 * D * D + D)  # W_r, W_m, U, click
     direct = C * P * (M * D + M * 2 * D * D + M * D)  # I, W_I over [I;H], logits
     fast = C * P * (2 * D * D + 2 * M * D + D)  # v W_I1, v W_I2, one [C, 2D] x [2D, M] product
-    # folded (FoldedRMBERT): per user one stacked map of H (G, Z, p-1 P_k, p Q_k) and Z0; per
-    # candidate title pooling, K a_(t-1), s R_2 after step 1, history logits, r_t from the
-    # earlier steps' weights and the click layer from all of them (per-news terms are offline)
-    folded_user = M * D * D * (2 * P + 2)
-    folded_cand = C * (
-        P * L * D + (P - 1) * (L * L + D * D) + M * D * (1 + 2 * (P - 1) + P * (P - 1) // 2 + P)
-    )
+    # folded (FoldedRMBERT): per user one stacked map of H (G, p-1 P_k, p Q_k); per candidate the
+    # history logits from its l_t and u_t (two [D] x [D, M] products a step), r_t from the earlier
+    # steps' weights and the click layer from all of them (the query unit, a_t and s_t, and l_t,
+    # u_t are per-news terms, computed offline)
+    folded_user = M * D * D * 2 * P
+    folded_cand = C * (M * D * (2 * P + P * (P - 1) // 2 + P) + P * D)
     return {
         "direct": 2.0 * (user + query + tail + direct),
         "fast": 2.0 * (user + query + tail + fast),

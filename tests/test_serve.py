@@ -38,6 +38,28 @@ def test_rank_equals_evaluate(client, served, planted):
         assert ranked == sorted(ranked, reverse=True)
 
 
+def test_split_terms_score_as_the_model_does(served, planted, monkeypatch):
+    """Evaluation through the folded form, each candidate news's terms computed once for the
+    split, gives the model's own forward scores; candidates missing from news.tsv (row 0)
+    included. Serving's equality above checks the folded form against itself."""
+    split = load_split(planted / "dev")
+    run = load_run(served / "run")
+    batcher = run.batcher(split, run.store([split], progress=False))
+    batcher.cand_rows[3] = 0  # a candidate missing from news.tsv scores as the empty news
+    form = run.model.rec.scoring_form()
+    assert form is not None and not form.candidate_tokens
+    folded = score_impressions(run.model, batcher, batch_size=5)
+    monkeypatch.setattr(type(run.model.rec), "scoring_form", lambda self: None)
+    direct = score_impressions(run.model, batcher, batch_size=5)
+    assert np.allclose(folded, direct, rtol=0, atol=1e-4)
+    assert folded.std() > 0.01  # scores that differ, so that the equality says something
+    # chunks of 3 news reach their own longest titles; the terms come out padded alike
+    rows = np.unique(batcher.cand_rows)
+    whole, chunked = (run.model.split_terms(form, rows, chunk=n) for n in (len(rows), 3))
+    assert whole.keys() == chunked.keys() and {"title", "left", "right", "cls"} <= whole.keys()
+    assert all(torch.allclose(whole[k], chunked[k], atol=1e-6) for k in whole)
+
+
 def test_rank_makes_no_thread_pool_hop(client, planted, monkeypatch):
     """/rank runs on the event loop and hands the scoring to the worker: a plain `def` dependency
     or handler on its path would go through FastAPI's thread pool (one hop per request)."""

@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
+from tqdm import tqdm
 
 from rmbert.config import RunConfig
 from rmbert.data.batching import Batch
@@ -23,7 +24,7 @@ from rmbert.data.mind import News, Split
 from rmbert.encoders.bert import BertNewsEncoder, load_tokenizer
 from rmbert.encoders.news import STORE_KIND, NewsSide, make_encoder
 from rmbert.encoders.store import Encoding, NewsStore, cached_store
-from rmbert.models.base import Recommender
+from rmbert.models.base import InferenceForm, Recommender
 from rmbert.models.dcn import DCN
 from rmbert.models.deepfm import DeepFM
 from rmbert.models.dkn import DKN
@@ -175,6 +176,48 @@ class NewsRecModel(nn.Module):
             parts.append(self.add_features(cand, r).cls[0])
         return torch.cat(parts) if parts else torch.zeros(0)
 
+    @torch.no_grad()
+    def split_terms(
+        self, form: InferenceForm, rows: np.ndarray, chunk: int = 1024, progress: bool = False
+    ) -> dict[str, torch.Tensor]:
+        """The inference form's news terms of store rows [N], each [N, ...] (title axes padded
+        to the longest title), with the news vectors ("cls") and the side tables the recommender
+        reads: a split's candidate-only work done once per news, not once per (impression,
+        candidate) pair (`score_terms`)."""
+        out: dict[str, torch.Tensor] = {}  # filled in place: no second copy of the whole split's terms
+        dev = next(self.parameters(), torch.empty(0)).device
+        for i in tqdm(range(0, len(rows), chunk), desc="news terms", unit="chunk", disable=not progress):
+            r = torch.from_numpy(np.asarray(rows[i : i + chunk], dtype=np.int64)).to(dev)[None]  # [1, N']
+            _, cand = self.news(r[:, :1], r, False, True)
+            cand = self.add_side(self.add_features(cand, r), r)
+            got = form.news_terms(NewsRepr(cand.cls[0], cand.tokens[0], cand.mask[0]))
+            got["cls"] = cand.cls[0]
+            got.update({k: v[0] for k, v in (cand.extra or {}).items()})
+            for k, v in got.items():
+                axes = form.token_axes.get(k, 0)  # each chunk's title axes reach its own longest title
+                if axes and k in out and v.shape[-1] != out[k].shape[-1]:
+                    L = max(v.shape[-1], out[k].shape[-1])
+                    v, out[k] = (_pad_tokens(t, L, axes) for t in (v, out[k]))
+                if k not in out:
+                    out[k] = v.new_zeros(len(rows), *v.shape[1:])
+                out[k][i : i + len(v)] = v
+        return out
+
+    def score_terms(
+        self, form: InferenceForm, batch: Batch, terms: dict, local: torch.Tensor
+    ) -> torch.Tensor:
+        """Click logits [B, C] of a batch whose candidates' terms are rows of `split_terms`:
+        `local` [store rows] maps a store row to its row there."""
+        hist, _ = self.news(batch.hist, batch.hist[:, :1], self.rec.needs_history_tokens, False)
+        hist = self.add_side(self.add_history_features(hist, batch), batch.hist)
+        idx = local[batch.cand]  # [B, C]
+        got = {k: v[idx] for k, v in terms.items()}
+        x = got.pop("cls")
+        got |= {"history_" + k: v for k, v in (hist.extra or {}).items()}
+        if hist.tokens is not None:
+            got["history_tokens"], got["history_mask"] = hist.tokens, hist.mask
+        return form.score(hist.cls, batch.hist_mask, NewsRepr(x, None, None), got).logits
+
     def add_history_features(self, hist: NewsRepr, batch: Batch) -> NewsRepr:
         """Clicked news get their features and, with history_position, their recency embedding."""
         hist = self.add_features(hist, batch.hist)
@@ -204,6 +247,11 @@ class NewsRecModel(nn.Module):
         mask = None if cand.mask is None else cand.mask[0]
         cand = NewsRepr(cls=cand.cls[0], tokens=tokens, mask=mask, index=inv, extra=extra)
         return self.rec(hist, batch.hist_mask, cand, batch.users)
+
+
+def _pad_tokens(t: torch.Tensor, L: int, axes: int) -> torch.Tensor:
+    """t [..., L', (L')] zero-padded to L on its `axes` trailing title-token axes."""
+    return nn.functional.pad(t, [0, L - t.shape[-1], 0, L - t.shape[-2]][: 2 * axes])
 
 
 def load_encoder(cfg: RunConfig, tokenizer_dir: Path | None = None):

@@ -37,6 +37,9 @@ class InferenceForm(ABC):
     # True: `score` reads the clicked news' title tokens, terms["history_tokens"] [B, M, L, D] and
     # terms["history_mask"] [B, M, L]
     history_tokens: bool = False
+    # False: `score` reads the candidates' news terms alone, never their title tokens (cand.tokens
+    # and cand.mask may be None)
+    candidate_tokens: bool = True
     # features the retrieval proxy adds, from the side tables named in `proxy_tables`:
     # (those tables' rows of G news, of one user's M clicks) -> [G, k]
     content_proxy: Callable[[dict, dict], torch.Tensor] | None = None
@@ -65,6 +68,7 @@ class GenericInference(InferenceForm):
         self.side_tables = tuple(rec.side_inputs)
         self.token_axes = {k: int(k in TITLE_TABLES) for k in self.side_tables}
         self.history_tokens = rec.needs_history_tokens
+        self.candidate_tokens = rec.needs_candidate_tokens
         if rec.word_inputs and embed_words is None:
             raise ValueError(
                 f"{rec.name} reads {', '.join(rec.word_inputs)} as words: pass the news side's embed_words"
@@ -131,6 +135,12 @@ class Recommender(nn.Module, metaclass=ABCMeta):
                 "that serving does not build: it cannot be served"
             )
         return GenericInference(self, embed_words)
+
+    def scoring_form(self) -> InferenceForm | None:
+        """The inference form that evaluation scores a whole split with, each news's terms
+        computed once for the split (`NewsRecModel.split_terms`), or None to score batch by batch
+        through `forward`. Only a form that is this model's function in eval mode, users included."""
+        return None
 
     def forward(
         self,

@@ -642,5 +642,10 @@ class RMBERT(Recommender):
     def inference_form(self, embed_words=None):
         return self.fold()
 
+    def scoring_form(self):
+        """The folded form (the same function), unless `fast_path` is off: then evaluation
+        runs eq. 4-6 literally, as training does."""
+        return self.fold() if self.cfg.fast_path else None
+
 
 __all__ = ["RMBERT", "RMBERTConfig", "UserState", "NEG"]

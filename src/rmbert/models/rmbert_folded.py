@@ -21,11 +21,8 @@ class FoldedUser:
     """Candidate-independent terms of one request's user, computed once (see FoldedRMBERT)."""
 
     mask: torch.Tensor  # [B, M] bool
-    Z0: torch.Tensor  # [B, D, M]: s -> history logits in steps where r is constant
-    z0: torch.Tensor  # [B, M]
-    Gt: torch.Tensor  # [B, D, M] = (W_H H + b_H)^T: left * r -> history logits (other steps)
-    Z: torch.Tensor  # [B, D, M]: s -> the H part of those logits
-    z: torch.Tensor  # [B, M]
+    Gt: torch.Tensor  # [B, D, M] = (W_H H + b_H)^T: (left * r) -> the G part of the history logits
+    Ht: torch.Tensor  # [B, D, M] = H^T: right -> the H part
     P: torch.Tensor  # [B, (p-1) M, D]: r_t = rho_t + [b_0 .. b_(t-1)] @ P[:, -tM:]
     Q: torch.Tensor  # [B, p M, H1]: W_1m m_p = kappa + [b_0 .. b_(p-1)] @ Q
     Y: torch.Tensor | None  # [B, p M, D]: P m_p + b_P = y0 + [b_0 .. b_(p-1)] @ Y (click_product)
@@ -42,14 +39,13 @@ class FoldedRMBERT(InferenceForm):
     up to float rounding; tested). With s_t = sum_l a_tl X_l the title pooling of step t, so
     that k_t = W_q s_t + b_q, and v_t = w_b * k_t:
 
-    * Query (eq. 1-3). The logits of step t are X (w_a * kq_t) + b_a with kq_t = [news part]
-      + W_k2 k_(t-1), and W_k2 k_(t-1) = s_(t-1) R_1 + c_1 is linear in a_(t-1). So logits_t =
-      base_t + a_(t-1) K with per-news base_t [L] and K = X R_1 diag(w_a) X^T [L, L]:
-      the query unit never touches a D x D matrix at request time.
-    * History logits (eq. 4-6). w_b . (~I_j * k_t) = (s_t R_2 + c_2) * r_t . G_j + (s_t R_3 +
-      c_3) . H_j + const, with r_t = W_r m_(t-1) + b_r and G = W_H H + b_H (the constant,
-      v . b_I + b_b, cancels in the softmax). The H part is the per-user map Z = R_3 H^T
-      [D, M]; where r is constant (step 1, or w/o PM) the whole map is per user: Z0.
+    * Query (eq. 1-3) depends on the news alone: its title weights a_t and poolings s_t are
+      news terms, computed once per news. The logits of step t are X (w_a * kq_t) + b_a with
+      kq_t = [news part] + W_k2 k_(t-1), and W_k2 k_(t-1) = s_(t-1) R_1 + c_1.
+    * History logits (eq. 4-6). w_b . (~I_j * k_t) = (l_t * r_t) . G_j + u_t . H_j + const,
+      with per-news l_t = s_t R_2 + c_2 and u_t = s_t R_3 + c_3 (`left`, `right`), r_t = W_r
+      m_(t-1) + b_r and G = W_H H + b_H. The constant, v_t . b_I + b_b = s_t . g + h, cancels
+      in the softmax; `gate` keeps it for eq. 8''.
     * Memory (eq. 7) is linear: m_t = A^t m_0 + sum_(i<t) A^(t-1-i) (W_m2 U_i + b_m) with
       A = W_m1 and U_i = b_i H. So r_t = rho_t + sum_(i<t) b_i P_(t-1-i) and W_1m m_p =
       kappa + sum_i b_i Q_(p-1-i), with per-user P_k = H (W_r A^k W_m2)^T and Q_k = H (W_1m
@@ -57,20 +53,25 @@ class FoldedRMBERT(InferenceForm):
       sum_i b_i Y_(p-1-i) in the same way, with Y_k = H (P A^k W_m2)^T, and eq. 8' adds
       W_1p (x_n * that) per candidate (D H1 more multiply-adds).
 
-    Per candidate at p = 4 that is 3 D^2 + 4 L D + 4 L^2 + 17 M D multiply-adds (the fast path:
-    about 37 D^2), plus 10 M D^2 once per user; per news, L D^2 + L^2 D once, offline.
+    Per (user, candidate) pair at p steps that is (2p + p (p-1) / 2) M D + p M H1 multiply-adds
+    and no D x D product (about 26 M D at p = 4 with eq. 8m and four metric heads, against
+    about 37 D^2 unfolded), plus one [M, D] x [D, p (D + H1)] product per user (p D more
+    columns with eq. 8' or 8m); per news, about p (3 D^2 + 2 L D) once: offline in serving's
+    index, once per split in evaluation (`NewsRecModel.split_terms`).
     """
 
     # the per-news terms (`news_terms`), each with its number of trailing title-token axes:
-    #   base [..., p, L]  title-attention logits of each step, news part
-    #   K    [..., L, L]  the previous step's title weights -> this step's logits
+    #   title [..., p, L]  the title weights a_t of each step (the query unit, eq. 1-3)
+    #   left, right [..., p, D]  l_t = s_t R_2 + c_2 and u_t = s_t R_3 + c_3 (eq. 4-6)
+    #   gate [..., p]     s_t . g + h, the history logits' constant (match_strength, eq. 8'')
     #   click [..., H1]   W_1x x_n + b_1, the news part of eq. 8
     #   sim  [..., h, D]  unit S x_n per metric head (similarity, eq. 8''')
     #   match [..., F]    the news's match ids, a side table that serving builds (feature_match, eq. 8'''')
     #   title_ids [..., L] the news's title token ids, and
     #   entity_ids [..., E] its entity ids, likewise (content_match, eq. 8''''')
     #   category, subcategory [...] its feature-vocabulary ids, likewise (field_affinity, eq. 8f)
-    token_axes = {"base": 1, "K": 2, "click": 0}
+    token_axes = {"title": 1, "left": 0, "right": 0, "click": 0}
+    candidate_tokens = False  # `score` reads the candidates' news terms, never their title tokens
 
     def __init__(self, m: RMBERT) -> None:
         cfg = m.cfg
@@ -84,7 +85,8 @@ class FoldedRMBERT(InferenceForm):
         maps = [W_k2.T, wb[:, None] * f64["W_I.weight"][:, :D], wb[:, None] * f64["W_I.weight"][:, D:]]
         (R1, R2, R3), (c1, c2, c3) = [W_q.T @ R for R in maps], [b_q @ R for R in maps]
         self.R1w = (R1 * f64["W_alpha.weight"][0]).to(dtype)  # R_1 diag(w_a)
-        self.c1, self.R2, self.c2, self.c3 = c1.to(dtype), R2.to(dtype), c2.to(dtype), c3.to(dtype)
+        self.c1, self.R2, self.c2 = c1.to(dtype), R2.to(dtype), c2.to(dtype)
+        self.R3, self.c3 = R3.to(dtype), c3.to(dtype)
         # news part of kq_t: W_k1 (W_p^t x + b_p^t) + b_k (+ W_k2 x at t = 0, k_0 = x_n)
         Wq = [W_k1 @ f64[f"W_p.{t}.weight"] for t in range(p)]
         if cfg.prev_query:
@@ -115,14 +117,16 @@ class FoldedRMBERT(InferenceForm):
         # eq. 8'': the history logits' constant v_t . b_I + b_b (it cancels in the softmax, not in the
         # log-sum-exp) is s_t . g + h with k_t = W_q s_t + b_q
         self.W_1s = m.W_1s.weight if cfg.match_strength else None  # [H1, p]
+        if cfg.match_strength:
+            self.token_axes = {**self.token_axes, "gate": 0}
         wbI = wb * f64["W_I.bias"]
         self.g, self.h = (W_q.T @ wbI).to(dtype), (b_q @ wbI + f64["W_beta.bias"][0]).to(dtype)
         if not cfg.prev_memory:
             self.rho = torch.ones_like(self.rho)  # eq. 4 without m: I = W_H H + b_H
         self.r0 = self.rho[0]
-        # one map for every per-user product: H -> [G, Z, P_(p-2) .. P_0, Q_(p-1) .. Q_0], stacked
+        # one map for every per-user product: H -> [G, P_(p-2) .. P_0, Q_(p-1) .. Q_0 (, Y)], stacked
         # oldest-first so that b_0 .. b_t pair with P_t .. P_0 and b_0 .. b_(p-1) with Q_(p-1) .. Q_0
-        self.U = torch.cat([f64["W_H.weight"], R3, *T[::-1], *S[::-1], *Yk[::-1]], 0).T.to(dtype)  # [D, .]
+        self.U = torch.cat([f64["W_H.weight"], *T[::-1], *S[::-1], *Yk[::-1]], 0).T.to(dtype)  # [D, .]
         self.b_H = m.W_H.bias
         self.W_1x, self.b_1 = m.W_1.weight[:, :D], m.W_1.bias
         self.W_2, self.b_2 = m.W_2.weight[0], m.W_2.bias
@@ -134,7 +138,7 @@ class FoldedRMBERT(InferenceForm):
         self.S = m.S.weight if cfg.similarity else None  # [h D, D]
         self.W_1c = m.W_1c.weight if cfg.similarity else None  # [H1, 2h]
         if cfg.similarity:
-            self.token_axes = {**FoldedRMBERT.token_axes, "sim": 0}
+            self.token_axes = {**self.token_axes, "sim": 0}
         self.W_1f = m.W_1f.weight if cfg.feature_match else None  # [H1, 2K]
         self.side_tables = m.inputs_for(cfg)
         self.token_axes = {**self.token_axes, **{k: int(k == "title_ids") for k in self.side_tables}}
@@ -156,14 +160,38 @@ class FoldedRMBERT(InferenceForm):
 
     @torch.no_grad()
     def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
-        """News cls [..., D], tokens [..., L, D] -> the terms above; depends on the news only."""
-        x, X = news.cls, news.tokens
+        """News cls [..., D], tokens [..., L, D] and mask [..., L] -> the terms above: the whole
+        query unit (eq. 1-3), which depends on the news alone."""
+        x, X, xmask = news.cls, news.tokens, news.mask
+        if X is None or xmask is None:
+            raise ValueError("RMBERT's news terms need the news's title tokens and their mask")
+        cfg = self.cfg
         kq = torch.einsum("...d,ted->...te", x, self.Wq) + self.bq  # [..., p, D], news part of eq. 2
-        if self.cfg.prev_query:
+        if cfg.prev_query:
             kq[..., 1:, :] += self.c1  # W_k2 k_(t-1) = s_(t-1) R_1 + c_1
         base = (kq * self.w_a) @ X.transpose(-1, -2) + self.b_a  # [..., p, L]
-        K = (X @ self.R1w) @ X.transpose(-1, -2)  # [..., L, L]
-        terms = {"base": base, "K": K, "click": x @ self.W_1x.T + self.b_1}
+        a = masked_mean_weights(xmask, X.dtype)  # w/o Att: mean pooling at every step
+        title, pooled = [], []
+        for t in range(self.p):
+            if cfg.attention:
+                logits = base[..., t, :]  # [..., L]
+                if cfg.prev_query and t > 0:  # + X (w_a * s_(t-1) R_1)
+                    logits = logits + (X @ (pooled[-1] @ self.R1w)[..., None]).squeeze(-1)
+                if cfg.query_attention == "softmax":
+                    a = masked_softmax(logits, xmask)
+                else:
+                    a = torch.sigmoid(logits) * xmask
+            title.append(a)
+            pooled.append((a[..., None, :] @ X).squeeze(-2))  # s_t [..., D]
+        s = torch.stack(pooled, -2)  # [..., p, D]
+        terms = {
+            "title": torch.stack(title, -2),
+            "left": s @ self.R2 + self.c2,
+            "right": s @ self.R3 + self.c3,
+            "click": x @ self.W_1x.T + self.b_1,
+        }
+        if self.W_1s is not None:
+            terms["gate"] = s @ self.g + self.h  # [..., p]
         if self.S is not None:
             terms["sim"] = self.metric(x)
         return terms
@@ -183,25 +211,27 @@ class FoldedRMBERT(InferenceForm):
         ids [B, M, 2] (field_affinity) -> FoldedUser."""
         B, M, D = H.shape
         p, H1 = self.p, self.kappa.shape[0]
-        HU = H @ self.U  # [B, M, 2D + (p-1) D + p H1]
-        G, Z = HU[..., :D] + self.b_H, HU[..., D : 2 * D].transpose(1, 2)  # [B, M, D], [B, D, M]
-        z = H @ self.c3  # [B, M]
-        Z0 = ((G * self.r0) @ self.R2.T).transpose(1, 2) + Z  # [B, D, M]
-        z0 = G @ (self.c2 * self.r0) + z
-        P = HU[..., 2 * D : (p + 1) * D].reshape(B, M, p - 1, D).transpose(1, 2).reshape(B, -1, D)
-        q_end = (p + 1) * D + p * H1
-        Q = HU[..., (p + 1) * D : q_end].reshape(B, M, p, H1).transpose(1, 2).reshape(B, -1, H1)
+        # [B, M, D + (p-1) D + p H1 (+ p D)], of the clicks alone: a padded slot never gets weight
+        HU = H.new_zeros(B, M, self.U.shape[1])
+        HU[mask] = H[mask] @ self.U
+        G = HU[..., :D] + self.b_H  # [B, M, D]
+        P = HU[..., D : p * D].reshape(B, M, p - 1, D).transpose(1, 2).reshape(B, -1, D)
+        q_end = p * D + p * H1
+        Q = HU[..., p * D : q_end].reshape(B, M, p, H1).transpose(1, 2).reshape(B, -1, H1)
         Y = None
         if self.y0 is not None:
             Y = HU[..., q_end:].reshape(B, M, p, D).transpose(1, 2).reshape(B, -1, D)
-        Hs = self.metric(H) if self.S is not None else None
+        Hs = None
+        if self.S is not None:
+            Hs = H.new_zeros(B, M, self.cfg.similarity_heads, D)
+            Hs[mask] = self.metric(H[mask])
         if self.W_1f is not None and match is None:
             raise ValueError("rmbert.feature_match needs the clicked news' match ids")
         if self.W_1n is not None and (words is None or ents is None):
             raise ValueError("rmbert.content_match needs the clicked news' title token ids and entity ids")
         if self.W_1a is not None and fields is None:
             raise ValueError("rmbert.field_affinity needs the clicked news' category and subcategory ids")
-        return FoldedUser(mask, Z0, z0, G.transpose(1, 2), Z, z, P, Q, Y, Hs, match, words, ents, fields)
+        return FoldedUser(mask, G.transpose(1, 2), H.transpose(1, 2), P, Q, Y, Hs, match, words, ents, fields)
 
     @torch.no_grad()
     def score(
@@ -236,49 +266,32 @@ class FoldedRMBERT(InferenceForm):
 
     @torch.no_grad()
     def score_user(self, user: FoldedUser, cand: NewsRepr, terms: dict, record: bool = False) -> Scores:
-        """Logits [B, C] (and per-step weights if record) for a folded user. cand.cls (x_n
-        [B, C, D]) is read only with `click_product` or `memory_match`."""
+        """Logits [B, C] (and per-step weights if record) for a folded user, from the candidates'
+        news terms [B, C, ...]. cand.cls (x_n [B, C, D]) is read only with `click_product` or
+        `memory_match`; the candidates' title tokens never."""
         cfg, p = self.cfg, self.p
-        X, xmask = cand.tokens, cand.mask  # [B, C, L, D], [B, C, L]
-        B, C, M = *X.shape[:2], user.mask.shape[1]
+        left, right = terms["left"], terms["right"]  # [B, C, p, D]
+        B, C, M = *left.shape[:2], user.mask.shape[1]
         hmask = user.mask[:, None, :].expand(-1, C, -1)  # [B, C, M]
         r = self.r0  # W_r m_(t-1) + b_r: [D] until it depends on the candidate
-        a = masked_mean_weights(xmask, X.dtype)  # w/o Att: mean pooling at every step
-        bw = X.new_empty(B, C, p * M)  # history weights of every step, [b_0 .. b_(p-1)]
-        title_w, strength = [], []
+        bw = left.new_empty(B, C, p * M)  # history weights of every step, [b_0 .. b_(p-1)]
+        strength = []
         for t in range(p):
-            if cfg.attention:
-                logits = terms["base"][..., t, :]  # [B, C, L]
-                if cfg.prev_query and t > 0:
-                    logits = logits + (a[..., None, :] @ terms["K"]).squeeze(-2)
-                if cfg.query_attention == "softmax":
-                    a = masked_softmax(logits, xmask)
-                else:
-                    a = torch.sigmoid(logits) * xmask
-            s = (a[..., None, :] @ X).squeeze(-2)  # [B, C, D]: k_t = W_q s + b_q
             if not cfg.attention:
-                b = masked_mean_weights(hmask, X.dtype)
+                b = masked_mean_weights(hmask, left.dtype)
                 hl = None
-            elif cfg.prev_memory and t > 0:  # r_t depends on the candidate
-                left = (s @ self.R2 + self.c2) * r  # [B, C, D]
-                hl = (left @ user.Gt).add_(s @ user.Z).add_(user.z[:, None])
-                b = masked_softmax(hl, hmask)
             else:
-                hl = s @ user.Z0 + user.z0[:, None]
+                hl = (left[..., t, :] * r) @ user.Gt + right[..., t, :] @ user.Ht  # [B, C, M]
                 b = masked_softmax(hl, hmask)
             if self.W_1s is not None:
-                lse = (
-                    masked_logsumexp(hl + (s @ self.g + self.h)[..., None], hmask) if hl is not None else None
-                )
-                strength.append(lse if lse is not None else torch.zeros_like(s[..., 0]))
+                lse = masked_logsumexp(hl + terms["gate"][..., t, None], hmask) if hl is not None else None
+                strength.append(lse if lse is not None else left.new_zeros(B, C))
             bw[..., t * M : (t + 1) * M] = b
             if cfg.attention and cfg.prev_memory and t + 1 < p:
                 r = self.rho[t + 1] + bw[..., : (t + 1) * M] @ user.P[:, (p - 2 - t) * M :]  # [B, C, D]
-            if record:
-                title_w.append(a)
         logits = self.click(user, cand, terms, bw, strength)
         if record:
-            return Scores(logits, {"title": torch.stack(title_w, 2), "history": bw.view(B, C, p, M)})
+            return Scores(logits, {"title": terms["title"], "history": bw.view(B, C, p, M)})
         return Scores(logits)
 
     def click(self, user: FoldedUser, cand: NewsRepr, terms: dict, bw: torch.Tensor, strength: list):

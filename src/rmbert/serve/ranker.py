@@ -131,7 +131,7 @@ class Ranker:
             if fids is not None:
                 x = x + model.features(torch.from_numpy(fids[i : i + chunk]).to(dev))
             got["cls"] = x
-            got.update(self.form.news_terms(NewsRepr(x, X, None)))
+            got.update(self.form.news_terms(NewsRepr(x, X, mask)))
             got.update({k: torch.from_numpy(v[i : i + chunk]).to(dev) for k, v in side.items()})
             terms = {k: v[None] for k, v in got.items() if k in self.form.token_axes}
             terms |= {
@@ -289,7 +289,9 @@ class Ranker:
         D = T["cls"].shape[1]
         H = T["cls"].index_select(0, hist_t.flatten()).view(B, M, D)
         x = T["cls"].index_select(0, cand_t).view(B, C, D)
-        X = self._take("tokens", T["tokens"], cand_t)[:, :Lb].view(B, C, Lb, D)
+        X = None  # the candidates' title tokens, where the inference form reads them
+        if self.form.candidate_tokens:
+            X = self._take("tokens", T["tokens"], cand_t)[:, :Lb].view(B, C, Lb, D)
         xmask = xmask[:, :Lb].reshape(B, C, Lb)
         terms = {}
         for name, axes in self.form.token_axes.items():
@@ -311,7 +313,8 @@ class Ranker:
             )
         record = any(j.explain for j in jobs)
         if self.device.type != "cpu":
-            H, hm, x, X, xmask = (t.to(self.device, non_blocking=True) for t in (H, hm, x, X, xmask))
+            H, hm, x, xmask = (t.to(self.device, non_blocking=True) for t in (H, hm, x, xmask))
+            X = None if X is None else X.to(self.device, non_blocking=True)
             terms = {k: v.to(self.device, non_blocking=True) for k, v in terms.items()}
         if self.run.model.features is not None:
             H = H + self.run.model.features.positions(hm)  # recency embeddings (history_position)
