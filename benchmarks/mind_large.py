@@ -12,8 +12,8 @@ Linux a child's ru_maxrss starts at its parent's peak. Prints one JSON object (l
 `under_8_gib` compares the largest peak of the rmbert steps with the 8 GiB target. This replaces
 memory_plan.py's extrapolation with a run.
 Usage: python benchmarks/mind_large.py [--scale 1.0] [--steps 300] [--out DIR] [--encoder NAME |
-       --random-encoder D] [--model rmbert] [--preset default] [--seed 0] [--last-step score]
-       [--skip-existing] [--only-generate]
+       --random-encoder D] [--model rmbert] [--preset default] [--seed 0] [--first-step train]
+       [--last-step score] [--skip-existing] [--only-generate]
 """
 
 from __future__ import annotations
@@ -356,7 +356,8 @@ def random_encoder(a: argparse.Namespace) -> None:
         "words = [w for d in TOPICS.values() for ws in d.values() for w in ws] + FILLERS; "
         "save_tiny_encoder(sys.argv[1], words, hidden=int(sys.argv[2]), layers=1)"
     )
-    subprocess.run([sys.executable, "-c", code, str(path), str(a.random_encoder)], check=True)
+    if not path.is_dir():  # --first-step after train reuses the encoder that run was trained with
+        subprocess.run([sys.executable, "-c", code, str(path), str(a.random_encoder)], check=True)
     a.encoder = path
 
 
@@ -367,6 +368,12 @@ def fresh(out: Path) -> None:
     (out / "prediction.zip").unlink(missing_ok=True)
 
 
+def store_dim(out: Path) -> int | None:
+    """D of the store an earlier invocation encoded (for --first-step after encode)."""
+    meta = out / "store" / "meta.json"
+    return json.loads(meta.read_text()).get("dim") if meta.is_file() else None
+
+
 def child_env(out: Path) -> dict[str, str]:
     env = dict(os.environ)
     env.update(HF_HUB_OFFLINE="1", TOKENIZERS_PARALLELISM="false", RMBERT_CACHE=str(out / "cache"))
@@ -375,7 +382,10 @@ def child_env(out: Path) -> dict[str, str]:
 
 def main_workflow(a: argparse.Namespace) -> dict:
     t_start = time.perf_counter()
-    fresh(a.out)
+    if a.first_step == "train":
+        fresh(a.out)
+    elif not (a.out / "run" / "config.json").is_file():
+        raise SystemExit(f"--first-step {a.first_step}: no run under {a.out} (run from train first)")
     env, logs, data = child_env(a.out), a.out / "logs", a.out / "data"
     if a.random_encoder:
         random_encoder(a)
@@ -384,7 +394,8 @@ def main_workflow(a: argparse.Namespace) -> dict:
     gen_cmd += ["--skip-existing"] if a.skip_existing else []
     steps: dict[str, dict] = {}
     failed = None
-    chosen = workflow(a, data)[: STEPS.index(a.last_step) + 1]  # workflow's names are STEPS
+    first, last = STEPS.index(a.first_step), STEPS.index(a.last_step)
+    chosen = workflow(a, data)[first : last + 1]  # workflow's names are STEPS
     for name, cmd in [("generate", gen_cmd), *chosen]:
         rec = steps[name] = run_child(name, cmd, env, logs)
         if "returncode" in rec:
@@ -407,8 +418,9 @@ def main_workflow(a: argparse.Namespace) -> dict:
         "sizes": sizes,
         "steps": steps,
         "failed": failed,
+        "first_step": a.first_step,
         "last_step": a.last_step,
-        "D": steps.get("encode", {}).get("D"),
+        "D": steps.get("encode", {}).get("D") or store_dim(a.out),
         "max_peak_rss_gib": peaks.get(top) if top else None,
         "max_peak_rss_step": top,
         "under_8_gib": bool(top) and peaks[top] < TARGET_GIB and failed is None,
@@ -438,6 +450,13 @@ def main() -> None:
     ap.add_argument("--preset", default="default", choices=("default", "paper"))
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument(
+        "--first-step",
+        default="train",
+        choices=STEPS,
+        help="start at this step, reusing the run folder, store and cache that an earlier invocation "
+        "left under --out (with --skip-existing; e.g. to measure evaluate again after a change)",
+    )
+    ap.add_argument(
         "--last-step",
         default="score",
         choices=STEPS,
@@ -449,6 +468,8 @@ def main() -> None:
     ap.add_argument("--only-generate", action="store_true", help="write the data and stop")
     a = ap.parse_args()
     a.out = a.out.resolve()
+    if STEPS.index(a.first_step) > STEPS.index(a.last_step):
+        ap.error(f"--first-step {a.first_step} comes after --last-step {a.last_step}")
     if a.only_generate:
         only_generate(a)
     else:
