@@ -186,7 +186,12 @@ class NewsRecModel(nn.Module):
         candidate) pair (`score_terms`)."""
         out: dict[str, torch.Tensor] = {}  # filled in place: no second copy of the whole split's terms
         dev = next(self.parameters(), torch.empty(0)).device
-        for i in tqdm(range(0, len(rows), chunk), desc="news terms", unit="chunk", disable=not progress):
+        store = getattr(self.news, "store", None)
+        for n, i in enumerate(
+            tqdm(range(0, len(rows), chunk), desc="news terms", unit="chunk", disable=not progress)
+        ):
+            if store is not None and n % 16 == 15:  # each news is read once: keep its pages out of RSS
+                store.release()
             r = torch.from_numpy(np.asarray(rows[i : i + chunk], dtype=np.int64)).to(dev)[None]  # [1, N']
             _, cand = self.news(r[:, :1], r, False, True)
             cand = self.add_side(self.add_features(cand, r), r)
@@ -201,6 +206,8 @@ class NewsRecModel(nn.Module):
                 if k not in out:
                     out[k] = v.new_zeros(len(rows), *v.shape[1:])
                 out[k][i : i + len(v)] = v
+        if store is not None:
+            store.release()
         return out
 
     def score_terms(

@@ -457,12 +457,14 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def reuse_freed_memory(limit: int = 1 << 30) -> bool:
+def reuse_freed_memory(limit: int = 256 << 20) -> bool:
     """Have glibc's malloc keep freed blocks under `limit` bytes for reuse instead of handing
     each one back to the kernel: a batch's large tensors (tens of MB at MIND-large's size) would
     otherwise each be a fresh mmap, whose page faults took a fifth of `evaluate`'s CPU time
-    there. What MALLOC_MMAP_THRESHOLD_ and MALLOC_TRIM_THRESHOLD_ set, from inside the process.
-    False (nothing changed) where the C library has no mallopt, as on macOS and Windows."""
+    there. Larger blocks (a split's columns) are still mapped and unmapped on their own, and at
+    most `limit` bytes of free heap stay resident. What MALLOC_MMAP_THRESHOLD_ and
+    MALLOC_TRIM_THRESHOLD_ set, from inside the process. False (nothing changed) where the C
+    library has no mallopt, as on macOS and Windows."""
     import ctypes
 
     try:
