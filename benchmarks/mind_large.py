@@ -470,6 +470,7 @@ def main() -> None:
     a.out = a.out.resolve()
     if STEPS.index(a.first_step) > STEPS.index(a.last_step):
         ap.error(f"--first-step {a.first_step} comes after --last-step {a.last_step}")
+    a.skip_existing = a.skip_existing or a.first_step != "train"  # the run was trained on that data
     if a.only_generate:
         only_generate(a)
     else:

@@ -90,6 +90,33 @@ def test_segments_are_viewed_not_copied(served, store_dir, run):
     assert two.rows(["A2"]).tolist() == [len(one.ids) + 2]
 
 
+def resident_file_kib() -> int:
+    return int(next(line for line in open("/proc/self/status") if line.startswith("RssFile")).split()[1])
+
+
+def test_release_drops_the_pages_and_keeps_the_data(served, store_dir, run):
+    """`release` takes a read-only store's token pages out of the process's resident memory
+    (Linux: RssFile falls by them) on every segment, and the rows read back the same."""
+    two = NewsStore.open(store_dir).append(["A1", "A2"], ["storm", "snow"], run.encoding)
+    rows = np.arange(len(two.ids) + 1)
+    before = whole_tokens(two).copy()
+    assert np.array_equal(two.arrays["tokens"][rows], before)  # every page mapped in
+    two.release()
+    two.release(("no such array",))  # names the store lacks are skipped
+    assert np.array_equal(two.arrays["tokens"][rows], before)
+    if sys.platform.startswith("linux"):
+        one = NewsStore.open(store_dir)
+        big = np.lib.format.open_memmap(store_dir.parent / "big.npy", "w+", np.float16, (4096, 256))
+        big[:] = 1
+        big.flush()
+        one.arrays["tokens"] = np.load(store_dir.parent / "big.npy", mmap_mode="r")  # 2 MiB of pages
+        assert float(one.arrays["tokens"].sum(dtype=np.float32)) == 4096 * 256
+        mapped = resident_file_kib()
+        one.release()
+        assert resident_file_kib() < mapped - 1024
+        assert float(one.arrays["tokens"].sum(dtype=np.float32)) == 4096 * 256
+
+
 def whole_tokens(store):
     return np.concatenate(store.arrays["tokens"].parts)
 

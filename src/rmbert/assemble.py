@@ -187,6 +187,7 @@ class NewsRecModel(nn.Module):
         out: dict[str, torch.Tensor] = {}  # filled in place: no second copy of the whole split's terms
         dev = next(self.parameters(), torch.empty(0)).device
         store = getattr(self.news, "store", None)
+        store = store if hasattr(store, "release") else None
         for n, i in enumerate(
             tqdm(range(0, len(rows), chunk), desc="news terms", unit="chunk", disable=not progress)
         ):
@@ -218,7 +219,7 @@ class NewsRecModel(nn.Module):
         hist, _ = self.news(batch.hist, batch.hist[:, :1], self.rec.needs_history_tokens, False)
         hist = self.add_side(self.add_history_features(hist, batch), batch.hist)
         idx = local[batch.cand]  # [B, C]
-        got = {k: v[idx] for k, v in terms.items()}
+        got = {k: v[idx] for k, v in terms.items() if k not in form.record_terms}
         x = got.pop("cls")
         got |= {"history_" + k: v for k, v in (hist.extra or {}).items()}
         if hist.tokens is not None:

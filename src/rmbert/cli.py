@@ -463,8 +463,9 @@ def reuse_freed_memory(limit: int = 256 << 20) -> bool:
     otherwise each be a fresh mmap, whose page faults took a fifth of `evaluate`'s CPU time
     there. Larger blocks (a split's columns) are still mapped and unmapped on their own, and at
     most `limit` bytes of free heap stay resident. What MALLOC_MMAP_THRESHOLD_ and
-    MALLOC_TRIM_THRESHOLD_ set, from inside the process. False (nothing changed) where the C
-    library has no mallopt, as on macOS and Windows."""
+    MALLOC_TRIM_THRESHOLD_ set, from inside the process. glibc before 2.35 refuses a map
+    threshold above 32 MiB: then 32 MiB. False (nothing changed) where the C library has no
+    mallopt (macOS, Windows, musl) or refuses both."""
     import ctypes
 
     try:
@@ -472,7 +473,11 @@ def reuse_freed_memory(limit: int = 256 << 20) -> bool:
     except (AttributeError, OSError, TypeError):
         return False
     M_TRIM_THRESHOLD, M_MMAP_THRESHOLD = -1, -3  # malloc.h
-    return bool(mallopt(M_TRIM_THRESHOLD, limit)) and bool(mallopt(M_MMAP_THRESHOLD, limit))
+    # the map threshold first: setting either one stops glibc adjusting the map threshold itself
+    for size in (limit, min(limit, 32 << 20)):
+        if mallopt(M_MMAP_THRESHOLD, size):
+            return bool(mallopt(M_TRIM_THRESHOLD, max(size, limit)))
+    return False
 
 
 def main(argv: list[str] | None = None) -> int:

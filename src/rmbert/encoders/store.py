@@ -412,17 +412,23 @@ class NewsStore:
     def __len__(self) -> int:
         return len(self.ids)
 
-    def release(self) -> None:
-        """Take the pages of the store's arrays out of this process's resident memory (madvise
-        DONTNEED on its memory maps): they stay in the page cache, and a later read maps them
-        back without reading the disk. For a pass that reads each row once, such as the news
-        terms of a whole split, so that its resident memory does not grow by the store's size.
-        Nothing happens where the platform has no madvise."""
-        for arr in self.arrays.values():
+    def release(self, names: tuple[str, ...] = ("tokens", "hidden")) -> None:
+        """Take the pages of the arrays `names` (those the store has) out of this process's
+        resident memory (madvise DONTNEED on their read-only maps): they stay in the page cache,
+        and a later read maps them back without reading the disk. For a pass that reads each
+        row once, such as the news terms of a whole split, so that its resident memory does not
+        grow by the store's size. Nothing happens where the platform has no madvise."""
+        if not hasattr(mmap, "MADV_DONTNEED"):
+            return
+        for arr in (self.arrays[k] for k in names if k in self.arrays):
             for part in arr.parts if isinstance(arr, Segmented) else [arr]:
                 mm = getattr(part, "_mmap", None)  # an np.memmap's map (None for arrays in memory)
-                if mm is not None and hasattr(mm, "madvise") and hasattr(mmap, "MADV_DONTNEED"):
+                if mm is None or getattr(part, "mode", None) != "r":  # never drop a private copy's writes
+                    continue
+                try:
                     mm.madvise(mmap.MADV_DONTNEED)
+                except OSError:  # e.g. locked pages: they simply stay
+                    pass
 
     def pooled(self) -> np.ndarray:
         """[rows, D] mean of each news's title-token vectors (computed on open for stores written

@@ -40,6 +40,7 @@ class InferenceForm(ABC):
     # False: `score` reads the candidates' news terms alone, never their title tokens (cand.tokens
     # and cand.mask may be None)
     candidate_tokens: bool = True
+    record_terms: tuple[str, ...] = ()  # news terms that `score` reads only when it records attentions
     # features the retrieval proxy adds, from the side tables named in `proxy_tables`:
     # (those tables' rows of G news, of one user's M clicks) -> [G, k]
     content_proxy: Callable[[dict, dict], torch.Tensor] | None = None

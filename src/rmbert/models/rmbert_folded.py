@@ -72,6 +72,7 @@ class FoldedRMBERT(InferenceForm):
     #   category, subcategory [...] its feature-vocabulary ids, likewise (field_affinity, eq. 8f)
     token_axes = {"title": 1, "left": 0, "right": 0, "click": 0}
     candidate_tokens = False  # `score` reads the candidates' news terms, never their title tokens
+    record_terms = ("title",)  # read only for the attentions that `record` returns
 
     def __init__(self, m: RMBERT) -> None:
         cfg = m.cfg

@@ -294,7 +294,10 @@ class Ranker:
             X = self._take("tokens", T["tokens"], cand_t)[:, :Lb].view(B, C, Lb, D)
         xmask = xmask[:, :Lb].reshape(B, C, Lb)
         terms = {}
+        record = any(j.explain for j in jobs)
         for name, axes in self.form.token_axes.items():
+            if name in self.form.record_terms and not record:
+                continue
             t = self._take(name, T[name], cand_t) if axes == 2 else T[name].index_select(0, cand_t)
             for a in range(1, axes + 1):
                 t = t.narrow(t.dim() - a, 0, Lb)
@@ -311,7 +314,6 @@ class Ranker:
             terms["history_" + name] = (
                 T[name].index_select(0, hist_t.flatten()).view(B, M, *T[name].shape[1:])
             )
-        record = any(j.explain for j in jobs)
         if self.device.type != "cpu":
             H, hm, x, xmask = (t.to(self.device, non_blocking=True) for t in (H, hm, x, xmask))
             X = None if X is None else X.to(self.device, non_blocking=True)
