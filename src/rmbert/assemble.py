@@ -239,6 +239,8 @@ class NewsRecModel(nn.Module):
         return self.rec.needs_history_tokens, self.rec.needs_candidate_tokens
 
     def forward(self, batch: Batch) -> torch.Tensor:
+        if self.rec.encodes_news and (self.features is None or self.features.pos is None):
+            return self._forward_encoded(batch)
         if not self.rec.dedup_candidates:
             hist, cand = self.news(batch.hist, batch.cand, *self.reads_tokens)
             hist, cand = self.add_history_features(hist, batch), self.add_features(cand, batch.cand)
@@ -254,6 +256,28 @@ class NewsRecModel(nn.Module):
         tokens = None if cand.tokens is None else cand.tokens[0]  # None: the recommender reads no tokens
         mask = None if cand.mask is None else cand.mask[0]
         cand = NewsRepr(cls=cand.cls[0], tokens=tokens, mask=mask, index=inv, extra=extra)
+        return self.rec(hist, batch.hist_mask, cand, batch.users)
+
+    def _forward_encoded(self, batch: Batch) -> torch.Tensor:
+        """Each distinct news of the batch, clicked or candidate, through the recommender's own
+        news encoder once (`Recommender.encodes_news`), its encoding then gathered to every slot.
+        (Not with history_position, which makes a clicked news's input depend on its slot.)"""
+        (B, M), C = batch.hist.shape, batch.cand.shape[1]
+        uniq, inv = torch.unique(
+            torch.cat([batch.hist.reshape(-1), batch.cand.reshape(-1)]), return_inverse=True
+        )
+        rows = uniq[None]  # [1, U]
+        tokens = self.rec.needs_history_tokens or self.rec.needs_candidate_tokens
+        news, _ = self.news(rows, rows[:, :1], tokens, False)
+        news = self.add_side(self.add_features(news, rows), rows)
+        enc = self.rec.encode_news(news)  # [1, U, ...], or a list of them
+
+        def take(idx: torch.Tensor) -> NewsRepr:  # [B, K] -> the news at those slots
+            got = [t[0][idx] for t in enc] if isinstance(enc, list) else enc[0][idx]
+            return NewsRepr(cls=news.cls[0][idx], tokens=None, mask=None, encoded=got)
+
+        inv = inv.to(news.cls.device)
+        hist, cand = take(inv[: B * M].view(B, M)), take(inv[B * M :].view(B, C))
         return self.rec(hist, batch.hist_mask, cand, batch.users)
 
 

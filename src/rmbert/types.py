@@ -6,6 +6,7 @@ Shape letters: N news, B users, K news per user (M clicked or C candidates), L t
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 
@@ -19,6 +20,9 @@ class NewsRepr:
     # per-news side inputs of the same news, by name (a recommender's `side_inputs`): [B, K, ...]
     # rows of per-store-row tables, e.g. category ids [B, K] or title token ids [B, K, L]
     extra: dict[str, torch.Tensor] | None = None
+    # the recommender's own encoding of these news (`Recommender.encode_news`), [B, K, ...] (a
+    # tensor or a list of them), computed once per distinct news of a batch; None: not yet
+    encoded: Any = None
 
 
 @dataclass

@@ -100,6 +100,10 @@ class Recommender(nn.Module, metaclass=ABCMeta):
     # frozen news side then gathers no candidate title tokens (cand.tokens and cand.mask are None)
     needs_candidate_tokens = True
     dedup_candidates = False  # True: score_candidates takes unique candidates [U, ...] + NewsRepr.index
+    # True: `encode_news` depends on one news alone (its tokens, side inputs and features), so
+    # training and evaluation run it once per distinct news of a batch, clicked or candidate, and
+    # hand it over as NewsRepr.encoded (`NewsRecModel.forward`); the model reads it via `encoded`
+    encodes_news = False
     # Per-news side inputs beyond the news side's vectors, read from NewsRepr.extra (the names of
     # rmbert.models.tables.TABLES); `word_inputs` are those of them that are token ids, which the
     # news side passes embedded ([..., T, E], with "<name>_mask" [..., T]).
@@ -116,6 +120,14 @@ class Recommender(nn.Module, metaclass=ABCMeta):
         """Fit what the model derives from the training split's news (`tables`: its side-input
         tables for those news only; `vocab`: the FeatureVocab), kept in buffers saved with the
         weights: e.g. DeepFM's IDF, DKN's entity vectors. Nothing by default."""
+
+    def encode_news(self, news: NewsRepr) -> Any:
+        """The model's own news encoder, [B, K, ...] news -> [B, K, ...] (`encodes_news`)."""
+        raise NotImplementedError(f"{self.name} has no news encoder of its own")
+
+    def encoded(self, news: NewsRepr) -> Any:
+        """`encode_news(news)`, or what the batch already computed for these news."""
+        return news.encoded if news.encoded is not None else self.encode_news(news)
 
     @abstractmethod
     def user_state(self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None) -> Any:

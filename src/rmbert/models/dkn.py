@@ -59,6 +59,7 @@ class DKNState:
 
 class DKN(Recommender):
     name = "dkn"
+    encodes_news = True
     needs_history_tokens = True
     side_inputs = ("title_entity",)
 
@@ -94,7 +95,7 @@ class DKN(Recommender):
             return self.ent_emb(ids)
         return self.ent_vec[ids]
 
-    def news_vectors(self, news: NewsRepr) -> torch.Tensor:
+    def encode_news(self, news: NewsRepr) -> torch.Tensor:
         """KCNN: [B, K, L, E] tokens + aligned entities -> [B, K, F]."""
         assert news.tokens is not None and news.mask is not None and news.extra is not None
         x, m = news.tokens, news.mask  # [B, K, L', E], [B, K, L']
@@ -115,11 +116,11 @@ class DKN(Recommender):
     def user_state(
         self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None = None
     ) -> DKNState:
-        h = self.news_vectors(hist)  # [B, M, F]
+        h = self.encoded(hist)  # [B, M, F]
         return DKNState(h, hist_mask, self.att_hist(h))
 
     def score_candidates(self, state: DKNState, cand: NewsRepr) -> torch.Tensor:
-        x = self.news_vectors(cand)  # [B, C, F]
+        x = self.encoded(cand)  # [B, C, F]
         a = torch.relu(state.key[:, None] + self.att_cand(x)[:, :, None])  # [B, C, M, H]
         w = masked_softmax(self.att_out(a)[..., 0], state.mask[:, None].expand(-1, x.shape[1], -1))
         user = torch.einsum("bcm,bmf->bcf", w, state.h)  # [B, C, F]; zeros for an empty history

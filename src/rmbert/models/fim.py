@@ -80,6 +80,7 @@ class FIMState:
 
 class FIM(Recommender):
     name = "fim"
+    encodes_news = True
     needs_history_tokens = True
 
     def __init__(self, cfg: FIMConfig) -> None:
@@ -101,7 +102,7 @@ class FIM(Recommender):
             side = [math.ceil(s / 3) for s in side]
         self.out = nn.Linear(c2 * side[0] * side[1] * side[2], 1)
 
-    def levels(self, news: NewsRepr) -> list[torch.Tensor]:
+    def encode_news(self, news: NewsRepr) -> list[torch.Tensor]:
         """[B, K, L', E] tokens -> per level [B, K, L, F] (level 0: the tokens, [B, K, L, E]),
         zero at padded tokens, padded to L."""
         assert news.tokens is not None and news.mask is not None
@@ -120,14 +121,14 @@ class FIM(Recommender):
     ) -> FIMState:
         M = self.cfg.max_history
         out = []
-        for d in self.levels(hist):  # [B, M', L, F]
+        for d in self.encoded(hist):  # [B, M', L, F]
             d = d * hist_mask[:, :, None, None].to(d.dtype)
             d = d[:, -M:]  # at most the M most recent clicks (the history is oldest first)
             out.append(nn.functional.pad(d, (0, 0, 0, 0, 0, M - d.shape[1])))
         return FIMState(out)
 
     def score_candidates(self, state: FIMState, cand: NewsRepr) -> torch.Tensor:
-        c = self.levels(cand)  # per level [B, C, L, F]
+        c = self.encoded(cand)  # per level [B, C, L, F]
         B, C = c[0].shape[:2]
         step = max(1, self.cfg.chunk // C)  # users per pass: about `chunk` pairs
         out = []

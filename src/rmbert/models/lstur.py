@@ -40,6 +40,7 @@ class LSTURConfig:
 
 class LSTUR(Recommender):
     name = "lstur"
+    encodes_news = True
 
     def __init__(self, cfg: LSTURConfig) -> None:
         super().__init__()
@@ -59,7 +60,7 @@ class LSTUR(Recommender):
         if cfg.combine == "con":
             self.combine = nn.Linear(2 * F, F)
 
-    def news_vectors(self, news: NewsRepr) -> torch.Tensor:
+    def encode_news(self, news: NewsRepr) -> torch.Tensor:
         if not self.cfg.word_encoder:
             return self.in_proj(self.drop(news.cls))
         x, m, lead = flatten_news(news.tokens, news.mask)
@@ -77,7 +78,7 @@ class LSTUR(Recommender):
     def user_state(
         self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None = None
     ) -> torch.Tensor:
-        h = self.news_vectors(hist)  # [B, M, F]
+        h = self.encoded(hist)  # [B, M, F]
         B = h.shape[0]
         long = self.long_term(users, B, h.device)  # [B, F]
         lengths = hist_mask.sum(1)
@@ -95,4 +96,4 @@ class LSTUR(Recommender):
         return short
 
     def score_candidates(self, state: torch.Tensor, cand: NewsRepr) -> torch.Tensor:
-        return (self.news_vectors(cand) * state[:, None, :]).sum(-1) + self.bias
+        return (self.encoded(cand) * state[:, None, :]).sum(-1) + self.bias

@@ -61,6 +61,7 @@ class TextView(nn.Module):
 
 class NAML(Recommender):
     name = "naml"
+    encodes_news = True
     needs_history_tokens = True
     side_inputs = ("category", "subcategory", "abstract")
     word_inputs = ("abstract",)
@@ -79,7 +80,7 @@ class NAML(Recommender):
         self.view_pool = AdditiveAttention(F, cfg.query_dim)
         self.user_pool = AdditiveAttention(F, cfg.query_dim)
 
-    def news_vectors(self, news: NewsRepr) -> torch.Tensor:
+    def encode_news(self, news: NewsRepr) -> torch.Tensor:
         """[B, K, ...] -> [B, K, F]."""
         assert news.tokens is not None and news.mask is not None and news.extra is not None
         x, m, lead = flatten_news(news.tokens, news.mask)
@@ -96,7 +97,7 @@ class NAML(Recommender):
     def user_state(
         self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None = None
     ) -> torch.Tensor:
-        return self.user_pool(self.news_vectors(hist), hist_mask)  # [B, F]; zeros for an empty history
+        return self.user_pool(self.encoded(hist), hist_mask)  # [B, F]; zeros for an empty history
 
     def score_candidates(self, state: torch.Tensor, cand: NewsRepr) -> torch.Tensor:
-        return (self.news_vectors(cand) * state[:, None, :]).sum(-1) + self.bias
+        return (self.encoded(cand) * state[:, None, :]).sum(-1) + self.bias

@@ -37,6 +37,7 @@ def self_attend(mha: nn.MultiheadAttention, x: torch.Tensor, mask: torch.Tensor)
 
 class NRMS(Recommender):
     name = "nrms"
+    encodes_news = True
 
     def __init__(self, cfg: NRMSConfig) -> None:
         super().__init__()
@@ -53,7 +54,7 @@ class NRMS(Recommender):
         self.news_attn = nn.MultiheadAttention(F, cfg.heads, batch_first=True)
         self.news_pool = AdditiveAttention(F, cfg.query_dim)
 
-    def news_vectors(self, news: NewsRepr) -> torch.Tensor:
+    def encode_news(self, news: NewsRepr) -> torch.Tensor:
         """[B, K, ...] -> [B, K, F]."""
         if not self.cfg.word_encoder:
             return self.in_proj(self.drop(news.cls))
@@ -64,9 +65,9 @@ class NRMS(Recommender):
     def user_state(
         self, hist: NewsRepr, hist_mask: torch.Tensor, users: torch.Tensor | None = None
     ) -> torch.Tensor:
-        h = self.news_vectors(hist)  # [B, M, F]
+        h = self.encoded(hist)  # [B, M, F]
         h = self.drop(self_attend(self.news_attn, h, hist_mask))
         return self.news_pool(h, hist_mask)  # [B, F]; zeros for an empty history
 
     def score_candidates(self, state: torch.Tensor, cand: NewsRepr) -> torch.Tensor:
-        return (self.news_vectors(cand) * state[:, None, :]).sum(-1) + self.bias
+        return (self.encoded(cand) * state[:, None, :]).sum(-1) + self.bias
