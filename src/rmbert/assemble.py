@@ -180,10 +180,10 @@ class NewsRecModel(nn.Module):
     def split_terms(
         self, form: InferenceForm, rows: np.ndarray, chunk: int = 1024, progress: bool = False
     ) -> dict[str, torch.Tensor]:
-        """The inference form's news terms of store rows [N], each [N, ...] (title axes padded
-        to the longest title), with the news vectors ("cls") and the side tables the recommender
-        reads: a split's candidate-only work done once per news, not once per (impression,
-        candidate) pair (`score_terms`)."""
+        """The inference form's news terms of store rows [N], each [N, ...], with the news
+        vectors ("cls") and the side tables the recommender reads: a split's candidate-only work
+        done once per news, not once per (impression, candidate) pair (`score_terms`). The terms
+        read only for recorded attentions (`record_terms`) are left out."""
         out: dict[str, torch.Tensor] = {}  # filled in place: no second copy of the whole split's terms
         dev = next(self.parameters(), torch.empty(0)).device
         store = getattr(self.news, "store", None)
@@ -200,13 +200,11 @@ class NewsRecModel(nn.Module):
             got["cls"] = cand.cls[0]
             got.update({k: v[0] for k, v in (cand.extra or {}).items()})
             for k, v in got.items():
-                axes = form.token_axes.get(k, 0)  # each chunk's title axes reach its own longest title
-                if axes and k in out and v.shape[-1] != out[k].shape[-1]:
-                    L = max(v.shape[-1], out[k].shape[-1])
-                    v, out[k] = (_pad_tokens(t, L, axes) for t in (v, out[k]))
+                if k in form.record_terms:
+                    continue
                 if k not in out:
                     out[k] = v.new_zeros(len(rows), *v.shape[1:])
-                out[k][i : i + len(v)] = v
+                out[k][i : i + len(v)] = v  # fixed-width: the title axes are all in record_terms
         if store is not None:
             store.release()
         return out
@@ -219,7 +217,7 @@ class NewsRecModel(nn.Module):
         hist, _ = self.news(batch.hist, batch.hist[:, :1], self.rec.needs_history_tokens, False)
         hist = self.add_side(self.add_history_features(hist, batch), batch.hist)
         idx = local[batch.cand]  # [B, C]
-        got = {k: v[idx] for k, v in terms.items() if k not in form.record_terms}
+        got = {k: v[idx] for k, v in terms.items()}
         x = got.pop("cls")
         got |= {"history_" + k: v for k, v in (hist.extra or {}).items()}
         if hist.tokens is not None:
@@ -279,11 +277,6 @@ class NewsRecModel(nn.Module):
         inv = inv.to(news.cls.device)
         hist, cand = take(inv[: B * M].view(B, M)), take(inv[B * M :].view(B, C))
         return self.rec(hist, batch.hist_mask, cand, batch.users)
-
-
-def _pad_tokens(t: torch.Tensor, L: int, axes: int) -> torch.Tensor:
-    """t [..., L', (L')] zero-padded to L on its `axes` trailing title-token axes."""
-    return nn.functional.pad(t, [0, L - t.shape[-1], 0, L - t.shape[-2]][: 2 * axes])
 
 
 def load_encoder(cfg: RunConfig, tokenizer_dir: Path | None = None):
