@@ -131,17 +131,29 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
     }
 
 
-def served_recall(run_dir: Path, store_dir: Path, split: Path, users: int, seed: int = 0) -> dict:
-    """Recall of the exhaustive top-10 by the retrieval top-N, and /rank latency, on a real run."""
+def served_recall(
+    run_dir: Path, store_dir: Path, split: Path, users: int, seed: int = 0, readers: int | None = None
+) -> dict:
+    """Recall of the exhaustive top-10 by the retrieval top-N, and /rank latency, on a real run;
+    `readers`: RetrievalConfig.readers (None: the default)."""
+    import functools
+
     from fastapi.testclient import TestClient
 
+    import rmbert.serve.app as app
     from rmbert.data.mind import load_split
     from rmbert.serve.app import Limits, create_app
+    from rmbert.serve.retrieval import RetrievalConfig
 
+    if readers is not None:  # the service builds its RetrievalConfig itself
+        app.RetrievalConfig = functools.partial(RetrievalConfig, readers=readers)
     limits = Limits(retrieve=200, store_poll_s=0, max_history=500)
     out: dict = {}
+    t0 = time.perf_counter()
     with TestClient(create_app(run_dir, store_dir, limits=limits)) as c:
+        out["startup_s"] = round(time.perf_counter() - t0, 2)  # store, index, calibration, reader prior
         state = c.app.state.serving
+        out["readers"] = state.index.retrieval.readers
         snap, ranker = state.index.snapshot, state.ranker
         live_rows = np.flatnonzero(snap.live)
         dev = load_split(split)
@@ -198,6 +210,9 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=None, help="a trained run (default: train a short one)")
     ap.add_argument("--split", type=Path, default=None, help="a split: its news are the pool, its users ask")
     ap.add_argument("--users", type=int, default=300)
+    ap.add_argument(
+        "--readers", type=int, default=None, help="RetrievalConfig.readers (default: its default)"
+    )
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "rmbert-bench")
     a = ap.parse_args()
     from rmbert.data.mind import load_news
@@ -219,7 +234,7 @@ def main() -> None:
             for i in range(len(news))
         ]
         build_store(store_dir, news.ids, news.title, load_run(run_dir).encoding, info=info, progress=False)
-    result: dict = {"recall": served_recall(run_dir, store_dir, split, a.users)}
+    result: dict = {"recall": served_recall(run_dir, store_dir, split, a.users, readers=a.readers)}
     result["pools"] = []
     for size in filter(None, a.sizes.split(",")):
         result["pools"].append(pool_timing(SIZES[size]))

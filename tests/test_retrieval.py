@@ -228,7 +228,9 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         # and the subcategory the trained affinity (eq. 8f) relates most to each clicked one
         related = _related_by_hand(ranker, cfg.weights, cfg.related)
         assert cfg.related == 1 and related and snap.retriever.related is not None
-        shared = _sharing_by_hand(match, snap.live, snap.live, prior, hist_rows, *fields, related)
+        within = snap.arrays["within"]  # the calibration ordered the subcategory lists (ReaderPrior)
+        assert not np.allclose(within[1 : snap.n], prior[1 : snap.n])
+        shared = _sharing_by_hand(match, snap.live, snap.live, prior, hist_rows, *fields, related, within)
         assert set(shared) - set(best) - set(gathered_near) and fields[0] < snap.n  # they add news; a tail
         gathered = np.setdiff1d(np.union1d(np.union1d(best, gathered_near), shared), hist_rows)
         # a second metric head: 2 more; rmbert.content_match: 4 more; rmbert.field_affinity: 6 more
@@ -365,12 +367,13 @@ def _related_by_hand(ranker, weights, k: int) -> dict[int, list[int]]:
 
 
 def _sharing_by_hand(
-    match, live_then, live, prior, hist, listed_n, per_entity, per_subcategory, related=None
+    match, live_then, live, prior, hist, listed_n, per_entity, per_subcategory, related=None, within=None
 ):
     """What `sharing` should give, from its definition, one row at a time: per clicked entity
     and subcategory, and per subcategory `related` ({clicked key: [related keys]}) names for a
-    clicked one, the best-prior rows among those listed (live then) and among those added since
-    (live now); of these, the rows live now."""
+    clicked one, the best-prior rows (for subcategories: best `within`, the prior if None) among
+    those listed (live then) and among those added since (live now); of these, the rows live now."""
+    within = prior if within is None else within
     listed = [r for r in range(listed_n) if live_then[r]]
     tail = [r for r in range(listed_n, len(live)) if live[r]]
     subs = {int(s) for s in match[hist, 1]} - {0}
@@ -380,8 +383,9 @@ def _sharing_by_hand(
         best_first = sorted(rows, key=lambda r: (-prior[r], r))
         for e in {int(e) for e in match[hist, 2:].ravel()} - {0}:
             want |= set([r for r in best_first if e in match[r, 2:]][:per_entity])
+        best_within = sorted(rows, key=lambda r: (-within[r], r))
         for s in subs:
-            want |= set([r for r in best_first if match[r, 1] == s][:per_subcategory])
+            want |= set([r for r in best_within if match[r, 1] == s][:per_subcategory])
     return sorted(r for r in want if live[r])
 
 
@@ -429,6 +433,57 @@ def test_the_gather_adds_the_subcategories_the_model_relates_to_the_clicked_ones
         by_hand = {11: [12, 13][:k]}
         assert got.tolist() == _sharing_by_hand(match, live, live, prior, hist, n, 2, 4, by_hand)
         assert {int(s) for s in match[got, 1]} >= {11, *by_hand[11]}
+
+
+def test_subcategory_lists_follow_the_models_order_for_the_subcategorys_readers():
+    """`ReaderPrior`: a model whose click layer is not additive orders a subcategory's news one
+    way for a user without clicks (the prior) and the other way for users who read it. The
+    subcategory lists follow the readers' order; a reader is never scored on a news it clicked;
+    subcategories too small to sample, and rows with none, keep the prior; a row added later
+    is placed by its prior plus its subcategory's mean offset."""
+    from rmbert.serve.retrieval import FieldLists, ReaderPrior
+
+    rng = np.random.default_rng(0)
+    n = 240
+    sub = np.zeros(n, np.int64)
+    sub[1:] = rng.choice([11, 12, 13], n - 1)
+    sub[[7, 8, 9]], sub[20] = 14, 0  # 14: three news, too few; row 20: no subcategory
+    q = rng.normal(size=n)
+    prior = -q  # without clicks the model prefers the news its readers like least
+    calls = []
+
+    def score(hist, cand):
+        assert not np.isin(cand, hist).any()
+        calls.append((len(hist), (sub[hist] == sub[cand[0]]).sum()))
+        return np.where(np.isin(sub[cand], sub[hist]), q[cand] + 10.0, prior[cand])
+
+    live = np.arange(1, n - 40)  # rows n-40.. arrive later
+    rp = ReaderPrior.build(sub, live, prior, score, readers=3, clicks=10)
+    assert len(calls) == 3 * 3 and all(h == 10 and same >= 5 for h, same in calls)  # half of them its own
+    big = live[np.isin(sub[live], [11, 12, 13])]
+    assert np.allclose(rp.values[big], q[big] + 10.0)
+    assert np.isnan(rp.values[[0, 7, 8, 9, 20]]).all() and np.isnan(rp.values[n - 40 :]).all()
+    assert rp.keys.tolist() == [11, 12, 13]
+    for k, off in zip(rp.keys, rp.offsets):
+        rows = big[sub[big] == k]
+        assert off == pytest.approx(np.mean(q[rows] + 10.0 - prior[rows]))
+    order = rp.order(prior[: n - 40], sub[: n - 40])
+    assert np.allclose(order[big], q[big] + 10.0) and np.allclose(order[[7, 20]], prior[[7, 20]])
+    later = rp.order(prior[n - 40 :], sub[n - 40 :], first=n - 40)  # rows added since
+    offset = dict(zip(rp.keys.tolist(), rp.offsets))
+    assert np.allclose(later, prior[n - 40 :] + np.array([offset.get(int(k), 0.0) for k in sub[n - 40 :]]))
+    # the subcategory lists: best for the readers first, where the prior would put them last
+    match = np.zeros((n - 40, 4), np.int64)
+    match[:, 1] = sub[: n - 40]
+    is_live = np.zeros(n - 40, bool)
+    is_live[live] = True
+    lists = FieldLists.build(match, is_live, prior[: n - 40], None, 50, order).listed[1]
+    rows11 = big[sub[big] == 11]
+    assert lists.top(np.array([11]), 5).tolist() == rows11[np.argsort(-q[rows11])][:5].tolist()
+    by_prior = FieldLists.build(match, is_live, prior[: n - 40], None, 50).listed[1]
+    assert by_prior.top(np.array([11]), 5).tolist() == rows11[np.argsort(q[rows11])][:5].tolist()
+    with pytest.raises(ValueError, match="retrieval.readers"):
+        RetrievalConfig(readers=-1)
 
 
 def test_the_gather_finds_news_sharing_a_field_with_the_clicks():

@@ -19,6 +19,7 @@ import torch
 from rmbert.encoders.store import NewsStore
 from rmbert.serve.retrieval import (
     FieldLists,
+    ReaderPrior,
     Related,
     RetrievalConfig,
     Retriever,
@@ -131,6 +132,8 @@ class ServingIndex:
         self.retrieval = retrieval if retrieval is not None and retrieval.top_n > 0 else None
         self.retriever: Retriever | None = None  # over every row, kept in step with the rows
         self.fields: FieldLists | None = None  # the listed part rebuilt only when stale
+        # orders the subcategory lists (the rows' "within"), once calibrated
+        self.readers: ReaderPrior | None = None
         self._load(store)
 
     def _load(self, store: NewsStore) -> None:
@@ -144,7 +147,7 @@ class ServingIndex:
             )
             self.retriever.related = self.related
         self.index = dict(store.index)
-        self.fields = None
+        self.fields, self.readers = None, None  # a rebuilt store: lists in the prior's order
         self.snapshot = self._snap()
 
     def calibrate(self, score) -> tuple[float, float] | None:
@@ -166,6 +169,15 @@ class ServingIndex:
             if self.affinity is not None:
                 self.related = Related.build(*self.affinity, weights, self.retrieval.related)
                 self.retriever.related = self.related
+        if match is not None and self.retrieval.readers:
+            readers = ReaderPrior.build(match[:, 1], live, prior, score, self.retrieval.readers)
+            with self.lock:
+                self.readers, self.fields = readers, None  # the lists rebuilt in the new order
+                data, n = self.rows.data, self.rows.n
+                within = np.zeros(len(data["prior"]))  # the rows' capacity, as every array of rows
+                within[:n] = readers.order(data["prior"][:n], data["match"][:n, 1])
+                data["within"] = within
+                self.snapshot = self._snap()
         return weights
 
     def refresh(self) -> int:
@@ -222,13 +234,18 @@ class ServingIndex:
             return None
         n = len(live)
         relist = self.retriever.cfg.relist_after
-        self.fields = FieldLists.build(arrays["match"][:n], live, arrays["prior"][:n], self.fields, relist)
+        within = arrays["within"][:n] if "within" in arrays else None
+        self.fields = FieldLists.build(
+            arrays["match"][:n], live, arrays["prior"][:n], self.fields, relist, within
+        )
         return self.fields
 
     def add(self, store: NewsStore, first_new: int) -> None:
         """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""
         new = _base(store, first_new + 1)
         new.update(self.prepare(new, store.info[first_new:], store.ids[first_new:]))
+        if self.readers is not None and "within" in self.rows.data:
+            new["within"] = self.readers.order(new["prior"], new["match"][:, 1], first_new + 1)
         self.rows.append(new)
         if self.retriever is not None:
             self.retriever.add(retrieval_vectors(new))
