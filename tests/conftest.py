@@ -108,3 +108,41 @@ def client(served, tmp_path, planted):
     with TestClient(app) as c:
         c.store_path = store
         yield c
+
+
+def assert_encoded_once_as_each_slot(run_dir: Path, split_dir: Path) -> None:
+    """`Recommender.encodes_news`: a batch's distinct news go through the model's news encoder
+    once and are gathered to their slots; logits and gradients (eval mode) equal encoding every
+    slot on its own. In training each distinct news then gets one dropout mask per batch."""
+    import numpy as np
+    import torch
+
+    from rmbert.data.mind import load_split
+    from rmbert.run import load_run
+
+    run = load_run(run_dir)
+    split = load_split(split_dir)
+    batch = run.batcher(split, run.store([split], progress=False)).batch(np.arange(8))
+    net = run.model.eval()
+    assert net.rec.encodes_news
+    calls = []
+    encode = net.rec.encode_news
+    net.rec.encode_news = lambda news: calls.append(tuple(news.cls.shape[:2])) or encode(news)
+
+    def logits_and_grads():
+        net.zero_grad(set_to_none=True)
+        logits = net(batch)
+        (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
+        return logits.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
+
+    once, g_once = logits_and_grads()
+    rows = np.concatenate([batch.hist.numpy().ravel(), batch.cand.numpy().ravel()])
+    distinct = len(np.unique(rows))
+    assert calls == [(1, distinct)] and distinct < len(rows)
+    net.rec.encodes_news = False  # the instance only: every slot encoded on its own
+    each, g_each = logits_and_grads()
+    assert calls[1:] == [tuple(batch.hist.shape), tuple(batch.cand.shape)]
+    torch.testing.assert_close(once, each, rtol=1e-5, atol=1e-5)
+    assert g_once.keys() == g_each.keys() and len(g_once) > 3
+    for n in g_once:
+        torch.testing.assert_close(g_once[n], g_each[n], rtol=1e-4, atol=1e-5, msg=n)

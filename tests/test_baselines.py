@@ -7,6 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
+from conftest import assert_encoded_once_as_each_slot
 from test_train import tiny_cfg
 
 from rmbert.models.lstur import LSTUR, LSTURConfig
@@ -97,9 +98,13 @@ def test_each_baseline_overfits_a_batch(words):
 )
 def test_trains_end_to_end(tiny_encoder, planted, tmp_path, model, mode):
     cfg = dataclasses.replace(tiny_cfg(tiny_encoder, mode=mode, batch_size=32), model=model)
+    if mode == "words":  # without history positions, so that each distinct news is encoded once
+        cfg = dataclasses.replace(cfg, features=dataclasses.replace(cfg.features, history_position=False))
     r = train(cfg, planted / "train", tmp_path / "r", planted / "dev", progress=False)
     assert r["finished"] and 0.0 <= r["valid"]["auc"] <= 1.0
     assert not np.isnan(r["valid"]["mrr"])
+    if model == "lstur":  # its GRU reads the clicks moved to the front: gathered, not encoded in place
+        assert_encoded_once_as_each_slot(tmp_path / "r", planted / "dev")
 
 
 def test_words_mode_is_not_for_rmbert(tiny_encoder, planted, tmp_path):

@@ -7,7 +7,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from conftest import write_split
+from conftest import assert_encoded_once_as_each_slot, write_split
 
 from rmbert.config import apply_overrides, preset
 from rmbert.data.mind import load_split
@@ -373,34 +373,7 @@ def test_save_load_round_trip(model, story, trained):
 
 @pytest.mark.parametrize("model", ["dkn", "fim", "naml"])
 def test_each_distinct_news_is_encoded_once_with_the_same_result(model, story, trained):
-    """`encodes_news`: the batch's distinct news go through the model's news encoder once and
-    are gathered to their slots; logits and gradients equal encoding every slot on its own."""
-    out, _ = trained(model)
-    run = load_run(out)
-    dev = load_split(story[0] / "dev")
-    batch = run.batcher(dev, run.store([dev], progress=False)).batch(np.arange(8))
-    net = run.model.eval()
-    assert net.rec.encodes_news
-    calls = []
-    encode = net.rec.encode_news
-    net.rec.encode_news = lambda news: calls.append(news.cls.shape[:2]) or encode(news)
-
-    def logits_and_grads():
-        net.zero_grad(set_to_none=True)
-        logits = net(batch)
-        (logits * torch.linspace(-1, 1, logits.numel()).view_as(logits)).sum().backward()
-        return logits.detach(), {n: p.grad.clone() for n, p in net.named_parameters() if p.grad is not None}
-
-    once, g_once = logits_and_grads()
-    distinct = len(np.unique(np.concatenate([batch.hist.numpy().ravel(), batch.cand.numpy().ravel()])))
-    assert calls == [(1, distinct)] and distinct < batch.hist.numel() + batch.cand.numel()
-    net.rec.encodes_news = False  # the instance only: every slot encoded on its own
-    each, g_each = logits_and_grads()
-    assert [c[1] for c in calls[1:]] == [batch.hist.shape[1], batch.cand.shape[1]]
-    torch.testing.assert_close(once, each, rtol=1e-5, atol=1e-5)
-    assert g_once.keys() == g_each.keys() and len(g_once) > 3
-    for n in g_once:
-        torch.testing.assert_close(g_once[n], g_each[n], rtol=1e-4, atol=1e-5, msg=n)
+    assert_encoded_once_as_each_slot(trained(model)[0], story[0] / "dev")
 
 
 def test_side_tables_of_a_split(story, trained):

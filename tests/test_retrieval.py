@@ -230,6 +230,17 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         assert cfg.related == 1 and related and snap.retriever.related is not None
         within = snap.arrays["within"]  # the calibration ordered the subcategory lists (ReaderPrior)
         assert not np.allclose(within[1 : snap.n], prior[1 : snap.n])
+        readers = c.app.state.serving.index.readers
+        calibrated = len(readers.values)  # the rows at the start; TWIN's two rows came later
+        assert np.allclose(
+            within[1:calibrated][~np.isnan(readers.values[1:])],
+            readers.values[1:][~np.isnan(readers.values[1:])],
+        )
+        offset = dict(zip(readers.keys.tolist(), readers.offsets))
+        for r in (old_row, snap.index["TWIN"]):  # placed by prior + their subcategory's offset
+            assert r >= calibrated and within[r] == pytest.approx(
+                prior[r] + offset.get(int(match[r, 1]), 0.0)
+            )
         shared = _sharing_by_hand(match, snap.live, snap.live, prior, hist_rows, *fields, related, within)
         assert set(shared) - set(best) - set(gathered_near) and fields[0] < snap.n  # they add news; a tail
         gathered = np.setdiff1d(np.union1d(np.union1d(best, gathered_near), shared), hist_rows)

@@ -204,7 +204,9 @@ class NewsRecModel(nn.Module):
                     continue
                 if k not in out:
                     out[k] = v.new_zeros(len(rows), *v.shape[1:])
-                out[k][i : i + len(v)] = v  # fixed-width: the title axes are all in record_terms
+                if v.shape[1:] != out[k].shape[1:]:  # the title axes are all in record_terms
+                    raise ValueError(f"news term {k!r} changes shape between chunks: {tuple(v.shape[1:])}")
+                out[k][i : i + len(v)] = v
         if store is not None:
             store.release()
         return out

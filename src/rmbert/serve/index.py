@@ -155,7 +155,7 @@ class ServingIndex:
         scores, on the current snapshot (serve/retrieval.py); None without retrieval."""
         if self.retriever is None or "prior" not in self.snapshot.arrays:
             return None
-        snap = self.snapshot
+        snap, store = self.snapshot, self.store
         vectors, prior = retrieval_vectors(snap.arrays, slice(0, snap.n)), snap.arrays["prior"][: snap.n]
         match = snap.arrays["match"][: snap.n] if "match" in snap.arrays else None
         live = np.flatnonzero(snap.live)
@@ -172,6 +172,8 @@ class ServingIndex:
         if match is not None and self.retrieval.readers:
             readers = ReaderPrior.build(match[:, 1], live, prior, score, self.retrieval.readers)
             with self.lock:
+                if self.store.meta.get("uid") != store.meta.get("uid"):  # rebuilt meanwhile: not its rows
+                    return weights
                 self.readers, self.fields = readers, None  # the lists rebuilt in the new order
                 data, n = self.rows.data, self.rows.n
                 within = np.zeros(len(data["prior"]))  # the rows' capacity, as every array of rows

@@ -337,8 +337,10 @@ class ReaderPrior:
     layer is not additive in the user's and the news's terms: for users with clicks it orders a
     subcategory's news otherwise (planted drift data, 34k-news pool: the top-10 news that the
     gather missed lay at a median rank of 197 by prior within a clicked subcategory).
-    Computed with the calibration, for the rows live then; a row added since is ordered by
-    its prior plus its subcategory's mean offset (reader prior - prior)."""
+    Computed with the calibration (when the service starts), for the rows live then. A row
+    added since is placed by its prior plus its subcategory's mean offset (reader prior -
+    prior), so the rows added since the start are in the prior's order among themselves until
+    the service restarts; a store rebuilt under a running service drops back to the prior."""
 
     values: np.ndarray  # [m] by row below m: the reader prior (NaN: not computed)
     keys: np.ndarray  # [K] subcategory match keys, ascending
@@ -367,7 +369,9 @@ class ReaderPrior:
             total, count = np.zeros(len(rows)), np.zeros(len(rows))
             for _ in range(readers):
                 own = rng.choice(rows, min(clicks // 2, len(rows) // 2), replace=False)
-                hist = np.concatenate([own, rng.choice(live_rows, clicks - len(own))])
+                others = np.setdiff1d(live_rows, own)
+                more = rng.choice(others, min(clicks - len(own), len(others)), replace=False)
+                hist = np.concatenate([own, more])  # distinct clicks
                 rng.shuffle(hist)
                 got = ~np.isin(rows, hist)  # a news is not scored for a reader who clicked it
                 total[got] += score(hist, rows[got])
