@@ -53,4 +53,20 @@ def test_a_c_library_without_mallopt_is_left_alone(monkeypatch):
     not sys.platform.startswith("linux") or platform.libc_ver()[0] != "glibc", reason="glibc only"
 )
 def test_glibc_takes_the_settings():
-    assert reuse_freed_memory() is True
+    """In a process of its own: the settings would stay with this test session's process."""
+    import subprocess
+
+    code = "from rmbert.cli import reuse_freed_memory; raise SystemExit(0 if reuse_freed_memory() else 1)"
+    assert subprocess.run([sys.executable, "-c", code]).returncode == 0
+
+
+def test_only_a_pass_over_a_split_keeps_freed_blocks():
+    """evaluate and predict (one bounded pass over batches) set it; long, varied processes
+    (training, reproduce, serve) do not: their heaps would only grow."""
+    from rmbert.cli import build_parser
+
+    parse = build_parser().parse_args
+    assert parse(["evaluate", "RUN", "--split", "S"]).reuse_memory is True
+    assert parse(["predict", "RUN", "--split", "S", "--out", "P.zip"]).reuse_memory is True
+    for argv in (["train", "--train", "T", "--out", "O"], ["serve", "RUN", "--store", "S"], ["score", "P.zip", "--truth", "T"]):
+        assert getattr(parse(argv), "reuse_memory", False) is False, argv

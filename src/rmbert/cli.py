@@ -398,7 +398,8 @@ def build_parser() -> argparse.ArgumentParser:
             )
         if name == "predict":
             e.add_argument("--out", required=True, type=Path)
-        e.set_defaults(func=cmd_evaluate if name == "evaluate" else cmd_predict)
+        # one bounded pass over a split's batches: freed blocks kept for the next batch
+        e.set_defaults(func=cmd_evaluate if name == "evaluate" else cmd_predict, reuse_memory=True)
     en = sub.add_parser("encode", help="encode news with a run's encoder into a news store", parents=[common])
     en.add_argument("run", type=Path)
     en.add_argument("--news", required=True, type=Path, help="a MIND news.tsv")
@@ -462,7 +463,10 @@ def reuse_freed_memory(limit: int = 256 << 20) -> bool:
     each one back to the kernel: a batch's large tensors (tens of MB at MIND-large's size) would
     otherwise each be a fresh mmap, whose page faults took a fifth of `evaluate`'s CPU time
     there. Larger blocks (a split's columns) are still mapped and unmapped on their own, and at
-    most `limit` bytes of free heap stay resident. What MALLOC_MMAP_THRESHOLD_ and
+    most `limit` bytes of free heap stay resident at the heap's top; free blocks below a live
+    one stay resident too, so a process that allocates in changing patterns for long (training,
+    `reproduce`, `serve`) keeps growing its heap: `reproduce`'s heap reached 12.7 GiB, of which
+    malloc_trim gave back 12.2. Hence only for `evaluate` and `predict`, one pass over batches. What MALLOC_MMAP_THRESHOLD_ and
     MALLOC_TRIM_THRESHOLD_ set, from inside the process. glibc before 2.35 refuses a map
     threshold above 32 MiB: then 32 MiB. False (nothing changed) where the C library has no
     mallopt (macOS, Windows, musl) or refuses both."""
@@ -486,7 +490,8 @@ def main(argv: list[str] | None = None) -> int:
     from rmbert.metrics import SubmissionError
 
     args = build_parser().parse_args(argv)
-    reuse_freed_memory()
+    if getattr(args, "reuse_memory", False):
+        reuse_freed_memory()
     try:
         return int(args.func(args) or 0)
     except (
