@@ -135,19 +135,13 @@ def served_recall(
     run_dir: Path, store_dir: Path, split: Path, users: int, seed: int = 0, readers: int | None = None
 ) -> dict:
     """Recall of the exhaustive top-10 by the retrieval top-N, and /rank latency, on a real run;
-    `readers`: RetrievalConfig.readers (None: the default)."""
-    import functools
-
+    `readers`: pseudo-readers per subcategory (`rmbert serve --readers`)."""
     from fastapi.testclient import TestClient
 
-    import rmbert.serve.app as app
     from rmbert.data.mind import load_split
     from rmbert.serve.app import Limits, create_app
-    from rmbert.serve.retrieval import RetrievalConfig
 
-    if readers is not None:  # the service builds its RetrievalConfig itself
-        app.RetrievalConfig = functools.partial(RetrievalConfig, readers=readers)
-    limits = Limits(retrieve=200, store_poll_s=0, max_history=500)
+    limits = Limits(retrieve=200, store_poll_s=0, max_history=500, readers=readers or 0)
     out: dict = {}
     t0 = time.perf_counter()
     with TestClient(create_app(run_dir, store_dir, limits=limits)) as c:
@@ -210,9 +204,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=None, help="a trained run (default: train a short one)")
     ap.add_argument("--split", type=Path, default=None, help="a split: its news are the pool, its users ask")
     ap.add_argument("--users", type=int, default=300)
-    ap.add_argument(
-        "--readers", type=int, default=None, help="RetrievalConfig.readers (default: its default)"
-    )
+    ap.add_argument("--readers", type=int, default=None, help="rmbert serve --readers (default 0)")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "rmbert-bench")
     a = ap.parse_args()
     from rmbert.data.mind import load_news

@@ -68,5 +68,9 @@ def test_only_a_pass_over_a_split_keeps_freed_blocks():
     parse = build_parser().parse_args
     assert parse(["evaluate", "RUN", "--split", "S"]).reuse_memory is True
     assert parse(["predict", "RUN", "--split", "S", "--out", "P.zip"]).reuse_memory is True
-    for argv in (["train", "--train", "T", "--out", "O"], ["serve", "RUN", "--store", "S"], ["score", "P.zip", "--truth", "T"]):
+    for argv in (
+        ["train", "--train", "T", "--out", "O"],
+        ["serve", "RUN", "--store", "S"],
+        ["score", "P.zip", "--truth", "T"],
+    ):
         assert getattr(parse(argv), "reuse_memory", False) is False, argv

@@ -181,7 +181,7 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
     shutil.copytree(served / "store", store)
     dev = load_split(planted / "dev").news
     history = list(dev.ids[:4])
-    limits = Limits(max_news_per_post=3, retrieve=8, store_poll_s=0)
+    limits = Limits(max_news_per_post=3, retrieve=8, store_poll_s=0, readers=4)
 
     def rank(c):
         r = c.post("/rank", json={"history": history, "candidates": None, "top_k": 8})

@@ -248,7 +248,11 @@ def cmd_serve(a: argparse.Namespace) -> int:
     from rmbert.serve.app import Limits, create_app
 
     limits = Limits(
-        max_body_bytes=int(a.max_body_mb * 2**20), max_queue=a.max_queue, device=a.device, retrieve=a.retrieve
+        max_body_bytes=int(a.max_body_mb * 2**20),
+        max_queue=a.max_queue,
+        device=a.device,
+        retrieve=a.retrieve,
+        readers=a.readers,
     )
     app = create_app(a.run, a.store, behaviors=a.behaviors, limits=limits)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if a.quiet else "info")
@@ -437,6 +441,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=200,
         help="a /rank without candidates re-ranks the N news retrieved from the whole live pool "
         "(default 200; 0: the 100 freshest news)",
+    )
+    sv.add_argument(
+        "--readers",
+        type=int,
+        default=0,
+        help="order retrieval's subcategory lists by the model's score for K pseudo-readers of each "
+        "subcategory, computed at startup (default 0: by the prior; not yet measured on a large pool)",
     )
     sv.set_defaults(func=cmd_serve)
     rp = sub.add_parser(

@@ -82,7 +82,9 @@ def create_app(
             return
         check_servable(run, store, run_dir, store_dir)
         ranker = Ranker(run, limits.max_batch, limits.max_queue, limits.queue_timeout_s, limits.device)
-        retrieval = RetrievalConfig(top_n=limits.retrieve, max_history=run.cfg.train.max_history)
+        retrieval = RetrievalConfig(
+            top_n=limits.retrieve, max_history=run.cfg.train.max_history, readers=limits.readers
+        )
         index = ServingIndex(
             store, ranker.prepare, retrieval, ranker.content_proxy(), ranker.subcategory_affinity()
         )

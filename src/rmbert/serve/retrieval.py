@@ -81,7 +81,7 @@ class RetrievalConfig:
     per_entity: int = 100  # best-prior news gathered per entity the clicks name (0: none)
     per_subcategory: int = 80  # best-prior news gathered per subcategory the clicks fall in (0: none)
     related: int = 1  # more subcategories per clicked one: those eq. 8f relates most to it (0: none)
-    readers: int = 4  # pseudo-readers per subcategory that order its list (`ReaderPrior`; 0: the prior)
+    readers: int = 0  # pseudo-readers per subcategory that order its list (`ReaderPrior`; 0: the prior)
     relist_after: int = 4096  # news added or replaced before the field lists are rebuilt
     recent: int = 5  # the most recent clicks of the proxy's last two features
     weights: tuple[float, ...] = (1.0, 1.0, 0.0, 0.0)  # w of the proxy (set by `calibrate`; 4 to 14 weights)
