@@ -29,7 +29,8 @@ enters the serving index. Retrieval runs in two steps:
    one subcategory drawn to another (planted drift data, 7k-news pool: recall@200 0.918 ->
    0.967). Known limit: the lists are ordered by the prior, which is not how the default model
    orders a subcategory's news for a user with clicks; on a 34k-news pool recall@200 falls to
-   0.52 (docs/benchmarks.md).
+   0.52 (docs/benchmarks.md). `ReaderPrior` (`rmbert serve --readers K`, off by default until
+   measured there) orders them by the model's score for K pseudo-readers of each subcategory.
 2. Shortlist: each gathered news gets the proxy score
        prior + w . [max_j c_j, mean_j c_j, max_j' c_j', mean_j' c_j']
    with c_j = cos(x, h_j) over the user's clicks (exact cosines) and j' over the `recent` most
