@@ -196,6 +196,11 @@ def test_table_reports_each_rows_budget():
     md = markdown("table1", summary)
     assert "| A | 2 | 0.7000 ± 0.0000 |" in md and "| 2/4, 3/5 | yes | 200 |" in md
     assert "| 2/3, 4/4 | **no: still rising** | 50 |" in md
+    one_seed = markdown("table1", summarize(results[:1], rows))
+    assert (
+        "| A | 1 | 0.7000 | 0.3000 | 0.3000 | 0.4000 | 2/4 |" in one_seed
+        and "±" not in one_seed.split("\n")[2]
+    )
 
 
 def reproduce_row(name):

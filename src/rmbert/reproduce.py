@@ -200,7 +200,10 @@ def markdown(grid: str, summary: list[dict]) -> str:
         head += " paper AUC (MIND-small) | paper MRR | paper nDCG@5 |"
     lines = [head, "|" + "---|" * (head.count("|") - 1)]
     for s in summary:
-        cells = [s["row"], str(s["seeds"])] + [f"{s[k]:.4f} ± {s[k + '_std']:.4f}" for k in METRIC_KEYS]
+        cells = [s["row"], str(s["seeds"])] + [
+            f"{s[k]:.4f} ± {s[k + '_std']:.4f}" if s["seeds"] > 1 else f"{s[k]:.4f}"  # 1 seed: no spread
+            for k in METRIC_KEYS
+        ]
         if budget and "best_epochs" in s:
             runs = ", ".join(f"{b}/{e}" for b, e in zip(s["best_epochs"], s["epochs_run"]))
             cells += [runs, "yes" if s["peaked"] else "**no: still rising**", f"{s['samples_per_s']:,.0f}"]
@@ -210,7 +213,7 @@ def markdown(grid: str, summary: list[dict]) -> str:
             p = PAPER_TABLE1.get(s["paper"] or "", ((None, None, None),))[0]
             cells += [f"{v:.4f}" if v is not None else "" for v in p]
         lines.append("| " + " | ".join(cells) + " |")
-    note = "\nMean ± standard deviation over seeds; our numbers are on the --test split given to `rmbert reproduce`."
+    note = "\nMean ± standard deviation over seeds (a single seed's row has no spread); our numbers are on the --test split given to `rmbert reproduce`."
     if budget:
         note += (
             " Budget: each run trains until validation AUC has not risen for train.patience epochs"
