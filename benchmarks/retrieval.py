@@ -141,7 +141,9 @@ def served_recall(
     from rmbert.data.mind import load_split
     from rmbert.serve.app import Limits, create_app
 
-    limits = Limits(retrieve=200, store_poll_s=0, max_history=500, readers=readers or 0)
+    limits = Limits(
+        retrieve=200, store_poll_s=0, max_history=500, readers=Limits.readers if readers is None else readers
+    )
     out: dict = {}
     t0 = time.perf_counter()
     with TestClient(create_app(run_dir, store_dir, limits=limits)) as c:
@@ -204,7 +206,7 @@ def main() -> None:
     ap.add_argument("--run", type=Path, default=None, help="a trained run (default: train a short one)")
     ap.add_argument("--split", type=Path, default=None, help="a split: its news are the pool, its users ask")
     ap.add_argument("--users", type=int, default=300)
-    ap.add_argument("--readers", type=int, default=None, help="rmbert serve --readers (default 0)")
+    ap.add_argument("--readers", type=int, default=None, help="rmbert serve --readers (default 4)")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "rmbert-bench")
     a = ap.parse_args()
     from rmbert.data.mind import load_news

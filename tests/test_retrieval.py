@@ -181,7 +181,7 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
     shutil.copytree(served / "store", store)
     dev = load_split(planted / "dev").news
     history = list(dev.ids[:4])
-    limits = Limits(max_news_per_post=3, retrieve=8, store_poll_s=0, readers=4)
+    limits = Limits(max_news_per_post=3, retrieve=8, store_poll_s=0)  # readers: the default, 4
 
     def rank(c):
         r = c.post("/rank", json={"history": history, "candidates": None, "top_k": 8})
@@ -465,6 +465,7 @@ def test_subcategory_lists_follow_the_models_order_for_the_subcategorys_readers(
 
     def score(hist, cand):
         assert not np.isin(cand, hist).any()
+        assert len(np.unique(hist)) == len(hist) and np.isin(hist, live).all()  # distinct live clicks
         calls.append((len(hist), (sub[hist] == sub[cand[0]]).sum()))
         return np.where(np.isin(sub[cand], sub[hist]), q[cand] + 10.0, prior[cand])
 

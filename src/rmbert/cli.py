@@ -445,9 +445,9 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--readers",
         type=int,
-        default=0,
+        default=4,
         help="order retrieval's subcategory lists by the model's score for K pseudo-readers of each "
-        "subcategory, computed at startup (default 0: by the prior; not yet measured on a large pool)",
+        "subcategory, computed at startup (default 4; 0: by the prior, a faster start)",
     )
     sv.set_defaults(func=cmd_serve)
     rp = sub.add_parser(

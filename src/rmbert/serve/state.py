@@ -20,7 +20,7 @@ class Limits:
     fresh_candidates: int = 100  # candidates when the request gives none (and retrieval finds none)
     retrieve: int = 200  # candidates retrieved from the whole live pool when the request gives none
     # (serve/retrieval.py; 0 = the freshest `fresh_candidates` news instead)
-    readers: int = 0  # pseudo-readers per subcategory ordering its retrieval list (ReaderPrior; 0: the prior)
+    readers: int = 4  # pseudo-readers per subcategory ordering its retrieval list (ReaderPrior; 0: the prior)
     max_news_per_post: int = 2000
     max_batch: int = 8  # /rank requests scored in one forward; small keeps the latency tail short
     max_body_bytes: int = 4 << 20  # request bodies above this are refused (413) before parsing
