@@ -618,3 +618,18 @@ def test_served_word_models_score_as_they_evaluate(model, tiny_encoder, tmp_path
         a, b = snap.index["POSTED1"], snap.index[ids[k]]
         assert np.array_equal(np.asarray(snap.arrays[name][a]), np.asarray(snap.arrays[name][b]))
         assert (np.asarray(snap.arrays[name][a]) > 0).any()
+
+
+def test_a_model_has_its_own_news_encoder_exactly_when_it_says_so():
+    """`encodes_news` routes a batch's distinct news through `encode_news` once
+    (`NewsRecModel._forward_encoded`): every model that sets it defines the encoder, and asking
+    one without it for an encoder is a clear error, not a silent fallback."""
+    from rmbert.assemble import MODELS
+    from rmbert.models.base import Recommender
+
+    own = {name for name, cls in MODELS.items() if cls.encode_news is not Recommender.encode_news}
+    assert own == {name for name, cls in MODELS.items() if cls.encodes_news}
+    assert {"nrms", "lstur", "dkn", "fim", "naml"} <= own and not own & {"rmbert", "npa", "deepfm", "dcn"}
+    deepfm = DeepFM(DeepFMConfig(dim=E, field_dim=4, vocab_size=10, num_users=1, num_news=1))
+    with pytest.raises(TypeError, match="deepfm has no news encoder"):
+        deepfm.encode_news(NewsRepr(torch.zeros(1, 1, 4), None, None))

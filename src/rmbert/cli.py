@@ -252,7 +252,7 @@ def cmd_serve(a: argparse.Namespace) -> int:
         max_queue=a.max_queue,
         device=a.device,
         retrieve=a.retrieve,
-        readers=a.readers,
+        **({} if a.readers is None else {"readers": a.readers}),
     )
     app = create_app(a.run, a.store, behaviors=a.behaviors, limits=limits)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if a.quiet else "info")
@@ -445,7 +445,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--readers",
         type=int,
-        default=4,
+        default=None,
         help="order retrieval's subcategory lists by the model's score for K pseudo-readers of each "
         "subcategory, computed at startup (default 4; 0: by the prior, a faster start)",
     )

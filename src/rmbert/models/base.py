@@ -122,8 +122,9 @@ class Recommender(nn.Module, metaclass=ABCMeta):
         weights: e.g. DeepFM's IDF, DKN's entity vectors. Nothing by default."""
 
     def encode_news(self, news: NewsRepr) -> Any:
-        """The model's own news encoder, [B, K, ...] news -> [B, K, ...] (`encodes_news`)."""
-        raise NotImplementedError(f"{self.name} has no news encoder of its own")
+        """The model's own news encoder, [B, K, ...] news -> [B, K, ...]; only models with
+        `encodes_news` have one (RMBERT, NPA and the CTR models score from the shared news side)."""
+        raise TypeError(f"{self.name} has no news encoder of its own (encodes_news is False)")
 
     def encoded(self, news: NewsRepr) -> Any:
         """`encode_news(news)`, or what the batch already computed for these news."""

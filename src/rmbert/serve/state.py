@@ -11,6 +11,7 @@ from fastapi import Depends, HTTPException, Request
 from rmbert.run import LoadedRun
 from rmbert.serve.index import ServingIndex
 from rmbert.serve.ranker import Ranker
+from rmbert.serve.retrieval import RetrievalConfig
 
 
 @dataclass(frozen=True)
@@ -20,7 +21,9 @@ class Limits:
     fresh_candidates: int = 100  # candidates when the request gives none (and retrieval finds none)
     retrieve: int = 200  # candidates retrieved from the whole live pool when the request gives none
     # (serve/retrieval.py; 0 = the freshest `fresh_candidates` news instead)
-    readers: int = 4  # pseudo-readers per subcategory ordering its retrieval list (ReaderPrior; 0: the prior)
+    readers: int = (
+        RetrievalConfig.readers
+    )  # pseudo-readers per subcategory ordering its retrieval list (ReaderPrior; 0: the prior)
     max_news_per_post: int = 2000
     max_batch: int = 8  # /rank requests scored in one forward; small keeps the latency tail short
     max_body_bytes: int = 4 << 20  # request bodies above this are refused (413) before parsing
