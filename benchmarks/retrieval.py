@@ -132,24 +132,25 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
 
 
 def served_recall(
-    run_dir: Path, store_dir: Path, split: Path, users: int, seed: int = 0, readers: int | None = None
+    run_dir: Path, store_dir: Path, split: Path, users: int, seed: int = 0, overrides: list[str] = ()
 ) -> dict:
     """Recall of the exhaustive top-10 by the retrieval top-N, and /rank latency, on a real run;
-    `readers`: pseudo-readers per subcategory (`rmbert serve --readers`)."""
+    `overrides`: `rmbert serve --set` ones (e.g. retrieval.readers=16)."""
     from fastapi.testclient import TestClient
 
+    from rmbert.config import apply_overrides
     from rmbert.data.mind import load_split
     from rmbert.serve.app import Limits, create_app
 
-    limits = Limits(
-        retrieve=200, store_poll_s=0, max_history=500, readers=Limits.readers if readers is None else readers
-    )
+    limits = apply_overrides(Limits(store_poll_s=0, max_history=500), ["retrieval.top_n=200", *overrides])
     out: dict = {}
     t0 = time.perf_counter()
     with TestClient(create_app(run_dir, store_dir, limits=limits)) as c:
         out["startup_s"] = round(time.perf_counter() - t0, 2)  # store, index, calibration, reader prior
         state = c.app.state.serving
-        out["readers"] = state.index.retrieval.readers
+        out["retrieval"] = {
+            k: v for k, v in dataclasses.asdict(state.index.retrieval).items() if k != "weights"
+        }
         snap, ranker = state.index.snapshot, state.ranker
         live_rows = np.flatnonzero(snap.live)
         dev = load_split(split)
@@ -207,6 +208,7 @@ def main() -> None:
     ap.add_argument("--split", type=Path, default=None, help="a split: its news are the pool, its users ask")
     ap.add_argument("--users", type=int, default=300)
     ap.add_argument("--readers", type=int, default=None, help="rmbert serve --readers (default 4)")
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="as rmbert serve --set")
     ap.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "rmbert-bench")
     a = ap.parse_args()
     from rmbert.data.mind import load_news
@@ -228,7 +230,8 @@ def main() -> None:
             for i in range(len(news))
         ]
         build_store(store_dir, news.ids, news.title, load_run(run_dir).encoding, info=info, progress=False)
-    result: dict = {"recall": served_recall(run_dir, store_dir, split, a.users, readers=a.readers)}
+    overrides = ([] if a.readers is None else [f"retrieval.readers={a.readers}"]) + a.set
+    result: dict = {"recall": served_recall(run_dir, store_dir, split, a.users, overrides=overrides)}
     result["pools"] = []
     for size in filter(None, a.sizes.split(",")):
         result["pools"].append(pool_timing(SIZES[size]))

@@ -96,6 +96,7 @@ def client(served, tmp_path, planted):
     from fastapi.testclient import TestClient
 
     from rmbert.serve.app import Limits, create_app
+    from rmbert.serve.retrieval import RetrievalConfig
 
     store = tmp_path / "store"
     shutil.copytree(served / "store", store)  # each test may append to its own copy
@@ -103,7 +104,13 @@ def client(served, tmp_path, planted):
         served / "run",
         store,
         behaviors=planted / "dev" / "behaviors.tsv",
-        limits=Limits(max_history=60, max_candidates=30, fresh_candidates=5, max_news_per_post=3, retrieve=0),
+        limits=Limits(
+            max_history=60,
+            max_candidates=30,
+            fresh_candidates=5,
+            max_news_per_post=3,
+            retrieval=RetrievalConfig(top_n=0),
+        ),
     )
     with TestClient(app) as c:
         c.store_path = store

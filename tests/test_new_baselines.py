@@ -492,6 +492,7 @@ def served_as_evaluated(tiny_encoder, model, data, tmp_path):
     from rmbert.cli import main
     from rmbert.evaluate import score_impressions
     from rmbert.serve.app import Limits, create_app
+    from rmbert.serve.retrieval import RetrievalConfig
 
     cfg = learn_cfg(tiny_encoder, model, "encoder.mode=frozen", "train.epochs=1", "train.max_steps=6")
     train(cfg, data / "train", tmp_path / "run", progress=False)
@@ -504,7 +505,11 @@ def served_as_evaluated(tiny_encoder, model, data, tmp_path):
     run.user_index = {}
     dev = load_split(data / "dev")
     scores = score_impressions(run.model, run.batcher(dev, run.store([dev], progress=False)))
-    app = create_app(tmp_path / "run", tmp_path / "store", limits=Limits(retrieve=0, max_candidates=400))
+    app = create_app(
+        tmp_path / "run",
+        tmp_path / "store",
+        limits=Limits(retrieval=RetrievalConfig(top_n=0), max_candidates=400),
+    )
     return app, dev, scores
 
 

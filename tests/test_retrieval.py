@@ -116,6 +116,41 @@ def test_the_proxy_reads_the_match_features_of_a_feature_match_model():
     assert len(got) == 10 and np.allclose(got, (2.0, 0, 0, 0, 0.7, 0, 0, 0, 0, -0.4), atol=1e-5)
 
 
+def test_calibration_on_the_gathered_news_fits_what_the_shortlist_ranks():
+    """With a gather step, each pseudo-user's candidates are exactly the news gathered for it
+    (the shortlist's input), its clicks half within 1-3 subcategories and half anywhere, and
+    the weights of a model linear in the features are recovered."""
+    rng = np.random.default_rng(21)
+    vectors = np.concatenate([np.zeros((1, 16), np.float32), unit(600, seed=22)])
+    match = np.concatenate([np.zeros((1, 5), np.int64), rng.integers(0, 400, (600, 5))])
+    match[1:, 1] = rng.integers(1, 31, 600)  # 30 subcategories of about 20 news
+    match[1:, 0] = (match[1:, 1] - 1) // 3 + 1  # 10 categories
+    live_rows = np.arange(1, 601)
+    prior_all = rng.standard_normal(601)
+    seen: list[tuple[np.ndarray, np.ndarray]] = []
+
+    def gather(hist):  # any rule will do: the 150 news nearest the clicks' mean, clicks left out
+        mean = vectors[hist].mean(0)
+        rest = np.setdiff1d(live_rows, hist)
+        return np.sort(rest[np.argsort(-(vectors[rest] @ mean))[:150]])
+
+    def score(h, c):
+        seen.append((h, c))
+        g = cosine_features(vectors[c], vectors[h], 5, match[c], match[h])
+        return prior_all[c] + 1.5 * g[:, 1] - 0.5 * g[:, 3] + 0.8 * g[:, 5] + 2.0
+
+    got = calibrate(vectors, prior_all, live_rows, score, users=8, match=match, gather=gather)
+    assert len(got) == 10 and np.allclose(got, (0, 1.5, 0, -0.5, 0, 0.8, 0, 0, 0, 0), atol=1e-5)
+    assert len(seen) == 8
+    for h, c in seen:
+        assert c.tolist() == gather(h).tolist()  # scored on exactly the gathered news
+        assert len(np.unique(h)) == len(h) and np.isin(h, live_rows).all()  # distinct live clicks
+        subs, counts = np.unique(match[h, 1], return_counts=True)
+        # half the clicks come from at most 3 subcategories (at most half of their news: here
+        # 20 or more, so at least 10 clicks)
+        assert np.sort(counts)[::-1][:3].sum() >= min(len(h) // 2, 10)
+
+
 def test_added_news_are_found_without_a_rebuild():
     vectors = unit(200, seed=1)
     r = Retriever(vectors, RetrievalConfig(queries=1, per_query=5))
@@ -181,7 +216,9 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
     shutil.copytree(served / "store", store)
     dev = load_split(planted / "dev").news
     history = list(dev.ids[:4])
-    limits = Limits(max_news_per_post=3, retrieve=8, store_poll_s=0)  # readers: the default, 4
+    limits = Limits(
+        max_news_per_post=3, retrieval=RetrievalConfig(top_n=8), store_poll_s=0
+    )  # readers: the default, 4
 
     def rank(c):
         r = c.post("/rank", json={"history": history, "candidates": None, "top_k": 8})
@@ -265,6 +302,7 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         head1 = snap.arrays["sim"][gathered, 1] @ snap.arrays["sim"][hist_rows, 1].T  # [G, M]
         feats = np.concatenate([feats, head1.max(1)[:, None], head1.mean(1)[:, None], content.numpy()], 1)
         want = shortlist(gathered, prior[gathered], feats, cfg.weights, 40)
+        assert snap.gather(hist_rows).tolist() == gathered.tolist()  # what calibration fitted on
         got = snap.retrieve(hist_rows, 40)
         assert got.tolist() == want.tolist() and not set(got.tolist()) & set(hist_rows.tolist())
         alone = ranker.score_rows(snap, np.zeros(0, np.int64), got[:6])

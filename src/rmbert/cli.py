@@ -245,14 +245,15 @@ def cmd_store_verify(a: argparse.Namespace) -> int:
 def cmd_serve(a: argparse.Namespace) -> int:
     import uvicorn
 
+    from rmbert.config import apply_overrides
     from rmbert.serve.app import Limits, create_app
 
-    limits = Limits(
-        max_body_bytes=int(a.max_body_mb * 2**20),
-        max_queue=a.max_queue,
-        device=a.device,
-        retrieve=a.retrieve,
-        **({} if a.readers is None else {"readers": a.readers}),
+    flags = [
+        f"retrieval.{k}={v}" for k, v in (("top_n", a.retrieve), ("readers", a.readers)) if v is not None
+    ]
+    limits = apply_overrides(
+        Limits(max_body_bytes=int(a.max_body_mb * 2**20), max_queue=a.max_queue, device=a.device),
+        flags + (a.set or []),
     )
     app = create_app(a.run, a.store, behaviors=a.behaviors, limits=limits)
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if a.quiet else "info")
@@ -438,7 +439,7 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument(
         "--retrieve",
         type=int,
-        default=200,
+        default=None,
         help="a /rank without candidates re-ranks the N news retrieved from the whole live pool "
         "(default 200; 0: the 100 freshest news)",
     )
@@ -448,6 +449,13 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="order retrieval's subcategory lists by the model's score for K pseudo-readers of each "
         "subcategory, computed at startup (default 4; 0: by the prior, a faster start)",
+    )
+    sv.add_argument(
+        "--set",
+        action="append",
+        metavar="KEY=VALUE",
+        help="override a serving limit, e.g. max_batch=4 or retrieval.per_subcategory=200 (see "
+        "rmbert.serve.state.Limits and rmbert.serve.retrieval.RetrievalConfig)",
     )
     sv.set_defaults(func=cmd_serve)
     rp = sub.add_parser(

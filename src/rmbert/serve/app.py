@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 from contextlib import asynccontextmanager
 from pathlib import Path
 
@@ -24,7 +25,6 @@ from rmbert.run import LoadedRun, load_run
 from rmbert.serve.index import ServingIndex
 from rmbert.serve.metrics import BodyLimit, Metrics, MetricsMiddleware
 from rmbert.serve.ranker import Ranker
-from rmbert.serve.retrieval import RetrievalConfig
 from rmbert.serve.routes import router
 from rmbert.serve.state import Limits, ServingState
 
@@ -82,9 +82,7 @@ def create_app(
             return
         check_servable(run, store, run_dir, store_dir)
         ranker = Ranker(run, limits.max_batch, limits.max_queue, limits.queue_timeout_s, limits.device)
-        retrieval = RetrievalConfig(
-            top_n=limits.retrieve, max_history=run.cfg.train.max_history, readers=limits.readers
-        )
+        retrieval = dataclasses.replace(limits.retrieval, max_history=run.cfg.train.max_history)
         index = ServingIndex(
             store, ranker.prepare, retrieval, ranker.content_proxy(), ranker.subcategory_affinity()
         )

@@ -24,9 +24,11 @@ from rmbert.serve.retrieval import (
     RetrievalConfig,
     Retriever,
     calibrate,
+    gather,
+    proxy_features,
     retrieval_vectors,
-    retrieve,
     sharing,
+    shortlist,
 )
 
 
@@ -77,7 +79,16 @@ class Snapshot:
             return None
         if len(hist_rows) == 0:
             return None if self.best_prior is None else self.best_prior[: k or self.retriever.cfg.top_n]
+        gathered = self.gather(hist_rows)
         prior = self.arrays.get("prior")
+        p = np.zeros(len(gathered)) if prior is None else prior[gathered]
+        cfg = self.retriever.cfg
+        features = proxy_features(cfg, self.vectors, gathered, hist_rows, self.arrays.get("match"), self.side)
+        return shortlist(gathered, p, features, cfg.weights, k or cfg.top_n)
+
+    def gather(self, hist_rows: np.ndarray) -> np.ndarray:
+        """Retrieval's step 1 for clicks hist_rows [M] (M >= 1, oldest first): the live rows [G]
+        the shortlist ranks, ascending, the clicks left out (`retrieval.gather`)."""
         shared = None
         if self.fields is not None:
             shared = sharing(
@@ -88,18 +99,17 @@ class Snapshot:
                 self.retriever.cfg,
                 self.retriever.related,
             )
-        return retrieve(
-            self.retriever,
-            lambda rows: retrieval_vectors(self.arrays, rows),
-            prior,
-            self.best_prior,
-            hist_rows,
-            self.live,
-            k,
-            self.arrays.get("match"),
-            None if self.content is None else lambda rows, hist: self.content(self.arrays, rows, hist),
-            shared,
-        )
+        return gather(self.retriever, self.vectors, self.best_prior, hist_rows, self.live, shared)
+
+    def vectors(self, rows: np.ndarray) -> np.ndarray:
+        """The retrieval vectors [len(rows), D] of rows."""
+        return retrieval_vectors(self.arrays, rows)
+
+    @property
+    def side(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """(rows, clicks) -> the model's side-path features of the proxy [G, k] (`content`), or None."""
+        content = self.content
+        return None if content is None else lambda rows, hist: content(self.arrays, rows, hist)
 
 
 BASE = ("cls", "pool", "tokens", "mask", "input_ids", "attn")
@@ -150,27 +160,27 @@ class ServingIndex:
         self.fields, self.readers = None, None  # a rebuilt store: lists in the prior's order
         self.snapshot = self._snap()
 
-    def calibrate(self, score) -> tuple[float, float] | None:
+    def calibrate(self, score) -> tuple[float, ...] | None:
         """Fit the retrieval proxy's weights to the model, `score(hist_rows, cand_rows)` ->
-        scores, on the current snapshot (serve/retrieval.py); None without retrieval."""
+        scores (serve/retrieval.py), in three steps: a first fit on pseudo-users' random and
+        near news, which orients the related subcategories (`Related`); the subcategory lists'
+        reader order (`ReaderPrior`); then the final fit on what the shortlist ranks, the news
+        step 1 gathers for each pseudo-user. None without retrieval."""
         if self.retriever is None or "prior" not in self.snapshot.arrays:
             return None
-        snap, store = self.snapshot, self.store
-        vectors, prior = retrieval_vectors(snap.arrays, slice(0, snap.n)), snap.arrays["prior"][: snap.n]
-        match = snap.arrays["match"][: snap.n] if "match" in snap.arrays else None
-        live = np.flatnonzero(snap.live)
-        content = None if self.content is None else lambda rows, hist: self.content(snap.arrays, rows, hist)
-        weights = calibrate(
-            vectors, prior, live, score, recent=self.retrieval.recent, match=match, content=content
-        )
+        store = self.store
+        weights = self._fit(self.snapshot, score, gathered=False)
         with self.lock:
-            self.retrieval = dataclasses.replace(self.retrieval, weights=weights)
-            self.retriever.cfg = self.retrieval
+            self._use(weights)
             if self.affinity is not None:
                 self.related = Related.build(*self.affinity, weights, self.retrieval.related)
                 self.retriever.related = self.related
-        if match is not None and self.retrieval.readers:
-            readers = ReaderPrior.build(match[:, 1], live, prior, score, self.retrieval.readers)
+        snap = self.snapshot
+        if "match" in snap.arrays and self.retrieval.readers:
+            match, prior = snap.arrays["match"][: snap.n], snap.arrays["prior"][: snap.n]
+            readers = ReaderPrior.build(
+                match[:, 1], np.flatnonzero(snap.live), prior, score, self.retrieval.readers
+            )
             with self.lock:
                 if self.store.meta.get("uid") != store.meta.get("uid"):  # rebuilt meanwhile: not its rows
                     return weights
@@ -180,7 +190,30 @@ class ServingIndex:
                 within[:n] = readers.order(data["prior"][:n], data["match"][:n, 1])
                 data["within"] = within
                 self.snapshot = self._snap()
+        weights = self._fit(self.snapshot, score, gathered=True)
+        with self.lock:
+            self._use(weights)
         return weights
+
+    def _fit(self, snap: Snapshot, score, gathered: bool) -> tuple[float, ...]:
+        """`retrieval.calibrate` on snapshot snap; `gathered`: on the news its step 1 gathers."""
+        vectors, prior = retrieval_vectors(snap.arrays, slice(0, snap.n)), snap.arrays["prior"][: snap.n]
+        match = snap.arrays["match"][: snap.n] if "match" in snap.arrays else None
+        return calibrate(
+            vectors,
+            prior,
+            np.flatnonzero(snap.live),
+            score,
+            recent=self.retrieval.recent,
+            match=match,
+            content=snap.side,
+            gather=snap.gather if gathered else None,
+        )
+
+    def _use(self, weights: tuple[float, ...]) -> None:
+        """Serve with proxy weights w (call with the lock held)."""
+        self.retrieval = dataclasses.replace(self.retrieval, weights=weights)
+        self.retriever.cfg = self.retrieval
 
     def refresh(self) -> int:
         """Take in the segments other writers (`rmbert encode`, another server) committed since

@@ -19,11 +19,10 @@ class Limits:
     max_history: int = 500  # ids per request (the model reads the most recent train.max_history)
     max_candidates: int = 2000
     fresh_candidates: int = 100  # candidates when the request gives none (and retrieval finds none)
-    retrieve: int = 200  # candidates retrieved from the whole live pool when the request gives none
-    # (serve/retrieval.py; 0 = the freshest `fresh_candidates` news instead)
-    readers: int = (
-        RetrievalConfig.readers
-    )  # pseudo-readers per subcategory ordering its retrieval list (ReaderPrior; 0: the prior)
+    # the retrieval stage (serve/retrieval.py) of a /rank without candidates: its top_n news from the
+    # whole live pool are re-ranked (top_n 0: the freshest `fresh_candidates` news instead); its
+    # max_history is the run's
+    retrieval: RetrievalConfig = RetrievalConfig()
     max_news_per_post: int = 2000
     max_batch: int = 8  # /rank requests scored in one forward; small keeps the latency tail short
     max_body_bytes: int = 4 << 20  # request bodies above this are refused (413) before parsing
