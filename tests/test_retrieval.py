@@ -577,3 +577,21 @@ def test_the_gather_finds_news_sharing_a_field_with_the_clicks():
     assert len(sharing(empty, match, np.zeros(1, bool), np.zeros(0, np.int64), cfg)) == 0
     with pytest.raises(ValueError, match="retrieval.relist_after"):
         RetrievalConfig(relist_after=0)
+
+
+def test_serve_flags_set_the_retrieval_config_and_a_bad_key_is_named():
+    from rmbert.cli import build_parser, serve_limits
+
+    def limits(*flags: str):
+        return serve_limits(build_parser().parse_args(["serve", "RUN", "--store", "S", *flags]))
+
+    default = limits()
+    assert default.retrieval == RetrievalConfig() and default.max_queue == 64
+    got = limits("--retrieve", "50", "--readers", "0", "--set", "retrieval.per_subcategory=300")
+    assert (got.retrieval.top_n, got.retrieval.readers, got.retrieval.per_subcategory) == (50, 0, 300)
+    assert got.retrieval.per_query == RetrievalConfig.per_query  # the rest as before
+    assert limits("--set", "max_batch=2").max_batch == 2
+    with pytest.raises(ValueError, match="retrieval.per_subcategory must be >= 0, not -1"):
+        limits("--set", "retrieval.per_subcategory=-1")
+    with pytest.raises(ValueError, match="RetrievalConfig has no field 'per_sub'"):
+        limits("--set", "retrieval.per_sub=3")

@@ -242,20 +242,28 @@ def cmd_store_verify(a: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_serve(a: argparse.Namespace) -> int:
-    import uvicorn
-
+def serve_limits(a: argparse.Namespace):
+    """`rmbert serve`'s flags -> its Limits: --retrieve and --readers set the retrieval config's
+    top_n and readers, then every --set KEY=VALUE applies (KEY a field of Limits, dotted into
+    its retrieval config: retrieval.per_subcategory=300)."""
     from rmbert.config import apply_overrides
-    from rmbert.serve.app import Limits, create_app
+    from rmbert.serve.app import Limits
 
     flags = [
         f"retrieval.{k}={v}" for k, v in (("top_n", a.retrieve), ("readers", a.readers)) if v is not None
     ]
-    limits = apply_overrides(
+    return apply_overrides(
         Limits(max_body_bytes=int(a.max_body_mb * 2**20), max_queue=a.max_queue, device=a.device),
         flags + (a.set or []),
     )
-    app = create_app(a.run, a.store, behaviors=a.behaviors, limits=limits)
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    import uvicorn
+
+    from rmbert.serve.app import create_app
+
+    app = create_app(a.run, a.store, behaviors=a.behaviors, limits=serve_limits(a))
     uvicorn.run(app, host=a.host, port=a.port, log_level="warning" if a.quiet else "info")
     return 0
 

@@ -82,7 +82,7 @@ from rmbert.config import require_at_least
 class RetrievalConfig:
     top_n: int = 200  # news handed to the re-ranker (0 = no retrieval: the freshest news instead)
     queries: int = 50  # the most recent clicks searched one by one, besides their mean
-    per_query: int = 100  # nearest news gathered per query
+    per_query: int = 200  # nearest news gathered per query
     prior_pool: int = 300  # news with the best candidate-only prior gathered for every user
     per_entity: int = 100  # best-prior news gathered per entity the clicks name (0: none)
     per_subcategory: int = 150  # best-prior news gathered per subcategory the clicks fall in (0: none)
