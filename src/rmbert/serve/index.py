@@ -25,10 +25,9 @@ from rmbert.serve.retrieval import (
     Retriever,
     calibrate,
     gather,
-    proxy_features,
     retrieval_vectors,
+    retrieve,
     sharing,
-    shortlist,
 )
 
 
@@ -79,27 +78,32 @@ class Snapshot:
             return None
         if len(hist_rows) == 0:
             return None if self.best_prior is None else self.best_prior[: k or self.retriever.cfg.top_n]
-        gathered = self.gather(hist_rows)
-        prior = self.arrays.get("prior")
-        p = np.zeros(len(gathered)) if prior is None else prior[gathered]
-        cfg = self.retriever.cfg
-        features = proxy_features(cfg, self.vectors, gathered, hist_rows, self.arrays.get("match"), self.side)
-        return shortlist(gathered, p, features, cfg.weights, k or cfg.top_n)
+        return retrieve(
+            self.retriever,
+            self.vectors,
+            self.arrays.get("prior"),
+            self.best_prior,
+            hist_rows,
+            self.live,
+            k,
+            self.arrays.get("match"),
+            self.side,
+            self._shared(hist_rows),
+        )
 
     def gather(self, hist_rows: np.ndarray) -> np.ndarray:
         """Retrieval's step 1 for clicks hist_rows [M] (M >= 1, oldest first): the live rows [G]
         the shortlist ranks, ascending, the clicks left out (`retrieval.gather`)."""
-        shared = None
-        if self.fields is not None:
-            shared = sharing(
-                self.fields,
-                self.arrays["match"],
-                self.live,
-                hist_rows,
-                self.retriever.cfg,
-                self.retriever.related,
-            )
-        return gather(self.retriever, self.vectors, self.best_prior, hist_rows, self.live, shared)
+        return gather(
+            self.retriever, self.vectors, self.best_prior, hist_rows, self.live, self._shared(hist_rows)
+        )
+
+    def _shared(self, hist_rows: np.ndarray) -> np.ndarray | None:
+        """The live rows sharing a field with the clicks (`retrieval.sharing`), None without field lists."""
+        if self.fields is None:
+            return None
+        cfg = self.retriever.cfg
+        return sharing(self.fields, self.arrays["match"], self.live, hist_rows, cfg, self.retriever.related)
 
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """The retrieval vectors [len(rows), D] of rows."""
