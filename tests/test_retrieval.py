@@ -11,10 +11,12 @@ import torch
 
 from rmbert.models.rmbert import RMBERT
 from rmbert.serve.retrieval import (
+    ExactIndex,
     RetrievalConfig,
     Retriever,
     calibrate,
     cosine_features,
+    head_cosines,
     match_features,
     retrieval_vectors,
     shortlist,
@@ -84,6 +86,9 @@ def test_the_shortlist_ranks_by_the_proxy_and_calibration_recovers_its_weights()
 
     got = calibrate(vectors, prior_all, np.arange(1, 401), score, users=6, recent=3)
     assert np.allclose(got, (2.0, 0.5, 1.5, 0.0), atol=1e-5)
+    # the vectors read by row (serving: the pool is never copied whole), a few rows at a time
+    by_row = calibrate(lambda r: vectors[r], prior_all, np.arange(1, 401), score, users=6, recent=3, chunk=7)
+    assert by_row == got
 
 
 def test_the_proxy_reads_the_match_features_of_a_feature_match_model():
@@ -201,6 +206,39 @@ def test_retrieval_vectors_read_metric_head_zero_or_the_unit_news_vectors():
     assert np.array_equal(retrieval_vectors({"cls": cls, "sim": sim}, np.array([1])), sim[[1], 0])
     with pytest.raises(ValueError, match="retrieval.nprobe"):
         RetrievalConfig(nprobe=0)
+
+
+def test_the_fast_paths_equal_their_definitions():
+    """The shortlist's top-k selection, the head cosines and the row copies (serving's fast
+    paths) give what their plain numpy definitions give, ties and read-only arrays included."""
+    rng = np.random.default_rng(3)
+    rows = np.arange(500, 700)
+    prior = np.round(rng.standard_normal(200), 1)  # many ties, some across the k-th place
+    f = np.zeros((200, 4), np.float32)
+    for k in (0, 1, 7, 30, 199, 200, 250):
+        want = rows[np.argsort(-prior, kind="stable")[:k]]  # ties: the rows' order
+        assert shortlist(rows, prior, f, (1.0,), k).tolist() == want.tolist()
+    sim = rng.standard_normal((60, 3, 16)).astype(np.float32)
+    sim /= np.linalg.norm(sim, axis=2, keepdims=True)  # [N, h, D], unit by row
+    cand, clicks = rng.choice(60, 25, replace=False), np.array([4, 9, 11, 30])
+    per_head = [sim[cand, k] @ sim[clicks, k].T for k in (1, 2)]
+    want = np.stack([c.max(1) for c in per_head] + [c.mean(1) for c in per_head], 1)
+    assert np.allclose(head_cosines(sim, cand, clicks), want, atol=1e-6)
+    frozen = sim.copy()
+    frozen.flags.writeable = False  # a memory-mapped store's arrays
+    x = unit(3000, seed=4)
+    exact = ExactIndex(16)
+    for part in np.array_split(x, [1, 700, 2500]):  # grown past its first capacity, in uneven parts
+        exact.add(part)
+    q = x[[5, 2999, 1200]]
+    scores, pos = exact.search(q, 40)
+    assert exact.ntotal == 3000 and exact.nbytes() == 3000 * 16 * 4
+    assert pos.tolist() == np.argsort(-(q @ x.T), axis=1)[:, :40].tolist()
+    assert np.allclose(scores, np.take_along_axis(q @ x.T, pos, 1), atol=1e-6)
+    assert np.array_equal(exact.reconstruct_n(10, 5), x[10:15])
+    for a in (sim, frozen):
+        assert np.array_equal(retrieval_vectors({"cls": sim[:, 0], "sim": a}, cand), sim[cand, 0])
+        assert np.allclose(head_cosines(a, cand, clicks), want, atol=1e-6)
 
 
 def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path, planted):

@@ -201,11 +201,10 @@ class ServingIndex:
 
     def _fit(self, snap: Snapshot, score, gathered: bool) -> tuple[float, ...]:
         """`retrieval.calibrate` on snapshot snap; `gathered`: on the news its step 1 gathers."""
-        vectors, prior = retrieval_vectors(snap.arrays, slice(0, snap.n)), snap.arrays["prior"][: snap.n]
         match = snap.arrays["match"][: snap.n] if "match" in snap.arrays else None
         return calibrate(
-            vectors,
-            prior,
+            snap.vectors,  # by row, not the pool's copied whole
+            snap.arrays["prior"][: snap.n],
             np.flatnonzero(snap.live),
             score,
             recent=self.retrieval.recent,
