@@ -312,10 +312,15 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
             readers.values[1:][~np.isnan(readers.values[1:])],
         )
         offset = dict(zip(readers.keys.tolist(), readers.offsets))
-        for r in (old_row, snap.index["TWIN"]):  # placed by prior + their subcategory's offset
+        scored = 0
+        for r in (old_row, snap.index["TWIN"]):  # added later: scored by their subcategory's readers
+            hists = readers.clicks.get(int(match[r, 1]), [])
+            want = [ranker.score_rows(snap, h, np.array([r]))[0] for h in hists]
             assert r >= calibrated and within[r] == pytest.approx(
-                prior[r] + offset.get(int(match[r, 1]), 0.0)
+                np.mean(want) if want else prior[r] + offset.get(int(match[r, 1]), 0.0), abs=1e-5
             )
+            scored += len(want) > 0
+        assert scored  # (the served store's news share their subcategories with earlier ones)
         shared = _sharing_by_hand(match, snap.live, snap.live, prior, hist_rows, *fields, related, within)
         assert set(shared) - set(best) - set(gathered_near) and fields[0] < snap.n  # they add news; a tail
         gathered = np.setdiff1d(np.union1d(np.union1d(best, gathered_near), shared), hist_rows)
@@ -557,7 +562,13 @@ def test_subcategory_lists_follow_the_models_order_for_the_subcategorys_readers(
         assert off == pytest.approx(np.mean(q[rows] + 10.0 - prior[rows]))
     order = rp.order(prior[: n - 40], sub[: n - 40])
     assert np.allclose(order[big], q[big] + 10.0) and np.allclose(order[[7, 20]], prior[[7, 20]])
-    later = rp.order(prior[n - 40 :], sub[n - 40 :], first=n - 40)  # rows added since
+    assert sorted(rp.clicks) == [11, 12, 13] and all(len(h) == 3 for h in rp.clicks.values())
+    added = np.arange(n - 40, n)  # rows added since: scored by the same readers of their subcategory
+    got = rp.score(added, sub[added], score)
+    known = np.isin(sub[added], [11, 12, 13])
+    assert np.allclose(got[known], q[added][known] + 10.0) and np.isnan(got[~known]).all()
+    assert len(calls) == 9 + 3 * len(np.unique(sub[added][known]))  # one call per reader
+    later = rp.order(prior[n - 40 :], sub[n - 40 :], first=n - 40)  # without: prior + offset
     offset = dict(zip(rp.keys.tolist(), rp.offsets))
     assert np.allclose(later, prior[n - 40 :] + np.array([offset.get(int(k), 0.0) for k in sub[n - 40 :]]))
     # the subcategory lists: best for the readers first, where the prior would put them last

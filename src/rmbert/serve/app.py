@@ -87,6 +87,7 @@ def create_app(
             store, ranker.prepare, retrieval, ranker.content_proxy(), ranker.subcategory_affinity()
         )
         index.calibrate(lambda hist, cand: ranker.score_rows(index.snapshot, hist, cand))  # before serving
+        index.score_added = ranker.score_queued  # news added from now on: scored by the worker
         state.run, state.index, state.ranker = run, index, ranker
         state.users = load_users(behaviors, store.live_ids)
         watcher = (

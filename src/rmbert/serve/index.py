@@ -9,6 +9,7 @@ also views its arrays as torch tensors, so a batch is gathered with one `index_s
 from __future__ import annotations
 
 import dataclasses
+import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from rmbert.serve.retrieval import (
     retrieve,
     sharing,
 )
+
+log = logging.getLogger(__name__)
 
 
 class Rows:
@@ -148,6 +151,9 @@ class ServingIndex:
         self.fields: FieldLists | None = None  # the listed part rebuilt only when stale
         # orders the subcategory lists (the rows' "within"), once calibrated
         self.readers: ReaderPrior | None = None
+        # scores rows for clicks through the model as served (snapshot, hist_rows, cand_rows) -> [C]:
+        # the news added later get reader priors too (set once serving starts: the worker's queue)
+        self.score_added: Callable[[Snapshot, np.ndarray, np.ndarray], np.ndarray] | None = None
         self._load(store)
 
     def _load(self, store: NewsStore) -> None:
@@ -278,6 +284,28 @@ class ServingIndex:
         )
         return self.fields
 
+    def _reader_scores(self, first: int) -> None:
+        """Order rows first.. (appended, not yet published) in their subcategory lists by their
+        `ReaderPrior.score`, where their subcategory has readers; the rest keep prior + offset."""
+        data, n = self.rows.data, self.rows.n
+        snap = dataclasses.replace(  # the rows so far, for the scorer only
+            self.snapshot,
+            n=n,
+            arrays=dict(data),
+            tensors={k: torch.from_numpy(v) for k, v in data.items()},
+            info=list(self.info),
+        )
+        rows = np.arange(first, n)
+        try:
+            values = self.readers.score(
+                rows, data["match"][first:n, 1], lambda hist, cand: self.score_added(snap, hist, cand)
+            )
+        except Exception as e:  # the worker is busy or failed: these rows keep prior + offset
+            log.warning("reader priors of %d added news not computed (%s): prior + offset", len(rows), e)
+            return
+        has = ~np.isnan(values)
+        data["within"][rows[has]] = values[has]
+
     def add(self, store: NewsStore, first_new: int) -> None:
         """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""
         new = _base(store, first_new + 1)
@@ -291,4 +319,6 @@ class ServingIndex:
             self.index[nid] = r
         self.info += store.info[first_new:]
         self.store = store
+        if self.readers is not None and self.score_added is not None and "within" in self.rows.data:
+            self._reader_scores(first_new + 1)  # before the rows are published
         self.snapshot = self._snap()

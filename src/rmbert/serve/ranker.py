@@ -221,6 +221,30 @@ class Ranker:
         ]
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
+    def score_queued(
+        self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, chunk: int = 1000
+    ) -> np.ndarray:
+        """Scores [C] of candidate rows for one user, computed by the worker (so safe while it
+        serves), `chunk` candidates a job, for a thread that may block: each job waits its turn
+        in the queue like a request."""
+        parts = []
+        for i in range(0, len(cand_rows), chunk):
+            done, out = threading.Event(), []
+
+            def settle(result, error, done=done, out=out) -> None:
+                out.append((result, error))
+                done.set()
+
+            self.queue.put(
+                Job(snap, hist_rows[-self.max_history :], cand_rows[i : i + chunk], 1, False, settle)
+            )
+            done.wait()
+            result, error = out[0]
+            if error is not None:
+                raise error
+            parts.append(result.scores)
+        return np.concatenate(parts) if parts else np.zeros(0, np.float32)
+
     def _loop(self) -> None:
         while True:
             job = self.queue.get()

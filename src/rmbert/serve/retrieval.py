@@ -71,7 +71,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -386,14 +386,18 @@ class ReaderPrior:
     layer is not additive in the user's and the news's terms: for users with clicks it orders a
     subcategory's news otherwise (planted drift data, 34k-news pool: the top-10 news that the
     gather missed lay at a median rank of 197 by prior within a clicked subcategory).
-    Computed with the calibration (when the service starts), for the rows live then. A row
-    added since is placed by its prior plus its subcategory's mean offset (reader prior -
-    prior), so the rows added since the start are in the prior's order among themselves until
-    the service restarts; a store rebuilt under a running service drops back to the prior."""
+    Computed with the calibration (when the service starts), for the rows live then; a row
+    added since is scored by the same pseudo-readers of its subcategory (`score`, kept in
+    `clicks`) as it enters the serving index. Placed by its prior plus its subcategory's mean
+    offset (reader prior - prior) instead, as it was before, the news added after the start
+    lost the readers' order: planted drift data, 34k-news pool, recall@200 0.970 with every news
+    reader-scored, 0.827 with every news placed so. A store rebuilt under a running service
+    drops back to the prior."""
 
     values: np.ndarray  # [m] by row below m: the reader prior (NaN: not computed)
     keys: np.ndarray  # [K] subcategory match keys, ascending
     offsets: np.ndarray  # [K] their mean reader prior - prior
+    clicks: dict[int, list[np.ndarray]] = field(default_factory=dict)  # key -> its readers' clicks
 
     @staticmethod
     def build(
@@ -410,6 +414,7 @@ class ReaderPrior:
         rng = np.random.default_rng(seed)
         values = np.full(len(sub), np.nan)
         keys, offsets = [], []
+        hists: dict[int, list[np.ndarray]] = {}
         rows_by = live_rows[np.argsort(sub[live_rows], kind="stable")]
         distinct, starts = np.unique(sub[rows_by], return_index=True)
         for key, rows in zip(distinct, np.split(rows_by, starts[1:])):
@@ -424,6 +429,7 @@ class ReaderPrior:
                 more = drawn[~np.isin(drawn, own)][:need]
                 hist = np.concatenate([own, more])  # distinct clicks
                 rng.shuffle(hist)
+                hists.setdefault(int(key), []).append(hist)
                 got = ~np.isin(rows, hist)  # a news is not scored for a reader who clicked it
                 total[got] += score(hist, rows[got])
                 count[got] += 1
@@ -431,7 +437,20 @@ class ReaderPrior:
             values[rows[done]] = total[done] / count[done]
             keys.append(key)
             offsets.append(float(np.mean(values[rows[done]] - prior[rows[done]])) if done.any() else 0.0)
-        return ReaderPrior(values, np.asarray(keys, np.int64), np.asarray(offsets))
+        return ReaderPrior(values, np.asarray(keys, np.int64), np.asarray(offsets), hists)
+
+    def score(
+        self, rows: np.ndarray, sub: np.ndarray, score: Callable[[np.ndarray, np.ndarray], np.ndarray]
+    ) -> np.ndarray:
+        """Reader priors [k] of rows added since the build (subcategory keys sub [k]): their mean
+        score for the pseudo-readers of their subcategory; NaN where it has none."""
+        out = np.full(len(rows), np.nan)
+        for key in np.unique(sub):
+            at = np.flatnonzero(sub == key)
+            hists = self.clicks.get(int(key), [])
+            if hists:
+                out[at] = np.mean([score(h, rows[at]) for h in hists], axis=0)
+        return out
 
     def order(self, prior: np.ndarray, sub: np.ndarray, first: int = 0) -> np.ndarray:
         """The within-subcategory order key [k] of rows first..first+k-1, with prior [k] and
