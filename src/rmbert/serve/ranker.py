@@ -235,10 +235,14 @@ class Ranker:
                 out.append((result, error))
                 done.set()
 
-            self.queue.put(
-                Job(snap, hist_rows[-self.max_history :], cand_rows[i : i + chunk], 1, False, settle)
-            )
-            done.wait()
+            job = Job(snap, hist_rows[-self.max_history :], cand_rows[i : i + chunk], 1, False, settle)
+            try:
+                self.queue.put(job, timeout=self.queue_timeout)
+            except queue.Full:
+                raise Busy(f"{self.queue.maxsize} requests are already waiting") from None
+            if not done.wait(timeout=self.queue_timeout + 60):  # the worker stopped (shutdown)
+                job.cancelled = True
+                raise Busy("the worker did not answer")
             result, error = out[0]
             if error is not None:
                 raise error
