@@ -208,3 +208,35 @@ def test_non_finite_scores_are_never_served(client, planted, monkeypatch):
     r = client.post("/rank", json={"history": ids[:2], "candidates": ids[2:5]})
     assert r.status_code == 503 and "non-finite" in r.json()["detail"]
     assert "NaN" not in r.text
+
+
+def test_scores_queued_from_another_thread_come_from_the_worker_or_fail_loudly(served):
+    """`Ranker.score_queued` (the reader priors of news added while serving): the worker's scores
+    equal `score_rows`' in chunks; a failing batch raises its error; a full queue raises Busy."""
+    from rmbert.encoders.store import NewsStore
+    from rmbert.serve.index import ServingIndex
+
+    ranker = Ranker(load_run(served / "run"), max_queue=1, queue_timeout=0.3)
+    try:
+        snap = ServingIndex(NewsStore.open(served / "store"), ranker.prepare).snapshot
+        hist, cand = np.arange(1, 6), np.arange(6, 40)
+        want = ranker.score_rows(snap, hist, cand)  # the worker is idle
+        assert np.allclose(ranker.score_queued(snap, hist, cand, chunk=10), want, atol=1e-6)
+        real = ranker._score
+
+        def broken(jobs):
+            raise RuntimeError("the model failed")
+
+        ranker._score = broken
+        with pytest.raises(RuntimeError, match="the model failed"):
+            ranker.score_queued(snap, hist, cand)
+        ranker._score = real
+        gate = blocked(ranker)
+        ranker.queue.put(Job(snap, hist, cand, 5, False, lambda r, e: None))  # held at the gate
+        time.sleep(0.2)
+        ranker.queue.put(Job(snap, hist, cand, 5, False, lambda r, e: None))  # the queue is full
+        with pytest.raises(Busy, match="already waiting"):
+            ranker.score_queued(snap, hist, cand)
+        gate.set()
+    finally:
+        ranker.close()
