@@ -130,11 +130,9 @@ def retrieval_vectors(arrays: dict[str, np.ndarray], rows: np.ndarray | slice = 
     """Unit vectors [n, D] float32 of the retrieval space for serving-array `rows`: the model's
     metric head 0 (`sim`, eq. 8''') where it has one, else the unit news vectors."""
     if "sim" in arrays:  # head 0 alone is read: [rows, 0] copies D values per row, not h D
-        sim = arrays["sim"]
-        if isinstance(rows, np.ndarray) and sim.flags.writeable:
-            head = torch.from_numpy(sim).select(1, 0)
-            return head.index_select(0, torch.from_numpy(rows.astype(np.int64, copy=False))).float().numpy()
-        return np.ascontiguousarray(sim[rows, 0], dtype=np.float32)
+        if isinstance(rows, np.ndarray):
+            return np.asarray(take(arrays["sim"][:, 0], rows), dtype=np.float32)
+        return np.ascontiguousarray(arrays["sim"][rows, 0], dtype=np.float32)
     x = np.asarray(arrays["cls"][rows], dtype=np.float32)
     return np.ascontiguousarray(x / np.maximum(np.linalg.norm(x, axis=1, keepdims=True), 1e-12))
 
@@ -164,7 +162,7 @@ def head_cosines(sim: np.ndarray, cand: np.ndarray, clicks: np.ndarray) -> np.nd
     """Metric heads 1.. of eq. 8''' (`sim` [n, h, D], unit vectors by row; head 0 is the
     retrieval space, already read): the max and mean cosine of rows cand [G] to the clicks
     [M] in each head, [G, 2 (h - 1)] (maxima first)."""
-    c, h = _tensor(take(sim, cand)[:, 1:]), _tensor(take(sim, clicks)[:, 1:])  # [G, h - 1, D], [M, h - 1, D]
+    c, h = _tensor(take(sim[:, 1:], cand)), _tensor(take(sim[:, 1:], clicks))  # [G, h - 1, D], [M, h - 1, D]
     cos = torch.einsum("gkd,mkd->gkm", c, h)  # [G, h - 1, M]
     return torch.cat([cos.amax(2), cos.mean(2)], 1).numpy()
 
