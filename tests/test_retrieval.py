@@ -14,9 +14,11 @@ from rmbert.serve.retrieval import (
     ExactIndex,
     RetrievalConfig,
     Retriever,
-    calibrate,
+    calibration_set,
     cosine_features,
+    first_cut,
     head_cosines,
+    least_squares,
     match_features,
     retrieval_vectors,
     shortlist,
@@ -84,11 +86,18 @@ def test_the_shortlist_ranks_by_the_proxy_and_calibration_recovers_its_weights()
         g = cosine_features(vectors[cand], vectors[hist], recent=3)
         return prior_all[cand] + 2.0 * g[:, 0] + 0.5 * g[:, 1] + 1.5 * g[:, 2] + 3.0
 
-    got = calibrate(vectors, prior_all, np.arange(1, 401), score, users=6, recent=3)
+    X, y = calibration_set(vectors, prior_all, np.arange(1, 401), score, users=6, recent=3)
+    got = least_squares(X, y)
     assert np.allclose(got, (2.0, 0.5, 1.5, 0.0), atol=1e-5)
     # the vectors read by row (serving: the pool is never copied whole), a few rows at a time
-    by_row = calibrate(lambda r: vectors[r], prior_all, np.arange(1, 401), score, users=6, recent=3, chunk=7)
-    assert by_row == got
+    by_row = calibration_set(
+        lambda r: vectors[r], prior_all, np.arange(1, 401), score, users=6, recent=3, chunk=7
+    )
+    assert least_squares(*by_row) == got
+    # the first cut's proxy: the fit on the leading columns alone (and the constant)
+    lead = np.linalg.lstsq(X[:, [0, 1, 4]], y, rcond=None)[0][:2]
+    assert np.allclose(least_squares(X, y, 2), lead) and len(least_squares(X, y, 2)) == 2
+    assert least_squares(X[:0], y[:0]) == RetrievalConfig.weights  # nothing to fit: the defaults
 
 
 def test_the_proxy_reads_the_match_features_of_a_feature_match_model():
@@ -117,7 +126,7 @@ def test_the_proxy_reads_the_match_features_of_a_feature_match_model():
         g = cosine_features(vectors[c], vectors[h], 5, match[c], match[h])
         return prior_all[c] + 2.0 * g[:, 0] + 0.7 * g[:, 4] - 0.4 * g[:, 9] + 1.0
 
-    got = calibrate(vectors, prior_all, np.arange(1, 401), score, users=6, match=match)
+    got = least_squares(*calibration_set(vectors, prior_all, np.arange(1, 401), score, users=6, match=match))
     assert len(got) == 10 and np.allclose(got, (2.0, 0, 0, 0, 0.7, 0, 0, 0, 0, -0.4), atol=1e-5)
 
 
@@ -144,7 +153,9 @@ def test_calibration_on_the_gathered_news_fits_what_the_shortlist_ranks():
         g = cosine_features(vectors[c], vectors[h], 5, match[c], match[h])
         return prior_all[c] + 1.5 * g[:, 1] - 0.5 * g[:, 3] + 0.8 * g[:, 5] + 2.0
 
-    got = calibrate(vectors, prior_all, live_rows, score, users=8, match=match, gather=gather)
+    got = least_squares(
+        *calibration_set(vectors, prior_all, live_rows, score, users=8, match=match, gather=gather)
+    )
     assert len(got) == 10 and np.allclose(got, (0, 1.5, 0, -0.5, 0, 0.8, 0, 0, 0, 0), atol=1e-5)
     assert len(seen) == 8
     for h, c in seen:
@@ -241,6 +252,26 @@ def test_the_fast_paths_equal_their_definitions():
         assert np.allclose(head_cosines(a, cand, clicks), want, atol=1e-6)
 
 
+def test_the_first_cut_keeps_the_cheap_proxys_best_for_the_side_paths():
+    """Side-path features are computed for the `first_cut` gathered news the cheap proxy ranks
+    best (in row order), and for all of them without side paths, cheap weights or more news."""
+    rng = np.random.default_rng(31)
+    cand = np.arange(500, 530)
+    prior, f = rng.standard_normal(30), rng.standard_normal((30, 4)).astype(np.float32)
+    cfg = RetrievalConfig(first_cut=8, first_weights=(1.0, 0.0, -2.0, 0.0))
+    side = lambda rows, hist: np.zeros((len(rows), 2))  # noqa: E731 (any side path)
+    cheap = prior + f[:, 0] - 2.0 * f[:, 2]
+    assert first_cut(cfg, cand, prior, f, side).tolist() == sorted(np.argsort(-cheap)[:8].tolist())
+    for other in (
+        cfg,  # no side paths: nothing to bound
+        dataclasses.replace(cfg, first_weights=()),  # not calibrated
+        dataclasses.replace(cfg, first_cut=0),  # turned off
+        dataclasses.replace(cfg, first_cut=30),  # no more news than the cut
+    ):
+        got = first_cut(other, cand, prior, f, None if other is cfg else side)
+        assert got.tolist() == list(range(30))
+
+
 def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path, planted):
     """/rank without candidates re-ranks news retrieved from the whole live pool; a news posted
     to /news is retrievable at once; an updated news is served in its new version only; a
@@ -255,7 +286,7 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
     dev = load_split(planted / "dev").news
     history = list(dev.ids[:4])
     limits = Limits(
-        max_news_per_post=3, retrieval=RetrievalConfig(top_n=8), store_poll_s=0
+        max_news_per_post=3, retrieval=RetrievalConfig(top_n=8, first_cut=60), store_poll_s=0
     )  # readers: the default, 4
 
     def rank(c):
@@ -344,7 +375,13 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         assert np.allclose(content[:, -4].double().numpy(), a_s.max(1), atol=1e-5) and a_s.any()
         head1 = snap.arrays["sim"][gathered, 1] @ snap.arrays["sim"][hist_rows, 1].T  # [G, M]
         feats = np.concatenate([feats, head1.max(1)[:, None], head1.mean(1)[:, None], content.numpy()], 1)
-        want = shortlist(gathered, prior[gathered], feats, cfg.weights, 40)
+        # the first cut: the side paths only for the cheap proxy's best 60 (its 10 weights
+        # fitted on the same pseudo-users), then the full proxy over them
+        assert len(cfg.first_weights) == 10 and len(gathered) > cfg.first_cut == 60
+        keep = np.sort(
+            shortlist(np.arange(len(gathered)), prior[gathered], feats[:, :10], cfg.first_weights, 60)
+        )
+        want = shortlist(gathered[keep], prior[gathered[keep]], feats[keep], cfg.weights, 40)
         assert snap.gather(hist_rows).tolist() == gathered.tolist()  # what calibration fitted on
         got = snap.retrieve(hist_rows, 40)
         assert got.tolist() == want.tolist() and not set(got.tolist()) & set(hist_rows.tolist())

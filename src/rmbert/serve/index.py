@@ -24,8 +24,9 @@ from rmbert.serve.retrieval import (
     Related,
     RetrievalConfig,
     Retriever,
-    calibrate,
+    calibration_set,
     gather,
+    least_squares,
     retrieval_vectors,
     retrieve,
     sharing,
@@ -179,7 +180,7 @@ class ServingIndex:
         if self.retriever is None or "prior" not in self.snapshot.arrays:
             return None
         store = self.store
-        weights = self._fit(self.snapshot, score, gathered=False)
+        weights, _ = self._fit(self.snapshot, score, gathered=False)
         with self.lock:
             self._use(weights)
             if self.affinity is not None:
@@ -200,15 +201,17 @@ class ServingIndex:
                 within[:n] = readers.order(data["prior"][:n], data["match"][:n, 1])
                 data["within"] = within
                 self.snapshot = self._snap()
-        weights = self._fit(self.snapshot, score, gathered=True)
+        weights, first = self._fit(self.snapshot, score, gathered=True)
         with self.lock:
-            self._use(weights)
+            self._use(weights, first)
         return weights
 
-    def _fit(self, snap: Snapshot, score, gathered: bool) -> tuple[float, ...]:
-        """`retrieval.calibrate` on snapshot snap; `gathered`: on the news its step 1 gathers."""
+    def _fit(self, snap: Snapshot, score, gathered: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+        """The proxy's weights and, for a model with side-path features, the first cut's cheap
+        proxy's (fitted on the same pseudo-users: `retrieval.calibration_set` on snapshot snap;
+        `gathered`: on the news its step 1 gathers)."""
         match = snap.arrays["match"][: snap.n] if "match" in snap.arrays else None
-        return calibrate(
+        X, y = calibration_set(
             snap.vectors,  # by row, not the pool's copied whole
             snap.arrays["prior"][: snap.n],
             np.flatnonzero(snap.live),
@@ -218,10 +221,12 @@ class ServingIndex:
             content=snap.side,
             gather=snap.gather if gathered else None,
         )
+        cheap = 4 if match is None else 10  # the `cosine_features` columns, before the side paths'
+        return least_squares(X, y), () if snap.side is None or not len(X) else least_squares(X, y, cheap)
 
-    def _use(self, weights: tuple[float, ...]) -> None:
-        """Serve with proxy weights w (call with the lock held)."""
-        self.retrieval = dataclasses.replace(self.retrieval, weights=weights)
+    def _use(self, weights: tuple[float, ...], first: tuple[float, ...] = ()) -> None:
+        """Serve with proxy weights w and the first cut's (call with the lock held)."""
+        self.retrieval = dataclasses.replace(self.retrieval, weights=weights, first_weights=first)
         self.retriever.cfg = self.retrieval
 
     def refresh(self) -> int:
