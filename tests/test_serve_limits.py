@@ -9,6 +9,7 @@ import time
 
 import numpy as np
 import pytest
+import torch
 from fastapi.testclient import TestClient
 from safetensors.torch import load_file, save_file
 
@@ -238,5 +239,32 @@ def test_scores_queued_from_another_thread_come_from_the_worker_or_fail_loudly(s
         with pytest.raises(Busy, match="already waiting"):
             ranker.score_queued(snap, hist, cand)
         gate.set()
+    finally:
+        ranker.close()
+
+
+@pytest.mark.parametrize("threads", [1, 2])
+def test_the_worker_scores_on_its_own_torch_threads(served, threads):
+    """`Limits.worker_threads`: the worker sets its torch threads, the calling thread keeps its
+    own, and the worker's scores equal the calling thread's."""
+    from rmbert.encoders.store import NewsStore
+    from rmbert.serve.index import ServingIndex
+
+    before = torch.get_num_threads()
+    ranker = Ranker(load_run(served / "run"), threads=threads)
+    try:
+        snap = ServingIndex(NewsStore.open(served / "store"), ranker.prepare).snapshot
+        hist, cand = np.arange(1, 6), np.arange(6, 40)
+        seen = []
+        real = ranker._score
+
+        def spy(jobs):
+            seen.append(torch.get_num_threads())
+            return real(jobs)
+
+        ranker._score = spy
+        got = ranker.score_queued(snap, hist, cand)
+        assert seen == [threads] and torch.get_num_threads() == before
+        assert np.allclose(got, ranker.score_rows(snap, hist, cand), atol=1e-6)
     finally:
         ranker.close()

@@ -81,7 +81,14 @@ def create_app(
             yield
             return
         check_servable(run, store, run_dir, store_dir)
-        ranker = Ranker(run, limits.max_batch, limits.max_queue, limits.queue_timeout_s, limits.device)
+        ranker = Ranker(
+            run,
+            limits.max_batch,
+            limits.max_queue,
+            limits.queue_timeout_s,
+            limits.device,
+            limits.worker_threads,
+        )
         retrieval = dataclasses.replace(limits.retrieval, max_history=run.cfg.train.max_history)
         index = ServingIndex(
             store, ranker.prepare, retrieval, ranker.content_proxy(), ranker.subcategory_affinity()

@@ -70,8 +70,12 @@ class Ranker:
         max_queue: int = 64,
         queue_timeout: float = 10.0,
         device: str = "cpu",
+        threads: int = 0,
     ):
+        """threads: the worker's torch threads (0: torch's default); the calling thread's are
+        left alone."""
         self.run = run
+        self.threads = threads
         self.device = torch.device(device)
         run.model.to(self.device)  # the index stays in host memory; each batch moves to the device
         self.form = run.model.rec.inference_form(embed_words=run.model.news.embed_words)
@@ -250,6 +254,8 @@ class Ranker:
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def _loop(self) -> None:
+        if self.threads:
+            torch.set_num_threads(self.threads)  # this thread's (OpenMP's per-thread setting)
         while True:
             job = self.queue.get()
             if job is None:
