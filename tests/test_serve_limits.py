@@ -243,14 +243,29 @@ def test_scores_queued_from_another_thread_come_from_the_worker_or_fail_loudly(s
         ranker.close()
 
 
-@pytest.mark.parametrize("threads", [1, 2])
-def test_the_worker_scores_on_its_own_torch_threads(served, threads):
-    """`Limits.worker_threads`: the worker sets its torch threads, the calling thread keeps its
-    own, and the worker's scores equal the calling thread's."""
+def threads_of_a_new_thread() -> int:
+    got = []
+    t = threading.Thread(target=lambda: got.append(torch.get_num_threads()))
+    t.start()
+    t.join()
+    return got[0]
+
+
+@pytest.mark.parametrize("more", [False, True])
+def test_the_worker_scores_on_its_own_torch_threads(served, more):
+    """`Limits.worker_threads`: the worker sets its torch threads (fewer or more than the
+    default); the calling thread and threads started later keep the default; the worker's
+    scores equal the calling thread's; a negative count is refused."""
     from rmbert.encoders.store import NewsStore
     from rmbert.serve.index import ServingIndex
 
     before = torch.get_num_threads()
+    default = threads_of_a_new_thread()
+    threads = before + 1 if more else 1
+    if threads == before:
+        pytest.skip("torch runs one thread here: no fewer to set")
+    with pytest.raises(ValueError, match="worker_threads must be >= 0"):
+        Ranker(load_run(served / "run"), threads=-1)
     ranker = Ranker(load_run(served / "run"), threads=threads)
     try:
         snap = ServingIndex(NewsStore.open(served / "store"), ranker.prepare).snapshot
@@ -265,6 +280,7 @@ def test_the_worker_scores_on_its_own_torch_threads(served, threads):
         ranker._score = spy
         got = ranker.score_queued(snap, hist, cand)
         assert seen == [threads] and torch.get_num_threads() == before
+        assert threads_of_a_new_thread() == default  # (asyncio.to_thread's, the store watcher's)
         assert np.allclose(got, ranker.score_rows(snap, hist, cand), atol=1e-6)
     finally:
         ranker.close()

@@ -72,10 +72,13 @@ class Ranker:
         device: str = "cpu",
         threads: int = 0,
     ):
-        """threads: the worker's torch threads (0: torch's default); the calling thread's are
-        left alone."""
+        """threads: the worker's torch threads (0: torch's default); the calling thread's, and
+        the default of threads started later, are left alone."""
+        if threads < 0:
+            raise ValueError(f"worker_threads must be >= 0, not {threads}")
         self.run = run
         self.threads = threads
+        self.started = threading.Event()  # the worker has set its threads
         self.device = torch.device(device)
         run.model.to(self.device)  # the index stays in host memory; each batch moves to the device
         self.form = run.model.rec.inference_form(embed_words=run.model.news.embed_words)
@@ -84,8 +87,12 @@ class Ranker:
         self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # worker thread only
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.dropped = 0  # jobs skipped because their client left or they waited too long
+        before = torch.get_num_threads()
         self.worker = threading.Thread(target=self._loop, name="rmbert-ranker", daemon=True)
         self.worker.start()
+        if threads:  # torch.set_num_threads also sets the default of threads started later: restore it
+            self.started.wait()
+            torch.set_num_threads(before)
 
     def close(self) -> None:
         self.queue.put(None)
@@ -255,7 +262,9 @@ class Ranker:
 
     def _loop(self) -> None:
         if self.threads:
-            torch.set_num_threads(self.threads)  # this thread's (OpenMP's per-thread setting)
+            torch.set_num_threads(self.threads)
+            torch.get_num_threads()  # fixes this thread's count before __init__ restores the default
+        self.started.set()
         while True:
             job = self.queue.get()
             if job is None:
