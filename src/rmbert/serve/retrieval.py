@@ -727,13 +727,12 @@ def proxy_features(
     cand: np.ndarray,
     hist_rows: np.ndarray,
     match: np.ndarray | None = None,
-    content: Content = None,
 ) -> np.ndarray:
-    """The shortlist's features [G, F] of rows cand [G] for the clicks hist_rows [M] (oldest
-    first; the last `max_history` read): `cosine_features`, then the model's side-path ones."""
+    """The cheap proxy's features [G, F] of rows cand [G] for the clicks hist_rows [M] (oldest
+    first; the last `max_history` read): `cosine_features` (the model's side-path ones follow
+    in `retrieve`, for the first cut only)."""
     hist = hist_rows[-cfg.max_history :]
-    features = cosine_features(vectors(cand), vectors(hist), cfg.recent, *_match_of(match, cand, hist))
-    return with_content(features, content, cand, hist)
+    return cosine_features(vectors(cand), vectors(hist), cfg.recent, *_match_of(match, cand, hist))
 
 
 def first_cut(
