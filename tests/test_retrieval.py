@@ -18,6 +18,7 @@ from rmbert.serve.retrieval import (
     cosine_features,
     first_cut,
     head_cosines,
+    interests,
     least_squares,
     match_features,
     retrieval_vectors,
@@ -32,13 +33,15 @@ def unit(n: int, d: int = 16, seed: int = 0) -> np.ndarray:
     return x / np.linalg.norm(x, axis=1, keepdims=True)
 
 
-def brute(vectors: np.ndarray, hist: np.ndarray, live: np.ndarray, queries: int, per_query: int) -> list[int]:
+def brute(
+    vectors: np.ndarray, hist: np.ndarray, live: np.ndarray, queries: int, per_query: int, searched=None
+) -> list[int]:
     """Step 1 by hand: per query (the clicks' normalised mean, then the clicks from the most
-    recent) the rows by inner product, of which the first per_query live non-clicks count;
-    merged rank by rank over the queries, repeats dropped."""
+    recent, or `searched` in their place) the rows by inner product, of which the first
+    per_query live non-clicks count; merged rank by rank over the queries, repeats dropped."""
     clicks = vectors[hist]
     mean = clicks.mean(0)
-    lists = [mean / np.linalg.norm(mean), *clicks[-queries:][::-1]]
+    lists = [mean / np.linalg.norm(mean), *(clicks[-queries:][::-1] if searched is None else searched)]
     ranked = [np.argsort(-(vectors[1:] @ q), kind="stable") + 1 for q in lists]
     want = min(per_query + len(hist), len(vectors) - 1)
     out: list[int] = []
@@ -66,6 +69,32 @@ def test_gathering_is_the_round_robin_of_each_querys_nearest():
     # a request's snapshot that has only rows < 200 never gets a newer row
     assert got.max() > 200 and r.nearest(vectors[hist], hist, live[:200]).max() < 200
     assert len(r.nearest(vectors[[]], np.zeros(0, np.int64), live)) == 0  # no clicks: nothing
+
+
+def test_interests_are_the_centroids_of_the_clicks_clusters():
+    """`interests`: clicks around 3 directions (most recent first) give 3 unit centroids, one
+    per direction, the most recent click's first; fewer clicks than k are searched as they are;
+    `nearest` with interests searches the mean and the centroids instead of each click."""
+    centres = unit(3, seed=1)
+    rng = np.random.default_rng(2)
+    which = np.array([2, 0, 1, 1, 0, 2, 2, 0, 1, 0, 2, 1])
+    clicks = centres[which] + 0.1 * rng.standard_normal((12, 16)).astype(np.float32)
+    clicks /= np.linalg.norm(clicks, axis=1, keepdims=True)
+    got = interests(clicks, 3)
+    assert got.shape == (3, 16) and np.allclose(np.linalg.norm(got, axis=1), 1.0, atol=1e-5)
+    for c, w in zip(got, (2, 0, 1)):  # seeded from the most recent click, farthest first
+        members = clicks[which == w].sum(0)
+        assert np.allclose(c, members / np.linalg.norm(members), atol=1e-5)
+    assert interests(clicks[:2], 3) is not None and np.array_equal(interests(clicks[:2], 3), clicks[:2])
+    assert len(interests(np.repeat(clicks[:1], 5, 0), 3)) == 1  # one direction: the emptied ones dropped
+
+    vectors = np.concatenate([np.zeros((1, 16), np.float32), unit(300)])
+    live = np.ones(301, bool)
+    live[0] = False
+    hist = np.array([3, 9, 120, 250, 17])
+    r = Retriever(vectors[1:], RetrievalConfig(interests=2, per_query=25))
+    got = r.nearest(vectors[hist], hist, live)
+    assert got.tolist() == brute(vectors, hist, live, 50, 25, interests(vectors[hist][::-1], 2))
 
 
 def test_the_shortlist_ranks_by_the_proxy_and_calibration_recovers_its_weights():

@@ -13,9 +13,12 @@ Beside these, the model gives every news a candidate-only prior (its score for a
 clicks: category, popularity, recency as the run learned them), computed once per news when it
 enters the serving index. Retrieval runs in two steps:
 
-1. Gather: an ANN index (faiss) returns the `per_query` nearest live news of each of Q queries,
-   one per recent click (the max-cosine term) and the clicks' normalised mean (the mean-cosine
-   term); the `prior_pool` news with the best prior join them. A model whose click layer reads
+1. Gather: an ANN index (faiss) returns the `per_query` nearest live news of each of Q queries:
+   the clicks' normalised mean (the mean-cosine term) and the user's `interests`, centroids of
+   the recent clicks by spherical k-means (the max-cosine term; a user with fewer clicks: each
+   click), which search 1M news in half the time of a query per click and, deeper per query,
+   gather more of the model's top news (planted story data, 34k-news pool: recall@200 0.929 ->
+   0.950; docs/benchmarks.md); the `prior_pool` news with the best prior join them. A model whose click layer reads
    categories and entities (`rmbert.feature_match`: the serving array "match") also gets the
    news that share a field with the clicks rather than lie near them (`FieldLists`): the
    `per_entity` best-prior news naming each entity the clicks name, and the `per_subcategory`
@@ -85,8 +88,9 @@ from rmbert.config import require_at_least
 @dataclass(frozen=True)
 class RetrievalConfig:
     top_n: int = 200  # news handed to the re-ranker (0 = no retrieval: the freshest news instead)
-    queries: int = 50  # the most recent clicks searched one by one, besides their mean
-    per_query: int = 200  # nearest news gathered per query
+    queries: int = 50  # the most recent clicks searched, besides their mean
+    interests: int = 16  # searched as this many centroids of theirs (`interests`; 0: each click)
+    per_query: int = 400  # nearest news gathered per query
     prior_pool: int = 300  # news with the best candidate-only prior gathered for every user
     per_entity: int = 100  # best-prior news gathered per entity the clicks name (0: none)
     per_subcategory: int = 150  # best-prior news gathered per subcategory the clicks fall in (0: none)
@@ -110,7 +114,16 @@ class RetrievalConfig:
             self,
             "retrieval",
             0,
-            ("top_n", "prior_pool", "per_entity", "per_subcategory", "related", "readers", "first_cut"),
+            (
+                "top_n",
+                "interests",
+                "prior_pool",
+                "per_entity",
+                "per_subcategory",
+                "related",
+                "readers",
+                "first_cut",
+            ),
         )
         require_at_least(self, "retrieval", 1, ("relist_after",))
 
@@ -674,7 +687,8 @@ class Retriever:
 
     def nearest(self, clicks: np.ndarray, hist_rows: np.ndarray, live: np.ndarray) -> np.ndarray:
         """Step 1 (gather): the `per_query` nearest live news of each query, merged round-robin
-        (the mean's nearest, then each click's, from the most recent; repeats dropped).
+        (the mean's nearest, then each interest's, from the most recent click's, or each click's
+        from the most recent; repeats dropped).
 
         clicks [M, D]: the retrieval vectors of the user's clicks `hist_rows` [M], oldest first
         (the clicks are excluded from the answer); live [n] bool: the rows that are the current
@@ -684,6 +698,8 @@ class Retriever:
         mean = clicks.mean(0, keepdims=True)
         mean /= max(float(np.linalg.norm(mean)), 1e-12)
         recent = clicks[-self.cfg.queries :][::-1]
+        if self.cfg.interests:
+            recent = interests(recent, self.cfg.interests)
         queries = np.ascontiguousarray(np.concatenate([mean, recent]), dtype=np.float32)  # [Q, D]
         want = min(self.cfg.per_query + len(hist_rows), len(self))  # room for the dropped clicks
         with self.lock:
@@ -696,6 +712,28 @@ class Retriever:
         order = rows.T[ok.T]  # rank-major: round-robin over the queries
         _, first = np.unique(order, return_index=True)
         return order[np.sort(first)].astype(np.int64)
+
+
+def interests(clicks: np.ndarray, k: int, iters: int = 4) -> np.ndarray:
+    """Up to k unit centroids [<= k, D] of unit vectors clicks [M, D] (most recent first), by
+    spherical k-means seeded farthest-first from the most recent click (deterministic): the
+    user's interests, searched in place of each click. Fewer clicks than k: the clicks."""
+    if len(clicks) <= k:
+        return clicks
+    x = torch.from_numpy(np.array(clicks, dtype=np.float32))  # a copy: clicks may be a reversed view
+    sims = x @ x.T  # [M, M]
+    chosen, nearest = [0], sims[0].clone()
+    for _ in range(k - 1):
+        i = int(torch.argmin(nearest))
+        chosen.append(i)
+        nearest = torch.maximum(nearest, sims[i])
+    c = x[chosen]
+    for _ in range(iters):
+        assign = (x @ c.T).argmax(1)  # [M]
+        c = torch.zeros_like(c).index_add_(0, assign, x)
+        c = c[torch.bincount(assign, minlength=len(c)) > 0]  # an emptied centroid is dropped
+        c = c / c.norm(dim=1, keepdim=True).clamp_min(1e-12)
+    return c.numpy()
 
 
 def gather(
