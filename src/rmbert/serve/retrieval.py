@@ -16,7 +16,7 @@ enters the serving index. Retrieval runs in two steps:
 1. Gather: an ANN index (faiss) returns the `per_query` nearest live news of each of Q queries:
    the clicks' normalised mean (the mean-cosine term) and the user's `interests`, centroids of
    the recent clicks by spherical k-means (the max-cosine term; a user with fewer clicks: each
-   click), which search 1M news in half the time of a query per click and, deeper per query,
+   click), which search 1M news in 60% of the time of a query per click and, deeper per query,
    gather more of the model's top news (planted story data, 34k-news pool: recall@200 0.929 ->
    0.950; docs/benchmarks.md); the `prior_pool` news with the best prior join them. A model whose click layer reads
    categories and entities (`rmbert.feature_match`: the serving array "match") also gets the
