@@ -35,6 +35,7 @@ import time
 from pathlib import Path
 
 import numpy as np
+import torch
 from _common import planted, quick_run
 
 from rmbert.serve.retrieval import (
@@ -42,10 +43,12 @@ from rmbert.serve.retrieval import (
     Related,
     RetrievalConfig,
     Retriever,
+    bf16_bits,
     first_cut,
     gather,
     proxy_features,
     retrieve,
+    rows_tensor,
     sharing,
     take,
 )
@@ -110,6 +113,11 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
     def rows_of(rows: np.ndarray) -> np.ndarray:
         return take(vectors, rows)  # as the served snapshot copies them
 
+    unit16 = bf16_bits(vectors)  # the proxy's copy, as served (`proxy_arrays`)
+
+    def unit(rows: np.ndarray) -> torch.Tensor:
+        return rows_tensor(unit16, rows)
+
     lat, recall, gathered, shares = [], [], [], []
     for _ in range(users):
         hist = rng.integers(1, n + 1, 50)  # 14 clicks anywhere, 36 on the user's 3 topics
@@ -119,13 +127,13 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
         hist = np.array(list(dict.fromkeys(hist.tolist())), dtype=np.int64)
         t0 = time.perf_counter()
         shared = sharing(fields, match, live, hist, r.cfg, related)
-        got = retrieve(r, rows_of, prior, best, hist, live, match=match, shared=shared)
+        got = retrieve(r, rows_of, prior, best, hist, live, match=match, shared=shared, unit=unit)
         lat.append(time.perf_counter() - t0)
         shares.append(len(shared))
         if len(gathered) < 30:  # (outside the timing)
             gathered.append(len(gather(r, rows_of, best, hist, live, shared)))
         if exact is not r and len(recall) < 30:  # an exact search of 1M news is slow: 30 users
-            want = retrieve(exact, rows_of, prior, best, hist, live, match=match, shared=shared)
+            want = retrieve(exact, rows_of, prior, best, hist, live, match=match, shared=shared, unit=unit)
             recall.append(len(np.intersect1d(got, want)) / max(1, len(want)))
     adds = []
     for i in range(200):
@@ -224,7 +232,7 @@ def served_recall(
                 cfg = snap.retriever.cfg
                 g = snap.gather(hist_rows)
                 p = snap.arrays["prior"][g]
-                cheap = proxy_features(cfg, snap.vectors, g, hist_rows, snap.arrays.get("match"))
+                cheap = proxy_features(cfg, snap.unit, g, hist_rows, snap.arrays.get("match"))
                 kept = g[first_cut(cfg, g, p, cheap, snap.side)]
                 t0 = time.perf_counter()
                 snap.side(kept, hist_rows[-cfg.max_history :])

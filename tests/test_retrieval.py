@@ -14,6 +14,7 @@ from rmbert.serve.retrieval import (
     ExactIndex,
     RetrievalConfig,
     Retriever,
+    bf16_bits,
     calibration_set,
     cosine_features,
     first_cut,
@@ -22,6 +23,7 @@ from rmbert.serve.retrieval import (
     least_squares,
     match_features,
     retrieval_vectors,
+    rows_tensor,
     shortlist,
 )
 
@@ -263,7 +265,20 @@ def test_the_fast_paths_equal_their_definitions():
     cand, clicks = rng.choice(60, 25, replace=False), np.array([4, 9, 11, 30])
     per_head = [sim[cand, k] @ sim[clicks, k].T for k in (1, 2)]
     want = np.stack([c.max(1) for c in per_head] + [c.mean(1) for c in per_head], 1)
-    assert np.allclose(head_cosines(sim, cand, clicks), want, atol=1e-6)
+    assert np.allclose(head_cosines(sim[:, 1:], cand, clicks), want, atol=1e-6)
+    # the proxy's bfloat16 copies: the vectors rounded, and the cosines within what rounding
+    # both the unit vectors and the products (2^-9 each, relative) can move them: 6e-3
+    bits = bf16_bits(sim)
+    rounded = torch.from_numpy(sim).bfloat16().float().numpy()
+    assert bits.dtype == np.int16 and np.array_equal(rows_tensor(bits, cand).float().numpy(), rounded[cand])
+    low = head_cosines(bits[:, 1:], cand, clicks)
+    assert (
+        low.dtype == np.float32
+        and np.allclose(low, want, atol=6e-3)
+        and not np.allclose(low, want, atol=1e-6)
+    )
+    got = cosine_features(rows_tensor(bits[:, 0], cand), rows_tensor(bits[:, 0], clicks), 2)
+    assert np.allclose(got, cosine_features(sim[cand, 0], sim[clicks, 0], 2), atol=6e-3)
     frozen = sim.copy()
     frozen.flags.writeable = False  # a memory-mapped store's arrays
     x = unit(3000, seed=4)
@@ -278,7 +293,9 @@ def test_the_fast_paths_equal_their_definitions():
     assert np.array_equal(exact.reconstruct_n(10, 5), x[10:15])
     for a in (sim, frozen):
         assert np.array_equal(retrieval_vectors({"cls": sim[:, 0], "sim": a}, cand), sim[cand, 0])
-        assert np.allclose(head_cosines(a, cand, clicks), want, atol=1e-6)
+        assert np.allclose(head_cosines(a[:, 1:], cand, clicks), want, atol=1e-6)
+    bits.flags.writeable = False
+    assert np.array_equal(rows_tensor(bits, cand).float().numpy(), rounded[cand])
 
 
 def test_the_first_cut_keeps_the_cheap_proxys_best_for_the_side_paths():
@@ -386,8 +403,11 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         gathered = np.setdiff1d(np.union1d(np.union1d(best, gathered_near), shared), hist_rows)
         # a second metric head: 2 more; rmbert.content_match: 4 more; rmbert.field_affinity: 6 more
         assert len(cfg.weights) == 22 and snap.arrays["sim"].shape[1] == 2
+        # the proxy reads the vectors rounded to bfloat16 (`proxy_arrays`)
+        unit = torch.from_numpy(retrieval_vectors(snap.arrays)).bfloat16()
+        assert torch.equal(torch.from_numpy(snap.arrays["unit16"]).view(torch.bfloat16), unit)
         feats = cosine_features(
-            retrieval_vectors(snap.arrays, gathered), clicks, cfg.recent, match[gathered], match[hist_rows]
+            unit[gathered], unit[hist_rows], cfg.recent, match[gathered], match[hist_rows]
         )
         names = ("title_ids", "entity_ids", "category", "subcategory")
         assert ranker.form.proxy_tables == names
@@ -402,8 +422,11 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         sg, sh = snap.arrays["subcategory"][gathered], snap.arrays["subcategory"][hist_rows]
         a_s = A_s[sg][:, sh] * ((sg != 0)[:, None] & (sh != 0)[None, :])  # [G, M]
         assert np.allclose(content[:, -4].double().numpy(), a_s.max(1), atol=1e-5) and a_s.any()
-        head1 = snap.arrays["sim"][gathered, 1] @ snap.arrays["sim"][hist_rows, 1].T  # [G, M]
-        feats = np.concatenate([feats, head1.max(1)[:, None], head1.mean(1)[:, None], content.numpy()], 1)
+        heads = torch.from_numpy(snap.arrays["heads16"]).view(torch.bfloat16)  # head 1, rounded
+        assert torch.equal(heads, torch.from_numpy(snap.arrays["sim"][:, 1:]).bfloat16())
+        feats = np.concatenate(
+            [feats, head_cosines(snap.arrays["heads16"], gathered, hist_rows), content.numpy()], 1
+        )
         # the first cut: the side paths only for the cheap proxy's best 60 (its 10 weights
         # fitted on the same pseudo-users), then the full proxy over them
         assert len(cfg.first_weights) == 10 and len(gathered) > cfg.first_cut == 60

@@ -27,8 +27,10 @@ from rmbert.serve.retrieval import (
     calibration_set,
     gather,
     least_squares,
+    proxy_arrays,
     retrieval_vectors,
     retrieve,
+    rows_tensor,
     sharing,
 )
 
@@ -93,6 +95,7 @@ class Snapshot:
             self.arrays.get("match"),
             self.side,
             self._shared(hist_rows),
+            self.unit,
         )
 
     def gather(self, hist_rows: np.ndarray) -> np.ndarray:
@@ -112,6 +115,12 @@ class Snapshot:
     def vectors(self, rows: np.ndarray) -> np.ndarray:
         """The retrieval vectors [len(rows), D] of rows."""
         return retrieval_vectors(self.arrays, rows)
+
+    def unit(self, rows: np.ndarray) -> np.ndarray | torch.Tensor:
+        """The vectors the retrieval proxy reads of rows: the bfloat16 copies (`proxy_arrays`)."""
+        if "unit16" in self.arrays:
+            return rows_tensor(self.arrays["unit16"], rows)
+        return self.vectors(rows)
 
     @property
     def side(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
@@ -161,7 +170,10 @@ class ServingIndex:
         self.store = store
         self.info = [{}] + list(store.info)
         base = _base(store)
-        self.rows = Rows({**base, **self.prepare(base, self.info, ["", *store.ids])})
+        arrays = {**base, **self.prepare(base, self.info, ["", *store.ids])}
+        if self.retrieval is not None:
+            arrays |= proxy_arrays(arrays)
+        self.rows = Rows(arrays)
         if self.retrieval is not None:
             self.retriever = Retriever(
                 retrieval_vectors(self.rows.data, slice(1, self.rows.n)), self.retrieval
@@ -212,7 +224,7 @@ class ServingIndex:
         `gathered`: on the news its step 1 gathers)."""
         match = snap.arrays["match"][: snap.n] if "match" in snap.arrays else None
         X, y = calibration_set(
-            snap.vectors,  # by row, not the pool's copied whole
+            snap.unit,  # by row, not the pool's copied whole; the proxy's copies, as served
             snap.arrays["prior"][: snap.n],
             np.flatnonzero(snap.live),
             score,
@@ -315,6 +327,8 @@ class ServingIndex:
         """Take rows [first_new:] of the (re-opened) store into memory and publish a new snapshot."""
         new = _base(store, first_new + 1)
         new.update(self.prepare(new, store.info[first_new:], store.ids[first_new:]))
+        if self.retrieval is not None:
+            new.update(proxy_arrays(new))
         if self.readers is not None and "within" in self.rows.data:
             new["within"] = self.readers.order(new["prior"], new["match"][:, 1], first_new + 1)
         self.rows.append(new)
