@@ -20,6 +20,7 @@ from rmbert.serve.retrieval import (
     first_cut,
     head_cosines,
     interests,
+    key_positions,
     least_squares,
     match_features,
     retrieval_vectors,
@@ -257,6 +258,20 @@ def test_the_fast_paths_equal_their_definitions():
     rows = np.arange(500, 700)
     prior = np.round(rng.standard_normal(200), 1)  # many ties, some across the k-th place
     f = np.zeros((200, 4), np.float32)
+    # match keys (56-bit hashes, consecutive ids too) looked up by the hash table or, past 700
+    # keys, by binary search: a found key's position, and never a false match
+    for keys in (
+        rng.integers(1, 2**56, 150),
+        np.arange(1, 40),
+        rng.integers(1, 2**56, 900),
+        np.zeros(1, np.int64),
+    ):
+        keys = np.unique(keys)
+        queries = np.concatenate([rng.choice(keys, 500), rng.integers(0, 2**56, 498), [0]]).reshape(-1, 3)
+        pos = key_positions(keys, queries)
+        found = np.isin(queries, keys)
+        assert pos.shape == queries.shape and np.array_equal(keys[pos] == queries, found)
+        assert np.array_equal(pos[found], np.searchsorted(keys, queries[found]))
     for k in (0, 1, 7, 30, 199, 200, 250):
         want = rows[np.argsort(-prior, kind="stable")[:k]]  # ties: the rows' order
         assert shortlist(rows, prior, f, (1.0,), k).tolist() == want.tolist()

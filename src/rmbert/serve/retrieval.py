@@ -223,6 +223,33 @@ def head_cosines(heads: np.ndarray, cand: np.ndarray, clicks: np.ndarray) -> np.
     return torch.cat([cos.amax(2), cos.mean(2)], 1).numpy()
 
 
+# odd 64-bit multipliers of `key_positions`' multiplicative hash (the golden ratio's first)
+_MULTIPLIERS = np.array(
+    [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93], dtype=np.uint64
+)
+
+
+def key_positions(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
+    """Positions [...] in `keys` [K] (distinct, ascending, non-negative) of `queries` [...]: the
+    key's where a query is one, else any position (the caller compares keys[pos]). A table of
+    2^b >= 2 K^2 slots hashes the keys multiplicatively (the top b bits of key x a, uint64), with
+    the first multiplier that puts no two keys in one slot: one gather per query, where a binary
+    search costs about 20 ns each (13k gathered news' 5 match ids, the clicks' 100 distinct
+    ones: 1.2 -> 0.4 ms). Keys that no multiplier separates, or over 700 of them: binary search."""
+    K = len(keys)
+    bits = max(4, (2 * K * K).bit_length())
+    if 0 < K and bits <= 20:
+        shift = np.uint64(64 - bits)
+        k = keys.astype(np.uint64)
+        for a in _MULTIPLIERS:
+            slot = (k * a) >> shift
+            if len(np.unique(slot)) == K:
+                table = np.zeros(1 << bits, np.intp)
+                table[slot] = np.arange(K)
+                return table[(queries.astype(np.uint64) * a) >> shift]
+    return np.minimum(np.searchsorted(keys, queries), max(K - 1, 0))
+
+
 def match_features(cand: np.ndarray, clicks: np.ndarray) -> np.ndarray:
     """Match ids of candidates [G, F] and of one user's clicks [M, F] -> [G, 6], what
     `RMBERT.match_features` gives with every click unmasked (tested equal), in O(G E + M E)
@@ -238,7 +265,7 @@ def match_features(cand: np.ndarray, clicks: np.ndarray) -> np.ndarray:
         """Distinct `values` [M, ...], each query's position among them [G, ...], and whether
         a query is found there (0, none, never is)."""
         keys = np.unique(values)
-        pos = np.minimum(np.searchsorted(keys, queries), len(keys) - 1)
+        pos = key_positions(keys, queries)
         return keys, pos, (keys[pos] == queries) & (queries != 0)
 
     counts = []
