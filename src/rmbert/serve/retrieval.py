@@ -38,8 +38,8 @@ enters the serving index. Retrieval runs in two steps:
    and 0.96 with 4 readers (docs/benchmarks.md).
 2. Shortlist: each gathered news gets the proxy score
        prior + w . [max_j c_j, mean_j c_j, max_j' c_j', mean_j' c_j']
-   with c_j = cos(x, h_j) over the user's clicks (exact cosines) and j' over the `recent` most
-   recent ones (models with recency embeddings weigh them more). A model with
+   with c_j = cos(x, h_j) over the user's clicks (in bfloat16: `proxy_arrays`) and j' over the
+   `recent` most recent ones (models with recency embeddings weigh them more). A model with
    `rmbert.feature_match` adds the six features its click layer reads (eq. 8''''): the shares
    and indicators of clicks sharing the news's category, subcategory or an entity; one with
    `rmbert.content_match` the four of eq. 8''''' (the max and mean title-word and entity
