@@ -424,7 +424,7 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         feats = cosine_features(
             unit[gathered], unit[hist_rows], cfg.recent, match[gathered], match[hist_rows]
         )
-        names = ("title_ids", "entity_ids", "category", "subcategory")
+        names = ("title_ids", "entity_ids", "title_norm", "category", "subcategory")
         assert ranker.form.proxy_tables == names
         t = {k: torch.from_numpy(snap.arrays[k]) for k in names}
         content = ranker.form.content_proxy(
@@ -531,8 +531,11 @@ def test_the_proxys_side_features_equal_the_click_layers(clicks):
         k: torch.randint(0, int(v.max()) + 1, (clicks, *v.shape[1:]), generator=g) for k, v in cand.items()
     }
     f = m.eval().fold()
-    assert f.proxy_tables == ("title_ids", "entity_ids", "category", "subcategory")
+    assert f.proxy_tables == ("title_ids", "entity_ids", "title_norm", "category", "subcategory")
     got = f.content_proxy(cand, hist)
+    # serving keeps each title's norm (`table_terms`): the same features, read instead of computed
+    norm = f.table_terms(cand)["title_norm"]
+    assert norm.shape == (50,) and torch.equal(f.content_proxy({**cand, "title_norm": norm}, hist), got)
     mask = torch.ones(1, clicks, dtype=torch.bool)
     user = type(
         "User", (), {"words": hist["title_ids"][None], "ents": hist["entity_ids"][None], "mask": mask}

@@ -49,6 +49,11 @@ class InferenceForm(ABC):
     def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
         return {}
 
+    def table_terms(self, tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """Per-news arrays computed once from the news's side tables [n, ...] when it enters the
+        serving index (some of `proxy_tables`); none by default."""
+        return {}
+
     @abstractmethod
     def score(
         self, H: torch.Tensor, mask: torch.Tensor, cand: NewsRepr, terms: dict, record: bool = False

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from rmbert.models.base import InferenceForm, masked_logsumexp, masked_mean_weights, masked_softmax
-from rmbert.models.rmbert import RMBERT
+from rmbert.models.rmbert import RMBERT, bag_norm
 from rmbert.types import NewsRepr, Scores
 
 
@@ -146,11 +146,14 @@ class FoldedRMBERT(InferenceForm):
         self.W_1n = m.W_1n.weight if cfg.content_match else None  # [H1, 4]
         self.content_features = m.content_features  # reads m's IDF and entity-vector buffers
         self._content_pairs = m.content_proxy  # eq. 8''''' for one user's clicks, all unmasked
-        self.proxy_tables = ("title_ids", "entity_ids") * cfg.content_match + ("category", "subcategory") * (
-            cfg.field_affinity
-        )
+        self.proxy_tables = ("title_ids", "entity_ids", "title_norm") * cfg.content_match + (
+            "category",
+            "subcategory",
+        ) * cfg.field_affinity
+        self.idf = m.idf if cfg.content_match else None
         self.content_proxy = self.proxy_features if self.proxy_tables else None  # for retrieval
         self.affinity_features = m.affinity_features if cfg.field_affinity else None  # reads A, b
+        self._affinity_pairs = m.affinity_proxy  # eq. 8f for one user's clicks, all unmasked
         self.W_1a = m.W_1a.weight if cfg.field_affinity else None  # [H1, 6]
         self.w_w = m.w_w.weight[0] if cfg.wide else None  # [2h + 6 + 4 + 6], eq. 8w
 
@@ -250,6 +253,14 @@ class FoldedRMBERT(InferenceForm):
         return torch.stack([terms[prefix + "category"], terms[prefix + "subcategory"]], -1)
 
     @torch.no_grad()
+    def table_terms(self, tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """content_match: "title_norm" [n], each title's `bag_norm`, which the proxy's lexical
+        cosines divide by (computed once per news instead of per request)."""
+        if self.idf is None or "title_ids" not in tables:
+            return {}
+        return {"title_norm": bag_norm(tables["title_ids"], self.idf)}
+
+    @torch.no_grad()
     def proxy_features(self, cand: dict, clicks: dict) -> torch.Tensor:
         """The retrieval proxy's features from the model's side paths for G news of one user
         with M clicks, all unmasked: the `proxy_tables` rows of the news (cand) and of the clicks
@@ -258,11 +269,13 @@ class FoldedRMBERT(InferenceForm):
         out = []
         if self.cfg.content_match:
             names = ("title_ids", "entity_ids")
-            out.append(self._content_pairs(*(cand[k] for k in names), *(clicks[k] for k in names)))
+            pairs = self._content_pairs(
+                *(cand[k] for k in names), *(clicks[k] for k in names), cand.get("title_norm")
+            )
+            out.append(pairs)
         if self.W_1a is not None:
-            cf, hf = self.fields(cand)[None], self.fields(clicks)[None]  # [1, G, 2], [1, M, 2]
-            mask = torch.ones(hf.shape[:2], dtype=torch.bool, device=hf.device)
-            out.append(self.affinity_features(cf, hf, mask)[0].to(out[0].dtype if out else torch.float32))
+            affinity = self._affinity_pairs(self.fields(cand), self.fields(clicks))  # [G, 6]
+            out.append(affinity.to(out[0].dtype if out else torch.float32))
         return torch.cat(out, -1)
 
     @torch.no_grad()

@@ -144,6 +144,7 @@ class Ranker:
             got["cls"] = x
             got.update(self.form.news_terms(NewsRepr(x, X, mask)))
             got.update({k: torch.from_numpy(v[i : i + chunk]).to(dev) for k, v in side.items()})
+            got.update(self.form.table_terms(got))
             terms = {k: v[None] for k, v in got.items() if k in self.form.token_axes}
             terms |= {
                 "history_" + k: torch.zeros(1, 1, *v.shape[1:], dtype=torch.int64, device=dev)
