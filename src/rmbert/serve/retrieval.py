@@ -138,6 +138,21 @@ def take(a: np.ndarray, rows: np.ndarray) -> np.ndarray:
     return torch.from_numpy(a).index_select(0, torch.from_numpy(idx)).numpy()
 
 
+def union(parts: list[np.ndarray], n: int, drop: np.ndarray | None = None) -> np.ndarray:
+    """The distinct rows of `parts` (each row < n), ascending, less those in `drop` [int64].
+    Many rows: marked in an [n] bool array and read back, where np.unique sorts them (14k rows
+    of a 1M pool: 1.7 -> 0.4 ms); few rows of a large pool: np.unique."""
+    rows = np.concatenate(parts) if parts else np.zeros(0, np.int64)
+    if 256 * len(rows) < n:
+        out = np.unique(rows)
+        return (out if drop is None else out[~np.isin(out, drop)]).astype(np.int64)
+    mark = np.zeros(n, bool)
+    mark[rows] = True
+    if drop is not None:
+        mark[drop[drop < n]] = False
+    return np.flatnonzero(mark).astype(np.int64)
+
+
 def _tensor(a: np.ndarray | torch.Tensor) -> torch.Tensor:
     """A float32 array as a tensor, sharing its memory where it can (a tensor: itself)."""
     if isinstance(a, torch.Tensor):
@@ -222,8 +237,10 @@ def head_cosines(heads: np.ndarray, cand: np.ndarray, clicks: np.ndarray) -> np.
     `bf16_bits`; head 0 is the retrieval space, already read): the max and mean cosine of rows
     cand [G] to the clicks [M] in each head, [G, 2 (h - 1)] float32 (maxima first)."""
     c, h = rows_tensor(heads, cand), rows_tensor(heads, clicks)  # [G, h - 1, D], [M, h - 1, D]
-    cos = torch.einsum("gkd,mkd->gkm", c, h).float()  # [G, h - 1, M]
-    return torch.cat([cos.amax(2), cos.mean(2)], 1).numpy()
+    # a product per head, on strided views: einsum's copy of c to [h - 1, G, D] and its batched
+    # product took longer (2,000 news, 3 heads, 50 clicks: 5.6 -> 1.6 ms, the same values)
+    cos = torch.stack([c[:, k] @ h[:, k].T for k in range(c.shape[1])]).float()  # [h - 1, G, M]
+    return torch.cat([cos.amax(2), cos.mean(2)]).T.contiguous().numpy()
 
 
 # odd 64-bit multipliers of `key_positions`' multiplicative hash (the golden ratio's first)
@@ -587,7 +604,7 @@ def sharing(
             got.append(by_entity.top(ents, cfg.per_entity))
         if cfg.per_subcategory and len(subs):
             got.append(by_subcategory.top(subs, cfg.per_subcategory))
-    rows = np.unique(np.concatenate(got))
+    rows = union(got, len(live))
     return rows[live[rows]]
 
 
@@ -826,8 +843,8 @@ def gather(
     if best_prior is not None:
         parts.append(best_prior[~np.isin(best_prior, hist_rows)][: cfg.prior_pool])
     if shared is not None and len(shared):
-        parts.append(shared[~np.isin(shared, hist_rows)])
-    return np.unique(np.concatenate(parts)).astype(np.int64)  # [G]
+        parts.append(shared)
+    return union(parts, len(live), np.asarray(hist_rows, np.int64))  # [G]
 
 
 def proxy_features(
