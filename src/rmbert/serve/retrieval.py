@@ -794,8 +794,10 @@ class Retriever:
             _, pos = self.index.search(queries, want)  # [Q, want]
         rows = pos + 1  # -1 (no result) -> 0 (the null row)
         ok = (rows > 0) & (rows < len(live))
-        ok[ok] &= live[rows[ok]]
-        ok[ok] &= ~np.isin(rows[ok], hist_rows)
+        ok[ok] = live[rows[ok]]
+        clicked = np.sort(hist_rows)  # the clicks, by binary search (np.isin: 5x slower here)
+        if len(clicked):
+            ok &= clicked[np.minimum(np.searchsorted(clicked, rows), len(clicked) - 1)] != rows
         ok &= np.cumsum(ok, axis=1) <= self.cfg.per_query  # each query's first per_query
         order = rows.T[ok.T]  # rank-major: round-robin over the queries
         _, first = np.unique(order, return_index=True)
