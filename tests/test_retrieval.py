@@ -26,6 +26,7 @@ from rmbert.serve.retrieval import (
     retrieval_vectors,
     rows_tensor,
     shortlist,
+    union,
 )
 
 pytest.importorskip("faiss")
@@ -272,6 +273,16 @@ def test_the_fast_paths_equal_their_definitions():
         found = np.isin(queries, keys)
         assert pos.shape == queries.shape and np.array_equal(keys[pos] == queries, found)
         assert np.array_equal(pos[found], np.searchsorted(keys, queries[found]))
+    # `union`: the distinct rows, ascending, less the dropped ones, by a mark array (many rows)
+    # or np.unique (few rows of a large pool); an empty part and a dropped row absent from all
+    parts = [rng.integers(1, 5000, 3000), np.zeros(0, np.int64), rng.integers(1, 5000, 40)]
+    drop = np.array([*parts[2][:5], 4999, 7000])
+    want = np.setdiff1d(np.concatenate(parts), drop)
+    for n in (5000, 10**7):
+        got = union(parts, n, drop)
+        assert got.dtype == np.int64 and np.array_equal(got, want)
+        assert np.array_equal(union(parts, n), np.unique(np.concatenate(parts)))
+    assert len(union([np.zeros(0, np.int64)], 100)) == 0
     for k in (0, 1, 7, 30, 199, 200, 250):
         want = rows[np.argsort(-prior, kind="stable")[:k]]  # ties: the rows' order
         assert shortlist(rows, prior, f, (1.0,), k).tolist() == want.tolist()
@@ -356,8 +367,17 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         return r.json()
 
     with TestClient(create_app(served / "run", store, limits=limits)) as c:
+        ranker, ahead = c.app.state.serving.ranker, []
+        real = ranker._prefetched
+        ranker._prefetched = lambda job: ahead.append(job) or real(job)
         first = rank(c)
         assert first["candidates"] == 8 and not {x["id"] for x in first["ranked"]} & set(history)
+        # the user's side was computed while the candidates were retrieved, and scores as usual
+        snap = c.app.state.serving.index.snapshot
+        assert len(ahead) == 1 and ahead[0].state is not None
+        rows = np.array([snap.index[x["id"]] for x in first["ranked"]])
+        want = ranker.score_rows(snap, np.array([snap.index[h] for h in history]), rows)
+        assert np.allclose([x["score"] for x in first["ranked"]], want, atol=1e-5)
         # a copy of the most recent click, posted now: it is as close to the user as news get
         j = dev.ids.index(history[-1])
         twin = {"id": "TWIN", "title": dev.title[j], "category": dev.category[j]}
