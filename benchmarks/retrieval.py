@@ -17,12 +17,9 @@ Two parts, one JSON object on the last line:
   the proxy (`side_*`: over the first cut's news, or every gathered news without one).
 
 At 1M news the full service cannot be held on this machine (the serving index keeps title
-token vectors, L x D per news), so "estimate_1m" adds the measured parts: the retrieval at 1M
+token vectors, L x D per news), so "estimate_1m" adds three measured parts: the retrieval at 1M
 (synthetic: no model, so no side paths), the run's side-path cost per news times the news they
-would run on at 1M (min(gathered at 1M, first_cut)), and the re-ranking of 200 candidates. /rank
-has the worker compute the user's side of the re-ranking while it retrieves
-(`Ranker.prefetch_user`), so the re-ranking counted is the one with it computed ahead, plus what
-computing it beside the retrieval adds to the retrieval on the served pool.
+would run on at 1M (min(gathered at 1M, first_cut)), and the re-ranking of 200 candidates.
 
 Usage: python benchmarks/retrieval.py [--sizes 10k,100k,1m] [--run RUN --split SPLIT] [--users 300]
 """
@@ -213,7 +210,7 @@ def served_recall(
         out["recall_of_exact_top10"] = {f"retrieve_{n}": round(float(np.mean(hits[n])), 4) for n in Ns}
         out["recall_of_exact_top10"]["freshest_100"] = round(float(np.mean(fresh)), 4)
         out["recall_of_exact_top10"]["random_200"] = round(float(np.mean(rand)), 4)
-        lat, rerank, ahead_rerank, retrieving, beside, side, side_news = [], [], [], [], [], [], []
+        lat, rerank, retrieving, side, side_news = [], [], [], [], []
         for hist in histories[:200]:
             t0 = time.perf_counter()
             r = c.post("/rank", json={"history": hist[-50:], "candidates": None, "top_k": 10})
@@ -224,12 +221,6 @@ def served_recall(
             t0 = time.perf_counter()
             ranker.score_queued(snap, hist_rows, cand)  # by the worker, as served (its threads)
             rerank.append(time.perf_counter() - t0)
-            user = ranker.prefetch_user(snap, hist_rows)  # as /rank: the user side computed ahead
-            if user is not None:
-                user.done.wait(10)
-                t0 = time.perf_counter()
-                ranker.score_queued(snap, hist_rows, cand, user=user)
-                ahead_rerank.append(time.perf_counter() - t0)
         # the retrieval's parts apart from /rank (timed right after one, they ran beside the
         # threads it left spinning)
         for hist in histories[:200]:
@@ -237,12 +228,6 @@ def served_recall(
             t0 = time.perf_counter()
             snap.retrieve(hist_rows)
             retrieving.append(time.perf_counter() - t0)
-            t0 = time.perf_counter()  # the retrieval with the worker computing the user side beside it
-            user = ranker.prefetch_user(snap, hist_rows)
-            snap.retrieve(hist_rows)
-            if user is not None:
-                user.done.wait(10)
-                beside.append(time.perf_counter() - t0)
             if snap.side is not None:  # the model's side-path features: for the first cut only
                 cfg = snap.retriever.cfg
                 g = snap.gather(hist_rows)
@@ -256,10 +241,6 @@ def served_recall(
         out["rank_null_p50_ms"], out["rank_null_p99_ms"] = pct(lat, 50), pct(lat, 99)
         out["retrieve_p50_ms"], out["retrieve_p99_ms"] = pct(retrieving, 50), pct(retrieving, 99)
         out["rerank_200_p50_ms"], out["rerank_200_p99_ms"] = pct(rerank, 50), pct(rerank, 99)
-        if ahead_rerank:  # its user side computed ahead; and the retrieval with it computed beside
-            out["rerank_200_ahead_p50_ms"] = pct(ahead_rerank, 50)
-            out["rerank_200_ahead_p99_ms"] = pct(ahead_rerank, 99)
-            out["retrieve_beside_user_p50_ms"] = pct(beside, 50)
         out["first_cut"] = snap.retriever.cfg.first_cut if snap.retriever.cfg.first_weights else 0
         if side:  # per news: the side paths' cost at another pool size is this times its news
             out["side_p50_ms"], out["side_news_mean"] = pct(side, 50), round(float(np.mean(side_news)), 1)
@@ -309,18 +290,11 @@ def main() -> None:
         served, G = result["recall"], big[0]["gathered_mean"]
         side_news = min(G, served["first_cut"] or G)  # the model's side paths: over the first cut
         side_ms = served.get("side_ms_per_1000_news", 0.0) * side_news / 1000
-        rerank, beside = served["rerank_200_p50_ms"], 0.0
-        if "rerank_200_ahead_p50_ms" in served:  # /rank computes the user side while it retrieves
-            rerank = served["rerank_200_ahead_p50_ms"]
-            beside = max(0.0, served["retrieve_beside_user_p50_ms"] - served["retrieve_p50_ms"])
-        p50 = big[0]["retrieve_p50_ms"] + beside + side_ms + rerank
+        p50 = big[0]["retrieve_p50_ms"] + side_ms + served["rerank_200_p50_ms"]
         result["estimate_1m"] = {
             "rank_null_p50_ms": round(p50, 2),
             "side_ms": round(side_ms, 2),
-            "user_side_beside_ms": round(beside, 2),
-            "parts": "retrieve_p50 at 1m + what computing the user side beside the retrieval adds to it"
-            " (served pool) + side paths over min(gathered at 1m, first_cut) news + rerank_200 (its user"
-            " side computed ahead where the model splits it off)",
+            "parts": "retrieve_p50 at 1m + side paths over min(gathered at 1m, first_cut) news + rerank_200_p50",
         }
     print(json.dumps(result))
 

@@ -16,7 +16,7 @@ from safetensors.torch import load_file, save_file
 from rmbert.data.mind import load_split
 from rmbert.run import load_run
 from rmbert.serve.app import Limits, create_app
-from rmbert.serve.ranker import Busy, Job, Ranker, UserJob
+from rmbert.serve.ranker import Busy, Job, Ranker
 
 
 def test_bodies_over_the_cap_are_refused_before_parsing(served, planted, tmp_path):
@@ -124,54 +124,6 @@ def test_abandoned_and_stale_jobs_are_not_scored(served):
         assert isinstance(names["stale"], Busy) and names["live"] is None
         assert gone not in scored and stale not in scored and live in scored
         assert ranker.dropped == 2
-    finally:
-        ranker.close()
-
-
-def test_a_user_side_computed_ahead_scores_as_computed_with_the_request(served):
-    """`prefetch_user`: the worker computes a request's user side while its candidates are
-    still being found; the request is then scored from it (the form's `user` is not run again)
-    to the same scores and explanations. A side for other clicks is not used; with requests
-    waiting the worker skips it (the request computes its own); no clicks: none."""
-    from rmbert.encoders.store import NewsStore
-    from rmbert.serve.index import ServingIndex
-
-    ranker = Ranker(load_run(served / "run"))
-    try:
-        snap = ServingIndex(NewsStore.open(served / "store"), ranker.prepare).snapshot
-        rng = np.random.default_rng(0)
-        rows = np.arange(1, snap.n)
-        hist, cand = rng.choice(rows, 9, replace=False), rng.choice(rows, 17, replace=False)
-        users, real_user = [], ranker.form.user
-        ranker.form.user = lambda *a: users.append(1) or real_user(*a)
-
-        def scored(h, user=None, explain=False):
-            return ranker._score([Job(snap, h, cand, 17, explain, None, user=user)])[0]
-
-        ahead = ranker.prefetch_user(snap, hist)
-        assert ahead.done.wait(10) and ahead.state is not None and len(users) == 1
-        for explain in (False, True):
-            plain, n = scored(hist, explain=explain), len(users)
-            got = scored(hist, ahead, explain)
-            assert len(users) == n  # the side computed ahead, not again
-            assert np.allclose(got.scores, plain.scores, rtol=0, atol=1e-6)
-            a, b = json.loads(got.ranked_json), json.loads(plain.ranked_json)
-            assert [x["id"] for x in a] == [x["id"] for x in b] and ("steps" in a[0]) == explain
-        n = len(users)
-        assert np.allclose(scored(hist[:5], ahead).scores, scored(hist[:5]).scores, rtol=0, atol=1e-6)
-        assert len(users) == n + 2  # other clicks: computed for the request, both times
-        gate, settled = blocked(ranker), []
-        ranker.queue.put(Job(snap, hist, cand, 5, False, lambda r, e: settled.append(e)))
-        time.sleep(0.2)  # the worker holds the first request at the gate
-        skipped = UserJob(snap, hist)
-        ranker.queue.put(skipped)
-        ranker.queue.put(Job(snap, hist, cand, 5, False, lambda r, e: settled.append(e), user=skipped))
-        gate.set()
-        deadline = time.time() + 10
-        while len(settled) < 2 and time.time() < deadline:
-            time.sleep(0.01)
-        assert settled == [None, None] and skipped.done.is_set() and skipped.state is None
-        assert ranker.prefetch_user(snap, hist[:0]) is None
     finally:
         ranker.close()
 

@@ -49,18 +49,6 @@ class InferenceForm(ABC):
     def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
         return {}
 
-    # True: `score` is `score_user(user(H, mask, terms), ...)`, so serving can compute the user's
-    # side ahead, while the request's retrieval runs (`Ranker.prefetch_user`)
-    splits_user: bool = False
-
-    def user(self, H: torch.Tensor, mask: torch.Tensor, terms: dict) -> Any:
-        """The candidate-independent state of users [B] from their clicks (`splits_user` forms)."""
-        raise NotImplementedError(f"{type(self).__name__} does not split off the user side")
-
-    def score_user(self, user: Any, cand: NewsRepr, terms: dict, record: bool = False) -> Scores:
-        """Scores of candidates [B, C, ...] for the state `user` gives (`splits_user` forms)."""
-        raise NotImplementedError(f"{type(self).__name__} does not split off the user side")
-
     def table_terms(self, tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-news arrays computed once from the news's side tables [n, ...] when it enters the
         serving index (some of `proxy_tables`); none by default."""

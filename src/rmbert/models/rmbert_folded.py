@@ -237,21 +237,14 @@ class FoldedRMBERT(InferenceForm):
             raise ValueError("rmbert.field_affinity needs the clicked news' category and subcategory ids")
         return FoldedUser(mask, G.transpose(1, 2), H.transpose(1, 2), P, Q, Y, Hs, match, words, ents, fields)
 
-    splits_user = True
-
-    @torch.no_grad()
-    def user(self, H: torch.Tensor, mask: torch.Tensor, terms: dict) -> FoldedUser:
-        """H [B, M, D], mask [B, M] and the clicked news' side tables (terms["history_" + name])
-        -> FoldedUser (`user_state`)."""
-        side = [terms.get("history_" + k) for k in ("match", "title_ids", "entity_ids")]
-        return self.user_state(H, mask, *side, fields=self.fields(terms, "history_"))
-
     @torch.no_grad()
     def score(
         self, H: torch.Tensor, mask: torch.Tensor, cand: NewsRepr, terms: dict, record: bool = False
     ) -> Scores:
         """H [B, M, D], mask [B, M] -> Scores, as RMBERT.reason in eval mode."""
-        return self.score_user(self.user(H, mask, terms), cand, terms, record)
+        side = [terms.get("history_" + k) for k in ("match", "title_ids", "entity_ids")]
+        user = self.user_state(H, mask, *side, fields=self.fields(terms, "history_"))
+        return self.score_user(user, cand, terms, record)
 
     def fields(self, terms: dict, prefix: str = "") -> torch.Tensor | None:
         """The category and subcategory ids [..., 2] among `terms` (field_affinity), else None."""

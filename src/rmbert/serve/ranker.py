@@ -26,19 +26,6 @@ class Busy(Exception):
 
 
 @dataclass
-class UserJob:
-    """A request's user side (the inference form's `user`), computed by the worker ahead of the
-    request's Job while the event loop retrieves its candidates; `state` stays None where the
-    worker had requests waiting (it does not make them wait for this) or the computation failed
-    (the Job then computes it again, and reports the error)."""
-
-    snap: Snapshot
-    hist_rows: np.ndarray
-    state: object = None
-    done: threading.Event = field(default_factory=threading.Event)  # set once computed or skipped
-
-
-@dataclass
 class Job:
     """One /rank request waiting for the inference worker; `settle(result, error)` is called once."""
 
@@ -49,7 +36,6 @@ class Job:
     explain: bool
     settle: Callable[[object, BaseException | None], None]
     diversity: float = 0.0  # MMR over the candidates' serving vectors (rmbert.beyond.mmr_order)
-    user: UserJob | None = None  # its user side, when computed ahead (`Ranker.prefetch_user`)
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set when the client went away: the worker skips the job
 
@@ -99,7 +85,7 @@ class Ranker:
         self.max_history = run.cfg.train.max_history
         self.max_batch, self.queue_timeout = max_batch, queue_timeout
         self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # worker thread only
-        self.queue: queue.Queue[Job | UserJob | None] = queue.Queue(maxsize=max_queue)
+        self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
         self.dropped = 0  # jobs skipped because their client left or they waited too long
         before = torch.get_num_threads()
         self.worker = threading.Thread(target=self._loop, name="rmbert-ranker", daemon=True)
@@ -172,20 +158,6 @@ class Ranker:
                 parts.setdefault(k, []).append(v.cpu())
         return {k: torch.cat(v).numpy() for k, v in parts.items()}
 
-    def prefetch_user(self, snap: Snapshot, hist_rows: np.ndarray) -> UserJob | None:
-        """Queue the user side of a request whose candidates are still to be found, so that the
-        worker computes it while the caller retrieves them (the clicks' products of the folded
-        form: about a third of re-ranking 200 candidates); pass the answer to `rank`. None for
-        a form that does not split it off, for no clicks, or with the queue full."""
-        if not self.form.splits_user or len(hist_rows) == 0:
-            return None
-        job = UserJob(snap, hist_rows[-self.max_history :])
-        try:
-            self.queue.put_nowait(job)
-        except queue.Full:
-            return None
-        return job
-
     async def rank(
         self,
         snap: Snapshot,
@@ -194,18 +166,16 @@ class Ranker:
         top_k: int,
         explain: bool,
         diversity: float = 0.0,
-        user: UserJob | None = None,
     ) -> Ranked:
         """Awaits the worker thread; the event loop stays free for other requests meanwhile.
-        Raises Busy when the queue is full or the request waited too long. `user`: the
-        request's user side from `prefetch_user`, if any."""
+        Raises Busy when the queue is full or the request waited too long."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
         def settle(result, error) -> None:
             loop.call_soon_threadsafe(_resolve, fut, result, error)
 
-        job = Job(snap, hist_rows[-self.max_history :], cand_rows, top_k, explain, settle, diversity, user)
+        job = Job(snap, hist_rows[-self.max_history :], cand_rows, top_k, explain, settle, diversity)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -264,16 +234,11 @@ class Ranker:
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def score_queued(
-        self,
-        snap: Snapshot,
-        hist_rows: np.ndarray,
-        cand_rows: np.ndarray,
-        chunk: int = 1000,
-        user: UserJob | None = None,
+        self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, chunk: int = 1000
     ) -> np.ndarray:
         """Scores [C] of candidate rows for one user, computed by the worker (so safe while it
         serves), `chunk` candidates a job, for a thread that may block: each job waits its turn
-        in the queue like a request. `user`: its user side from `prefetch_user`, if any."""
+        in the queue like a request."""
         parts = []
         for i in range(0, len(cand_rows), chunk):
             done, out = threading.Event(), []
@@ -282,9 +247,7 @@ class Ranker:
                 out.append((result, error))
                 done.set()
 
-            job = Job(
-                snap, hist_rows[-self.max_history :], cand_rows[i : i + chunk], 1, False, settle, user=user
-            )
+            job = Job(snap, hist_rows[-self.max_history :], cand_rows[i : i + chunk], 1, False, settle)
             try:
                 self.queue.put(job, timeout=self.queue_timeout)
             except queue.Full:
@@ -307,11 +270,6 @@ class Ranker:
             job = self.queue.get()
             if job is None:
                 return
-            if isinstance(job, UserJob):  # a user side ahead of its request, unless requests wait
-                if self.queue.empty():
-                    self._prefetched(job)
-                job.done.set()
-                continue
             jobs = [job]
             while len(jobs) < self.max_batch:
                 try:
@@ -321,10 +279,7 @@ class Ranker:
                 if nxt is None:
                     self.queue.put(None)
                     break
-                if isinstance(nxt, Job):
-                    jobs.append(nxt)
-                else:  # a user side is skipped while requests wait
-                    nxt.done.set()
+                jobs.append(nxt)
             now = time.monotonic()
             live = []
             for j in jobs:
@@ -345,44 +300,6 @@ class Ranker:
                 continue
             for j, r in zip(live, results):
                 j.settle(r, None)
-
-    @torch.inference_mode()
-    def _prefetched(self, job: UserJob) -> None:
-        """Compute a UserJob's state; on an error leave it None (its request computes it again)."""
-        try:
-            H, hm, terms = self._history(job.snap, job.hist_rows[None])
-            job.state = self.form.user(H, hm, terms)
-        except Exception:
-            job.state = None
-
-    def _history(self, snap: Snapshot, hist: np.ndarray) -> tuple[torch.Tensor, torch.Tensor, dict]:
-        """The clicked news of users [B, M] (row 0 pads) -> their vectors H [B, M, D] (with the
-        recency embeddings of a model that has them), mask [B, M] and their terms["history_" +
-        name] (title tokens and side tables), on the worker's device."""
-        T = snap.tensors
-        B, M = hist.shape
-        hist_t = torch.from_numpy(hist)
-        hm = hist_t > 0
-        H = T["cls"].index_select(0, hist_t.flatten()).view(B, M, T["cls"].shape[1])
-        terms = {}
-        if self.form.history_tokens:  # the clicked news' title tokens, to their longest title
-            hmask = T["mask"].index_select(0, hist_t.flatten())  # [B M, L]
-            Lh = int(hmask.any(0).nonzero().max()) + 1 if hmask.any() else 1
-            Xh = self._take("history_tokens", T["tokens"], hist_t.flatten())[:, :Lh]
-            terms["history_tokens"], terms["history_mask"] = (
-                Xh.reshape(B, M, Lh, -1),
-                hmask[:, :Lh].reshape(B, M, Lh),
-            )
-        for name in self.form.side_tables:
-            terms["history_" + name] = (
-                T[name].index_select(0, hist_t.flatten()).view(B, M, *T[name].shape[1:])
-            )
-        if self.device.type != "cpu":
-            H, hm = H.to(self.device, non_blocking=True), hm.to(self.device, non_blocking=True)
-            terms = {k: v.to(self.device, non_blocking=True) for k, v in terms.items()}
-        if self.run.model.features is not None:
-            H = H + self.run.model.features.positions(hm)  # recency embeddings (history_position)
-        return H, hm, terms
 
     def _take(self, name: str, src: torch.Tensor, rows: torch.Tensor) -> torch.Tensor:
         """src[rows] as float32, gathered into buffers the worker reuses: a fresh [B C, L, D]
@@ -409,10 +326,12 @@ class Ranker:
         for b, j in enumerate(jobs):
             hist[b, : len(j.hist_rows)] = j.hist_rows
             cand[b, : len(j.cand_rows)] = j.cand_rows
-        cand_t = torch.from_numpy(cand).flatten()
+        hist_t, cand_t = torch.from_numpy(hist), torch.from_numpy(cand).flatten()
+        hm = hist_t > 0
         xmask = T["mask"].index_select(0, cand_t)  # [B C, L]
         Lb = int(xmask.any(0).nonzero().max()) + 1 if xmask.any() else 1  # the batch's longest title
         D = T["cls"].shape[1]
+        H = T["cls"].index_select(0, hist_t.flatten()).view(B, M, D)
         x = T["cls"].index_select(0, cand_t).view(B, C, D)
         X = None  # the candidates' title tokens, where the inference form reads them
         if self.form.candidate_tokens:
@@ -427,22 +346,25 @@ class Ranker:
             for a in range(1, axes + 1):
                 t = t.narrow(t.dim() - a, 0, Lb)
             terms[name] = t.reshape(B, C, *t.shape[1:])
+        if self.form.history_tokens:  # the clicked news' title tokens, to their longest title
+            hmask = T["mask"].index_select(0, hist_t.flatten())  # [B M, L]
+            Lh = int(hmask.any(0).nonzero().max()) + 1 if hmask.any() else 1
+            Xh = self._take("history_tokens", T["tokens"], hist_t.flatten())[:, :Lh]
+            terms["history_tokens"], terms["history_mask"] = (
+                Xh.reshape(B, M, Lh, D),
+                hmask[:, :Lh].reshape(B, M, Lh),
+            )
+        for name in self.form.side_tables:
+            terms["history_" + name] = (
+                T[name].index_select(0, hist_t.flatten()).view(B, M, *T[name].shape[1:])
+            )
         if self.device.type != "cpu":
-            x, xmask = x.to(self.device, non_blocking=True), xmask.to(self.device, non_blocking=True)
+            H, hm, x, xmask = (t.to(self.device, non_blocking=True) for t in (H, hm, x, xmask))
             X = None if X is None else X.to(self.device, non_blocking=True)
             terms = {k: v.to(self.device, non_blocking=True) for k, v in terms.items()}
-        cand_repr = NewsRepr(x, X, xmask)
-        ahead = jobs[0].user if B == 1 else None  # a batch of one: its user side, computed ahead
-        if (
-            ahead is not None
-            and ahead.state is not None
-            and ahead.snap is snap
-            and np.array_equal(ahead.hist_rows, jobs[0].hist_rows)
-        ):
-            out = self.form.score_user(ahead.state, cand_repr, terms, record=record)
-        else:
-            H, hm, hist_terms = self._history(snap, hist)
-            out = self.form.score(H, hm, cand_repr, terms | hist_terms, record=record)
+        if self.run.model.features is not None:
+            H = H + self.run.model.features.positions(hm)  # recency embeddings (history_position)
+        out = self.form.score(H, hm, NewsRepr(x, X, xmask), terms, record=record)
         out.logits = out.logits.float().cpu()
         if out.attentions is not None:
             out.attentions = {k: v.float().cpu() for k, v in out.attentions.items()}

@@ -61,10 +61,8 @@ async def rank(req: RankRequest, request: Request, state: State):
         raise HTTPException(404, {"message": "unknown news ids", "unknown_ids": _dedupe(unknown)[:100]})
     hist_rows = np.array([snap.index[i] for i in history], dtype=np.int64)
     dropped = 0
-    retrieved, user = None, None
+    retrieved = None
     if req.candidates is None:  # the whole live pool: retrieval, else the freshest news
-        if snap.retriever is not None:  # the worker computes the user's side meanwhile
-            user = ranker.prefetch_user(snap, hist_rows)
         retrieved = snap.retrieve(hist_rows)
     if retrieved is not None and len(retrieved):
         cand_rows = retrieved
@@ -79,7 +77,7 @@ async def rank(req: RankRequest, request: Request, state: State):
     if len(cand_rows) == 0:
         return RankResponse(ranked=[], history_used=0, candidates=0, note="no candidates")
     work = asyncio.ensure_future(
-        ranker.rank(snap, hist_rows, cand_rows, req.top_k, req.explain, req.diversity, user)
+        ranker.rank(snap, hist_rows, cand_rows, req.top_k, req.explain, req.diversity)
     )
     gone = asyncio.ensure_future(_client_gone(request))
     await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
