@@ -238,7 +238,7 @@ def head_cosines(heads: np.ndarray, cand: np.ndarray, clicks: np.ndarray) -> np.
     cand [G] to the clicks [M] in each head, [G, 2 (h - 1)] float32 (maxima first)."""
     c, h = rows_tensor(heads, cand), rows_tensor(heads, clicks)  # [G, h - 1, D], [M, h - 1, D]
     # a product per head, on strided views: einsum's copy of c to [h - 1, G, D] and its batched
-    # product took longer (2,000 news, 3 heads, 50 clicks: 5.6 -> 1.6 ms, the same values)
+    # product took longer (2,000 news, 3 heads, 50 clicks, alone: 4.3 -> 1.4 ms, the same values)
     cos = torch.stack([c[:, k] @ h[:, k].T for k in range(c.shape[1])]).float()  # [h - 1, G, M]
     return torch.cat([cos.amax(2), cos.mean(2)]).T.contiguous().numpy()
 
