@@ -130,19 +130,14 @@ def side_input(news: NewsRepr, name: str) -> torch.Tensor:
     return news.extra[name]
 
 
-def distinct_idf(t: torch.Tensor, idf: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Title token ids t [..., L] (0 = padding) -> (the ids sorted [..., L], the idf of each
-    distinct id's first occurrence, 0 elsewhere [..., L]): a title's binary IDF-weighted bag."""
+def bag_norm(t: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
+    """Title token ids t [..., L] (0 = padding) -> the norm of the title's binary IDF-weighted bag
+    of words [...]: sqrt of the sum of idf(t)^2 over its distinct tokens (each sorted id's first
+    occurrence)."""
     s = t.clamp(0, len(idf) - 1).sort(-1).values
     first = torch.ones_like(s, dtype=torch.bool)
     first[..., 1:] = s[..., 1:] != s[..., :-1]
-    return s, idf[s] * (first & (s > 0))
-
-
-def bag_norm(t: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
-    """Title token ids t [..., L] (0 = padding) -> the norm of the title's binary IDF-weighted bag
-    of words [...]: sqrt of the sum of idf(t)^2 over its distinct tokens."""
-    return distinct_idf(t, idf)[1].square().sum(-1).sqrt()
+    return (idf[s] * (first & (s > 0))).square().sum(-1).sqrt()
 
 
 @dataclass(frozen=True)
