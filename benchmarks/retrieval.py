@@ -35,20 +35,20 @@ import time
 from pathlib import Path
 
 import numpy as np
-import torch
 from _common import planted, quick_run
 
 from rmbert.serve.retrieval import (
+    Codes,
     FieldLists,
     Related,
     RetrievalConfig,
     Retriever,
-    bf16_bits,
     first_cut,
     gather,
     proxy_features,
+    proxy_rows,
+    quantize,
     retrieve,
-    rows_tensor,
     sharing,
     take,
 )
@@ -113,10 +113,10 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
     def rows_of(rows: np.ndarray) -> np.ndarray:
         return take(vectors, rows)  # as the served snapshot copies them
 
-    unit16 = bf16_bits(vectors)  # the proxy's copy, as served (`proxy_arrays`)
+    unit8 = quantize(vectors)  # the proxy's copy, as served (`proxy_arrays`)
 
-    def unit(rows: np.ndarray) -> torch.Tensor:
-        return rows_tensor(unit16, rows)
+    def unit(rows: np.ndarray) -> Codes:
+        return proxy_rows(unit8, rows)
 
     lat, recall, gathered, shares = [], [], [], []
     for _ in range(users):

@@ -11,10 +11,10 @@ import torch
 
 from rmbert.models.rmbert import RMBERT
 from rmbert.serve.retrieval import (
+    Codes,
     ExactIndex,
     RetrievalConfig,
     Retriever,
-    bf16_bits,
     calibration_set,
     cosine_features,
     first_cut,
@@ -23,8 +23,10 @@ from rmbert.serve.retrieval import (
     key_positions,
     least_squares,
     match_features,
+    pair_cosines,
+    proxy_rows,
+    quantize,
     retrieval_vectors,
-    rows_tensor,
     shortlist,
     union,
 )
@@ -292,19 +294,32 @@ def test_the_fast_paths_equal_their_definitions():
     per_head = [sim[cand, k] @ sim[clicks, k].T for k in (1, 2)]
     want = np.stack([c.max(1) for c in per_head] + [c.mean(1) for c in per_head], 1)
     assert np.allclose(head_cosines(sim[:, 1:], cand, clicks), want, atol=1e-6)
-    # the proxy's bfloat16 copies: the vectors rounded, and the cosines within what rounding
-    # both the unit vectors and the products (2^-9 each, relative) can move them: 6e-3
-    bits = bf16_bits(sim)
-    rounded = torch.from_numpy(sim).bfloat16().float().numpy()
-    assert bits.dtype == np.int16 and np.array_equal(rows_tensor(bits, cand).float().numpy(), rounded[cand])
-    low = head_cosines(bits[:, 1:], cand, clicks)
-    assert (
-        low.dtype == np.float32
-        and np.allclose(low, want, atol=6e-3)
-        and not np.allclose(low, want, atol=1e-6)
+    # the proxy's int8 copies: codes and a scale per vector, each code off by at most s / 2
+    q8 = quantize(sim)
+    every = proxy_rows(q8, np.arange(60))
+    decoded, s = every.float().numpy(), every.scale.numpy()  # [60, 3, 16], [60, 3]
+    assert q8.dtype == np.int8 and q8.shape == (60, 3, 16 + 4) and isinstance(every, Codes)
+    assert np.all(np.abs(decoded - sim) <= s[..., None] / 2 + 1e-7) and not np.allclose(
+        decoded, sim, atol=1e-6
     )
-    got = cosine_features(rows_tensor(bits[:, 0], cand), rows_tensor(bits[:, 0], clicks), 2)
-    assert np.allclose(got, cosine_features(sim[cand, 0], sim[clicks, 0], 2), atol=6e-3)
+    # their cosines: the decoded vectors' (integer dot products, then the scales), and within
+    # the rounding's bound of the true ones: |x.h - x'.h'| <= s_x |h|_1 / 2 + s_h |x'|_1 / 2
+    cq, hq = proxy_rows(q8[:, 0], cand), proxy_rows(q8[:, 0], clicks)
+    got = pair_cosines(cq, hq).numpy()
+    assert np.allclose(got, decoded[cand, 0] @ decoded[clicks, 0].T, atol=1e-6)
+    bound = (
+        s[cand, 0, None] * np.abs(sim[clicks, 0]).sum(1)
+        + np.abs(decoded[cand, 0]).sum(1)[:, None] * s[clicks, 0]
+    ) / 2
+    assert np.all(np.abs(got - sim[cand, 0] @ sim[clicks, 0].T) <= bound + 1e-6)
+    low = head_cosines(q8[:, 1:], cand, clicks)
+    per_head = [decoded[cand, k] @ decoded[clicks, k].T for k in (1, 2)]
+    want_q = np.stack([c.max(1) for c in per_head] + [c.mean(1) for c in per_head], 1)
+    assert (
+        low.dtype == np.float32 and np.allclose(low, want_q, atol=1e-6) and np.allclose(low, want, atol=2e-2)
+    )
+    feats = cosine_features(cq, hq, 2)
+    assert np.allclose(feats, cosine_features(decoded[cand, 0], decoded[clicks, 0], 2), atol=1e-6)
     frozen = sim.copy()
     frozen.flags.writeable = False  # a memory-mapped store's arrays
     x = unit(3000, seed=4)
@@ -320,8 +335,8 @@ def test_the_fast_paths_equal_their_definitions():
     for a in (sim, frozen):
         assert np.array_equal(retrieval_vectors({"cls": sim[:, 0], "sim": a}, cand), sim[cand, 0])
         assert np.allclose(head_cosines(a[:, 1:], cand, clicks), want, atol=1e-6)
-    bits.flags.writeable = False
-    assert np.array_equal(rows_tensor(bits, cand).float().numpy(), rounded[cand])
+    q8.flags.writeable = False
+    assert np.array_equal(proxy_rows(q8, cand).float().numpy(), decoded[cand])
 
 
 def test_the_first_cut_keeps_the_cheap_proxys_best_for_the_side_paths():
@@ -429,11 +444,15 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         gathered = np.setdiff1d(np.union1d(np.union1d(best, gathered_near), shared), hist_rows)
         # a second metric head: 2 more; rmbert.content_match: 4 more; rmbert.field_affinity: 6 more
         assert len(cfg.weights) == 22 and snap.arrays["sim"].shape[1] == 2
-        # the proxy reads the vectors rounded to bfloat16 (`proxy_arrays`)
-        unit = torch.from_numpy(retrieval_vectors(snap.arrays)).bfloat16()
-        assert torch.equal(torch.from_numpy(snap.arrays["unit16"]).view(torch.bfloat16), unit)
+        # the proxy reads int8 copies of the vectors (`proxy_arrays`)
+        unit8 = snap.arrays["unit8"]
+        assert np.array_equal(unit8[: snap.n], quantize(retrieval_vectors(snap.arrays, slice(snap.n))))
         feats = cosine_features(
-            unit[gathered], unit[hist_rows], cfg.recent, match[gathered], match[hist_rows]
+            proxy_rows(unit8, gathered),
+            proxy_rows(unit8, hist_rows),
+            cfg.recent,
+            match[gathered],
+            match[hist_rows],
         )
         names = ("title_ids", "entity_ids", "title_norm", "category", "subcategory")
         assert ranker.form.proxy_tables == names
@@ -448,10 +467,9 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         sg, sh = snap.arrays["subcategory"][gathered], snap.arrays["subcategory"][hist_rows]
         a_s = A_s[sg][:, sh] * ((sg != 0)[:, None] & (sh != 0)[None, :])  # [G, M]
         assert np.allclose(content[:, -4].double().numpy(), a_s.max(1), atol=1e-5) and a_s.any()
-        heads = torch.from_numpy(snap.arrays["heads16"]).view(torch.bfloat16)  # head 1, rounded
-        assert torch.equal(heads, torch.from_numpy(snap.arrays["sim"][:, 1:]).bfloat16())
+        assert np.array_equal(snap.arrays["heads8"][: snap.n], quantize(snap.arrays["sim"][: snap.n, 1:]))
         feats = np.concatenate(
-            [feats, head_cosines(snap.arrays["heads16"], gathered, hist_rows), content.numpy()], 1
+            [feats, head_cosines(snap.arrays["heads8"], gathered, hist_rows), content.numpy()], 1
         )
         # the first cut: the side paths only for the cheap proxy's best 60 (its 10 weights
         # fitted on the same pseudo-users), then the full proxy over them

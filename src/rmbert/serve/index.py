@@ -19,6 +19,7 @@ import torch
 
 from rmbert.encoders.store import NewsStore
 from rmbert.serve.retrieval import (
+    Codes,
     FieldLists,
     ReaderPrior,
     Related,
@@ -28,9 +29,9 @@ from rmbert.serve.retrieval import (
     gather,
     least_squares,
     proxy_arrays,
+    proxy_rows,
     retrieval_vectors,
     retrieve,
-    rows_tensor,
     sharing,
 )
 
@@ -116,10 +117,10 @@ class Snapshot:
         """The retrieval vectors [len(rows), D] of rows."""
         return retrieval_vectors(self.arrays, rows)
 
-    def unit(self, rows: np.ndarray) -> np.ndarray | torch.Tensor:
-        """The vectors the retrieval proxy reads of rows: the bfloat16 copies (`proxy_arrays`)."""
-        if "unit16" in self.arrays:
-            return rows_tensor(self.arrays["unit16"], rows)
+    def unit(self, rows: np.ndarray) -> np.ndarray | torch.Tensor | Codes:
+        """The vectors the retrieval proxy reads of rows: the int8 copies (`proxy_arrays`)."""
+        if "unit8" in self.arrays:
+            return proxy_rows(self.arrays["unit8"], rows)
         return self.vectors(rows)
 
     @property

@@ -200,7 +200,7 @@ class Ranker:
             def take(r: np.ndarray) -> dict[str, torch.Tensor]:
                 return {k: torch.from_numpy(np.asarray(arrays[k][r])).to(dev) for k in names}
 
-            parts = [head_cosines(arrays.get("heads16", arrays["sim"][:, 1:]), rows, clicks)] if heads else []
+            parts = [head_cosines(arrays.get("heads8", arrays["sim"][:, 1:]), rows, clicks)] if heads else []
             if fn is not None:
                 parts.append(fn(take(rows), take(clicks)).float().cpu().numpy())
             return np.concatenate(parts, 1)
