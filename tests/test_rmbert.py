@@ -384,6 +384,11 @@ def test_feature_match_counts_exact_overlaps_by_hand():
     )
     assert torch.allclose(f, want)
     assert torch.all(RMBERT.match_features(cm, hm, torch.zeros_like(mask)) == 0)
+    pad = torch.nn.functional.pad  # more entity slots, unused: only the slots in use are compared
+    assert torch.equal(RMBERT.match_features(pad(cm, (0, 3)), pad(hm, (0, 1)), mask), f)
+    assert torch.equal(
+        RMBERT.match_features(cm[..., :2], hm[..., :2], mask)[..., [0, 1, 3, 4]], f[..., [0, 1, 3, 4]]
+    )
 
 
 def test_feature_match_adds_a_path_and_folds():

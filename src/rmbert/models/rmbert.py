@@ -130,6 +130,15 @@ def side_input(news: NewsRepr, name: str) -> torch.Tensor:
     return news.extra[name]
 
 
+def slots_in_use(ids: torch.Tensor) -> int:
+    """Id slots ids [..., E] (0 = none) -> 1 + the last slot any row uses (0 for none): the
+    entity slots worth comparing."""
+    if ids.numel() == 0:
+        return 0
+    slot = torch.arange(1, ids.shape[-1] + 1, device=ids.device)
+    return int(((ids != 0) * slot).max())
+
+
 def bag_norm(t: torch.Tensor, idf: torch.Tensor) -> torch.Tensor:
     """Title token ids t [..., L] (0 = padding) -> the norm of the title's binary IDF-weighted bag
     of words [...]: sqrt of the sum of idf(t)^2 over its distinct tokens (each sorted id's first
@@ -378,10 +387,13 @@ class RMBERT(Recommender):
         c, h = cm[:, :, None], hm[:, None]  # [B, C, 1, F], [B, 1, M, F]
         cat = (c[..., 0] == h[..., 0]) & (c[..., 0] != 0)  # [B, C, M]
         sub = (c[..., 1] == h[..., 1]) & (c[..., 1] != 0)
-        ce = c[..., 2:].masked_fill(c[..., 2:] == 0, -1)  # [B, C, 1, E]; -1 matches nothing
+        E_c, E_h = slots_in_use(cm[..., 2:]), slots_in_use(hm[..., 2:])  # (200 candidates: 1.0 -> 0.3 ms)
+        ce = c[..., 2 : 2 + E_c].masked_fill(
+            c[..., 2 : 2 + E_c] == 0, -1
+        )  # [B, C, 1, E_c]; -1 matches nothing
         ent = torch.zeros_like(cat)  # [B, C, M]: one candidate slot at a time (no [.., E, E] tensor)
-        for e in range(ce.shape[-1]):
-            ent |= (ce[..., e, None] == h[..., 2:]).any(-1)
+        for e in range(E_c):
+            ent |= (ce[..., e, None] == h[..., 2 : 2 + E_h]).any(-1)
         hits = torch.stack([cat, sub, ent], -1) & mask[:, None, :, None]  # [B, C, M, K]
         n = mask.sum(-1).clamp(min=1)[:, None, None]  # [B, 1, 1]
         share = hits.sum(2) / n
@@ -418,8 +430,7 @@ class RMBERT(Recommender):
         """Entity ids ce [B, C, E] and he [B, M, E] (0 = none), unit entity vectors [N, V] (row 0
         zero) -> r [B, C, M], the largest cosine between an entity of each news clipped at 0
         (0 where either has none), eq. 8'''''."""
-        slot = torch.arange(1, ce.shape[-1] + 1, device=ce.device)
-        E = max([int(((t > 0) * slot).max()) for t in (ce, he) if t.numel()] + [1])  # the slots in use
+        E = max(slots_in_use(ce), slots_in_use(he), 1)  # the slots in use
         uc, uh = unit[ce[..., :E]], unit[he[..., :E]]  # [B, C, E, V], [B, M, E, V]
         cos = torch.einsum("bcev,bmfv->bcmef", uc, uh)  # [B, C, M, E, E]
         return cos.flatten(-2).amax(-1).clamp(min=0)
@@ -453,8 +464,7 @@ class RMBERT(Recommender):
         """`entity_cosines` for one user, ce [G, E], he [M, E] -> r [G, M], over distinct
         entities: one [U_c, U_h] product of the entities each side names instead of G M E E dot
         products (retrieval gathers thousands of news that share few entities)."""
-        slot = torch.arange(1, ce.shape[-1] + 1, device=ce.device)
-        E = max([int(((t > 0) * slot).max()) for t in (ce, he) if t.numel()] + [1])  # slots in use
+        E = max(slots_in_use(ce), slots_in_use(he), 1)  # the slots in use
         uc, ic = torch.unique(ce[:, :E], return_inverse=True)  # [U_c], [G, E]
         uh, ih = torch.unique(he[:, :E], return_inverse=True)  # [U_h], [M, E]
         cos = unit[uc] @ unit[uh].T  # [U_c, U_h]; entity 0 is the zero row
