@@ -28,6 +28,7 @@ from rmbert.serve.retrieval import (
     quantize,
     retrieval_vectors,
     shortlist,
+    slots_in_use,
     union,
 )
 
@@ -510,6 +511,13 @@ def test_the_proxys_match_features_equal_the_models(clicks):
     )[0]
     assert np.allclose(match_features(cm, hm), want.numpy())
     assert match_features(cm, hm[:0]).shape == (300, 6) and not match_features(cm, hm[:0]).any()
+    # only the entity slots in use are compared; clicks naming no entity share none
+    assert (slots_in_use(cm[:, 2:]), slots_in_use(hm[:, 2:]), slots_in_use(cm[:0, 2:])) == (3, 4, 0)
+    hm[:, 2:] = 0
+    want = RMBERT.match_features(
+        torch.from_numpy(cm)[None], torch.from_numpy(hm)[None], torch.ones(1, clicks, dtype=torch.bool)
+    )[0]
+    assert np.allclose(match_features(cm, hm), want.numpy()) and not match_features(cm, hm)[:, [2, 5]].any()
 
 
 @pytest.mark.parametrize("clicks", [0, 1, 7])

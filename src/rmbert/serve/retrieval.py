@@ -286,6 +286,14 @@ _MULTIPLIERS = np.array(
 )
 
 
+def slots_in_use(ids: np.ndarray) -> int:
+    """Id slots ids [N, E] (0 = none) -> 1 + the last slot any row uses (0 for none)."""
+    E = ids.shape[1]
+    while E and not ids[:, E - 1].any():  # from the last: most often in use, one column read
+        E -= 1
+    return E
+
+
 def key_positions(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
     """Positions [...] in `keys` [K] (distinct, ascending, non-negative) of `queries` [...]: the
     key's where a query is one, else any position (the caller compares keys[pos]). A table of
@@ -331,17 +339,23 @@ def match_features(cand: np.ndarray, clicks: np.ndarray) -> np.ndarray:
         per_key = np.bincount(np.searchsorted(keys, clicks[:, col]), minlength=len(keys))
         counts.append(np.where(found, per_key[pos], 0))
     W = (M + 63) // 64  # words of a click bitset
-    he, ce = clicks[:, 2:], cand[:, 2:]  # [M, E], [G, E]
-    keys, pos, found = lookup(he, ce)
-    bits = np.zeros((len(keys), W), np.uint64)  # bits[k]: the clicks naming entity keys[k]
-    m = np.repeat(np.arange(M), he.shape[1])
-    np.bitwise_or.at(
-        bits, (np.searchsorted(keys, he.ravel()), m // 64), np.uint64(1) << (m % 64).astype(np.uint64)
-    )
-    union = np.bitwise_or.reduce(np.where(found[..., None], bits[pos], 0), axis=1)  # [G, W]
-    counts.append(np.bitwise_count(union).sum(1).astype(np.int64))
+    he, ce = clicks[:, 2 : 2 + slots_in_use(clicks[:, 2:])], cand[:, 2 : 2 + slots_in_use(cand[:, 2:])]
+    union = np.zeros((G, W), np.uint64)  # [G, W]: the clicks sharing an entity with the candidate
+    if he.size and ce.size:  # [M, E_h], [G, E_c]: the entity slots in use
+        keys, pos, found = lookup(he, ce)
+        bits = np.zeros((len(keys) + 1, W), np.uint64)  # bits[k]: the clicks naming keys[k]; last: none
+        m = np.repeat(np.arange(M), he.shape[1])
+        np.bitwise_or.at(
+            bits, (np.searchsorted(keys, he.ravel()), m // 64), np.uint64(1) << (m % 64).astype(np.uint64)
+        )
+        at = np.where(found, pos, len(keys))  # [G, E_c]
+        for e in range(at.shape[1]):  # a slot at a time (13k news: 0.33 -> 0.1 ms)
+            union |= bits[at[:, e]]
+    counts.append(np.bitwise_count(union).sum(1))
     n = np.stack(counts, 1)  # [G, 3]: clicks matching in each kind
-    return np.concatenate([n / M, n > 0], 1).astype(np.float32)
+    out = np.empty((G, 6), np.float32)
+    out[:, :3], out[:, 3:] = n / M, n > 0
+    return out
 
 
 # A model's side-path features for the proxy (eq. 8''''', 8f): (gathered rows [G], click rows [M]) -> [G, k]
