@@ -219,7 +219,7 @@ def pair_cosines(
     if isinstance(cand, Codes) and isinstance(clicks, Codes):
         dots = torch._int_mm(cand.codes, clicks.codes.T).float()  # [G, M], exact below D = 1040
         return dots.mul_(clicks.scale).mul_(cand.scale[:, None])
-    return _tensor(cand) @ _tensor(clicks).T
+    return (_tensor(cand) @ _tensor(clicks).T).float()
 
 
 def proxy_arrays(arrays: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
