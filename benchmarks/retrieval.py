@@ -108,7 +108,7 @@ def pool_timing(n: int, users: int = 300, seed: int = 0) -> dict:
     related = Related.build(affinity, subs, ())
     exact = r
     if r.kind != "exact":
-        exact = Retriever(vectors[1:], dataclasses.replace(r.cfg, exact_below=n + 1))
+        exact = Retriever(vectors[1:], dataclasses.replace(r.cfg, exact_below=n + 1, flat_int8=False))
 
     def rows_of(rows: np.ndarray) -> np.ndarray:
         return take(vectors, rows)  # as the served snapshot copies them

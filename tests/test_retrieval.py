@@ -68,7 +68,7 @@ def test_gathering_is_the_round_robin_of_each_querys_nearest():
     live = np.ones(301, bool)
     live[[0, 5, 17, 40]] = False  # the null row and three replaced rows
     hist = np.array([3, 9, 120, 250])
-    r = Retriever(vectors[1:], RetrievalConfig(queries=3, per_query=25))
+    r = Retriever(vectors[1:], RetrievalConfig(queries=3, per_query=25, flat_int8=False))
     assert r.kind == "exact" and len(r) == 300
     got = r.nearest(vectors[hist], hist, live)
     assert got.tolist() == brute(vectors, hist, live, 3, 25)
@@ -99,7 +99,7 @@ def test_interests_are_the_centroids_of_the_clicks_clusters():
     live = np.ones(301, bool)
     live[0] = False
     hist = np.array([3, 9, 120, 250, 17])
-    r = Retriever(vectors[1:], RetrievalConfig(interests=2, per_query=25))
+    r = Retriever(vectors[1:], RetrievalConfig(interests=2, per_query=25, flat_int8=False))
     got = r.nearest(vectors[hist], hist, live)
     assert got.tolist() == brute(vectors, hist, live, 50, 25, interests(vectors[hist][::-1], 2))
 
@@ -241,7 +241,10 @@ def test_large_pools_use_an_inverted_file_with_high_recall_and_take_appends():
 def test_an_exact_index_that_outgrows_its_limit_becomes_an_inverted_file():
     cfg = RetrievalConfig(exact_below=300, train_sample=600)
     r = Retriever(unit(200, seed=5), cfg)
-    assert r.kind == "exact"
+    assert (
+        r.kind == "flat-int8"
+        and Retriever(unit(20), dataclasses.replace(cfg, flat_int8=False)).kind == "exact"
+    )
     r.add(unit(450, seed=6))
     assert r.kind == "ivf-sq8" and len(r) == 650
 
@@ -333,6 +336,16 @@ def test_the_fast_paths_equal_their_definitions():
     assert pos.tolist() == np.argsort(-(q @ x.T), axis=1)[:, :40].tolist()
     assert np.allclose(scores, np.take_along_axis(q @ x.T, pos, 1), atol=1e-6)
     assert np.array_equal(exact.reconstruct_n(10, 5), x[10:15])
+    # over int8 codes: the decoded vectors' products, grown the same way
+    flat = ExactIndex(16, int8=True)
+    for part in np.array_split(x, [1, 700, 2500]):
+        flat.add(part)
+    xd, qd = (proxy_rows(quantize(a), np.arange(len(a))).float().numpy() for a in (x, q))
+    scores8, pos8 = flat.search(q, 40)
+    assert flat.nbytes() == 3000 * (16 * 4 + 20) and np.array_equal(flat.reconstruct_n(10, 5), x[10:15])
+    assert np.allclose(scores8, np.take_along_axis(qd @ xd.T, pos8, 1), atol=1e-6)
+    assert np.all(np.sort(qd @ xd.T, axis=1)[:, ::-1][:, 39] <= scores8[:, -1] + 1e-6)  # the top 40 of those
+    assert np.mean([len(set(a) & set(b)) / 40 for a, b in zip(pos8.tolist(), pos.tolist())]) > 0.9
     for a in (sim, frozen):
         assert np.array_equal(retrieval_vectors({"cls": sim[:, 0], "sim": a}, cand), sim[cand, 0])
         assert np.allclose(head_cosines(a[:, 1:], cand, clicks), want, atol=1e-6)
