@@ -388,9 +388,8 @@ class RMBERT(Recommender):
         cat = (c[..., 0] == h[..., 0]) & (c[..., 0] != 0)  # [B, C, M]
         sub = (c[..., 1] == h[..., 1]) & (c[..., 1] != 0)
         E_c, E_h = slots_in_use(cm[..., 2:]), slots_in_use(hm[..., 2:])  # (200 candidates: 1.0 -> 0.3 ms)
-        ce = c[..., 2 : 2 + E_c].masked_fill(
-            c[..., 2 : 2 + E_c] == 0, -1
-        )  # [B, C, 1, E_c]; -1 matches nothing
+        ce = c[..., 2 : 2 + E_c]  # [B, C, 1, E_c]
+        ce = ce.masked_fill(ce == 0, -1)  # -1 matches nothing
         ent = torch.zeros_like(cat)  # [B, C, M]: one candidate slot at a time (no [.., E, E] tensor)
         for e in range(E_c):
             ent |= (ce[..., e, None] == h[..., 2 : 2 + E_h]).any(-1)
