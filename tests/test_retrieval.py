@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 import torch
 
-from rmbert.models.rmbert import RMBERT
+from rmbert.models.rmbert import RMBERT, slots_in_use
 from rmbert.serve.retrieval import (
     Codes,
     ExactIndex,
@@ -28,7 +28,6 @@ from rmbert.serve.retrieval import (
     quantize,
     retrieval_vectors,
     shortlist,
-    slots_in_use,
     union,
 )
 
@@ -526,6 +525,7 @@ def test_the_proxys_match_features_equal_the_models(clicks):
     assert match_features(cm, hm[:0]).shape == (300, 6) and not match_features(cm, hm[:0]).any()
     # only the entity slots in use are compared; clicks naming no entity share none
     assert (slots_in_use(cm[:, 2:]), slots_in_use(hm[:, 2:]), slots_in_use(cm[:0, 2:])) == (3, 4, 0)
+    assert slots_in_use(torch.from_numpy(cm[:, 2:])[None]) == 3  # a tensor [B, C, E] alike
     hm[:, 2:] = 0
     want = RMBERT.match_features(
         torch.from_numpy(cm)[None], torch.from_numpy(hm)[None], torch.ones(1, clicks, dtype=torch.bool)

@@ -84,6 +84,7 @@ import numpy as np
 import torch
 
 from rmbert.config import require_at_least
+from rmbert.models.rmbert import slots_in_use
 
 
 @dataclass(frozen=True)
@@ -294,14 +295,6 @@ def head_cosines(heads: np.ndarray, cand: np.ndarray, clicks: np.ndarray) -> np.
 _MULTIPLIERS = np.array(
     [0x9E3779B97F4A7C15, 0xC2B2AE3D27D4EB4F, 0x165667B19E3779F9, 0xD6E8FEB86659FD93], dtype=np.uint64
 )
-
-
-def slots_in_use(ids: np.ndarray) -> int:
-    """Id slots ids [N, E] (0 = none) -> 1 + the last slot any row uses (0 for none)."""
-    E = ids.shape[1]
-    while E and not ids[:, E - 1].any():  # from the last: most often in use, one column read
-        E -= 1
-    return E
 
 
 def key_positions(keys: np.ndarray, queries: np.ndarray) -> np.ndarray:
