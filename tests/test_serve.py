@@ -251,6 +251,41 @@ def test_one_padded_batch_scores_each_request_as_alone(served):
         ranker.close()
 
 
+def test_click_terms_from_the_index_score_as_computed(served):
+    """`Limits.click_terms`: the clicks' products gathered from the serving index, shifted by their
+    recency embeddings', score as the folded form computing them from the clicks, in a padded
+    batch too; the index holds them for every news."""
+    from rmbert.serve.index import ServingIndex
+    from rmbert.serve.ranker import Job, Ranker
+
+    run = load_run(served / "run")
+    assert run.model.features.pos is not None and run.cfg.rmbert.similarity  # both terms are read
+    held, computed = Ranker(run), Ranker(run, click_terms=False)
+    try:
+        snap = ServingIndex(NewsStore.open(served / "store"), held.prepare).snapshot
+        plain = ServingIndex(NewsStore.open(served / "store"), computed.prepare).snapshot
+        assert "click_map" not in plain.arrays
+        assert snap.arrays["click_map"].shape[0] == snap.arrays["cls"].shape[0] == snap.n
+        assert snap.arrays["click_scale"].shape == (snap.n, run.cfg.rmbert.similarity_heads)
+        rng = np.random.default_rng(2)
+        rows = np.arange(1, snap.n)
+        jobs = [
+            (rng.choice(rows, m, replace=False), rng.choice(rows, c, replace=False))
+            for m, c in [(1, 5), (12, 9), (40, 3)]
+        ]
+        got = held._score([Job(snap, h, c, 100, False, None) for h, c in jobs])
+        want = computed._score([Job(plain, h, c, 100, False, None) for h, c in jobs])
+        for g, w in zip(got, want):
+            assert np.allclose(g.scores, w.scores, rtol=0, atol=1e-5)
+        hist, cand = jobs[1]
+        snap.arrays["click_map"][hist] += 1.0  # (the tensors view these arrays) read, not recomputed
+        moved = held._score([Job(snap, hist, cand, 100, False, None)])[0].scores
+        assert np.abs(moved - got[1].scores).max() > 1e-3
+    finally:
+        held.close()
+        computed.close()
+
+
 def test_a_baseline_serves_what_it_evaluates(tiny_encoder, planted, tmp_path):
     """NRMS over the same store, without standardisation: the generic (unfolded) scoring path."""
     cfg = RunConfig()

@@ -49,6 +49,11 @@ class InferenceForm(ABC):
     def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
         return {}
 
+    def click_terms(self, x: torch.Tensor, norms: bool = True) -> dict[str, torch.Tensor]:
+        """News vectors x [n, D] -> per-news products of x as a click, which `score` reads from
+        terms["history_" + name] instead of computing them per request; none by default."""
+        return {}
+
     def table_terms(self, tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
         """Per-news arrays computed once from the news's side tables [n, ...] when it enters the
         serving index (some of `proxy_tables`); none by default."""

@@ -187,8 +187,11 @@ class NewsFeatures(nn.Module):
 
     def positions(self, mask: torch.Tensor) -> torch.Tensor | float:
         """History mask [B, M] (left-aligned, most recent last) -> recency embeddings [B, M, D]."""
-        if self.pos is None:
-            return 0.0
+        return 0.0 if self.pos is None else self.pos(self.recency(mask))
+
+    def recency(self, mask: torch.Tensor) -> torch.Tensor:
+        """History mask [B, M] (left-aligned, most recent last) -> each click's row of E_pos [B, M]
+        (1 = the most recent click, 0 = a padded slot)."""
         n = mask.sum(-1, keepdim=True)  # [B, 1]
         rank = n - torch.arange(mask.shape[-1], device=mask.device)  # 1 = the most recent click
-        return self.pos((rank * mask).clamp(0, self.cfg.max_history).long())
+        return (rank * mask).clamp(0, self.cfg.max_history).long()

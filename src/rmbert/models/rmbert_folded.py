@@ -201,6 +201,19 @@ class FoldedRMBERT(InferenceForm):
         return terms
 
     @torch.no_grad()
+    def click_terms(self, x: torch.Tensor, norms: bool = True) -> dict[str, torch.Tensor]:
+        """News vectors x [n, D] -> the products of x as a click that `user_state` would compute
+        on every request, for the serving index to hold per news: "click_map" x U [n, W] and,
+        with similarity, "click_scale" [n, h], the norm of S x per metric head, so that
+        S x = "sim" * "click_scale". norms=False: "click_sim" S x [n, h, D] itself instead (for
+        a table added to the clicks, e.g. recency embeddings: both maps are linear in x)."""
+        out = {"click_map": x @ self.U}
+        if self.S is not None:
+            Sx = (x @ self.S.T).unflatten(-1, (self.cfg.similarity_heads, -1))  # [n, h, D]
+            out |= {"click_scale": Sx.norm(dim=-1)} if norms else {"click_sim": Sx}
+        return out
+
+    @torch.no_grad()
     def user_state(
         self,
         H: torch.Tensor,
@@ -209,15 +222,19 @@ class FoldedRMBERT(InferenceForm):
         words: torch.Tensor | None = None,
         ents: torch.Tensor | None = None,
         fields: torch.Tensor | None = None,
+        clicks: dict[str, torch.Tensor] | None = None,
     ) -> FoldedUser:
         """H [B, M, D] (clicked news vectors), their match ids [B, M, F] (feature_match), title
         token ids [B, M, L] and entity ids [B, M, E] (content_match), category and subcategory
-        ids [B, M, 2] (field_affinity) -> FoldedUser."""
+        ids [B, M, 2] (field_affinity) -> FoldedUser. clicks: H's products precomputed, read
+        instead of computed: "click_map" H U [B, M, W] and "click_sim" S H [B, M, h, D]
+        (`click_terms` with norms=False, of H's rows)."""
         B, M, D = H.shape
         p, H1 = self.p, self.kappa.shape[0]
+        clicks = clicks or {}
         # [B, M, D + (p-1) D + p H1 (+ p D)], of the clicks alone: a padded slot never gets weight
         HU = H.new_zeros(B, M, self.U.shape[1])
-        HU[mask] = H[mask] @ self.U
+        HU[mask] = clicks["click_map"][mask] if "click_map" in clicks else H[mask] @ self.U
         G = HU[..., :D] + self.b_H  # [B, M, D]
         P = HU[..., D : p * D].reshape(B, M, p - 1, D).transpose(1, 2).reshape(B, -1, D)
         q_end = p * D + p * H1
@@ -228,7 +245,10 @@ class FoldedRMBERT(InferenceForm):
         Hs = None
         if self.S is not None:
             Hs = H.new_zeros(B, M, self.cfg.similarity_heads, D)
-            Hs[mask] = self.metric(H[mask])
+            if "click_sim" in clicks:
+                Hs[mask] = torch.nn.functional.normalize(clicks["click_sim"][mask], dim=-1)
+            else:
+                Hs[mask] = self.metric(H[mask])
         if self.W_1f is not None and match is None:
             raise ValueError("rmbert.feature_match needs the clicked news' match ids")
         if self.W_1n is not None and (words is None or ents is None):
@@ -243,7 +263,8 @@ class FoldedRMBERT(InferenceForm):
     ) -> Scores:
         """H [B, M, D], mask [B, M] -> Scores, as RMBERT.reason in eval mode."""
         side = [terms.get("history_" + k) for k in ("match", "title_ids", "entity_ids")]
-        user = self.user_state(H, mask, *side, fields=self.fields(terms, "history_"))
+        clicks = {k: terms["history_" + k] for k in ("click_map", "click_sim") if "history_" + k in terms}
+        user = self.user_state(H, mask, *side, fields=self.fields(terms, "history_"), clicks=clicks)
         return self.score_user(user, cand, terms, record)
 
     def fields(self, terms: dict, prefix: str = "") -> torch.Tensor | None:

@@ -88,6 +88,7 @@ def create_app(
             limits.queue_timeout_s,
             limits.device,
             limits.worker_threads,
+            limits.click_terms,
         )
         retrieval = dataclasses.replace(limits.retrieval, max_history=run.cfg.train.max_history)
         index = ServingIndex(

@@ -71,9 +71,12 @@ class Ranker:
         queue_timeout: float = 10.0,
         device: str = "cpu",
         threads: int = 0,
+        click_terms: bool = True,
     ):
         """threads: the worker's torch threads (0: torch's default); the calling thread's, and
-        the default of threads started later, are left alone."""
+        the default of threads started later, are left alone. click_terms: the serving index
+        holds each news's products as a click (`InferenceForm.click_terms`; the default RMBERT:
+        18 KB a news), so a request gathers its clicks' instead of computing them."""
         if threads < 0:
             raise ValueError(f"worker_threads must be >= 0, not {threads}")
         self.run = run
@@ -83,6 +86,14 @@ class Ranker:
         run.model.to(self.device)  # the index stays in host memory; each batch moves to the device
         self.form = run.model.rec.inference_form(embed_words=run.model.news.embed_words)
         self.max_history = run.cfg.train.max_history
+        self.click_terms = click_terms
+        # the recency embeddings' products, added to the clicks' (the maps are linear)
+        pos = getattr(run.model.features, "pos", None)
+        self.recency_terms = {}
+        if click_terms and pos is not None:
+            with torch.inference_mode():
+                terms = self.form.click_terms(pos.weight, norms=False)
+                self.recency_terms = {k: v.cpu() for k, v in terms.items()}  # added on the host
         self.max_batch, self.queue_timeout = max_batch, queue_timeout
         self.buffers: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # worker thread only
         self.queue: queue.Queue[Job | None] = queue.Queue(maxsize=max_queue)
@@ -143,6 +154,8 @@ class Ranker:
                 x = x + model.features(torch.from_numpy(fids[i : i + chunk]).to(dev))
             got["cls"] = x
             got.update(self.form.news_terms(NewsRepr(x, X, mask)))
+            if self.click_terms:
+                got.update(self.form.click_terms(x))
             got.update({k: torch.from_numpy(v[i : i + chunk]).to(dev) for k, v in side.items()})
             got.update(self.form.table_terms(got))
             terms = {k: v[None] for k, v in got.items() if k in self.form.token_axes}
@@ -358,6 +371,8 @@ class Ranker:
             terms["history_" + name] = (
                 T[name].index_select(0, hist_t.flatten()).view(B, M, *T[name].shape[1:])
             )
+        if "click_map" in T:  # the clicks' products, precomputed per news
+            terms |= self._click_products(T, hist_t, hm)
         if self.device.type != "cpu":
             H, hm, x, xmask = (t.to(self.device, non_blocking=True) for t in (H, hm, x, xmask))
             X = None if X is None else X.to(self.device, non_blocking=True)
@@ -371,6 +386,22 @@ class Ranker:
         if not torch.isfinite(out.logits).all():
             raise FloatingPointError("the model produced a non-finite score; nothing was served")
         return self._ranked(snap, jobs, out, x, Lb)
+
+    def _click_products(self, T: dict, hist: torch.Tensor, hm: torch.Tensor) -> dict[str, torch.Tensor]:
+        """The clicks hist [B, M]'s products as clicks, gathered from the index and shifted by
+        their recency embeddings' (history_position): terms "history_click_map" [B, M, W] and,
+        with similarity, "history_click_sim" [B, M, h, D] (`InferenceForm.click_terms`)."""
+        flat, (B, M) = hist.flatten(), hist.shape
+        out = {"click_map": T["click_map"].index_select(0, flat)}
+        if "click_scale" in T:  # S x = unit S x * |S x|
+            out["click_sim"] = (
+                T["sim"].index_select(0, flat) * T["click_scale"].index_select(0, flat)[..., None]
+            )
+        out = {k: v.view(B, M, *v.shape[1:]) for k, v in out.items()}
+        if self.recency_terms:
+            ids = self.run.model.features.recency(hm)  # [B, M]
+            out = {k: v + self.recency_terms[k][ids] for k, v in out.items()}
+        return {"history_" + k: v for k, v in out.items()}
 
     def _ranked(self, snap: Snapshot, jobs: list[Job], out, x: torch.Tensor, Lb: int) -> list[Ranked]:
         """Each job's order (MMR when it asks for diversity) and its JSON body, explanations included."""
