@@ -348,11 +348,20 @@ class FoldedRMBERT(InferenceForm):
         if self.W_1f is not None:
             side.append(RMBERT.match_features(terms["match"], user.match, user.mask).to(pre.dtype))
             pre = pre + side[-1] @ self.W_1f.T  # (8'''')
+        given = terms.get("proxy")  # the retrieval's `proxy_features` of these candidates, [B, C, 4 + 6]
         if self.W_1n is not None:
-            side.append(self.content_features(terms["title_ids"], terms["entity_ids"], user).to(pre.dtype))
+            if given is not None:
+                side.append(given[..., :4].to(pre.dtype))
+            else:
+                side.append(
+                    self.content_features(terms["title_ids"], terms["entity_ids"], user).to(pre.dtype)
+                )
             pre = pre + side[-1] @ self.W_1n.T  # (8''''')
         if self.W_1a is not None:
-            side.append(self.affinity_features(self.fields(terms), user.fields, user.mask).to(pre.dtype))
+            if given is not None:
+                side.append(given[..., -6:].to(pre.dtype))
+            else:
+                side.append(self.affinity_features(self.fields(terms), user.fields, user.mask).to(pre.dtype))
             pre = pre + side[-1] @ self.W_1a.T  # (8f)
         logits = torch.relu(pre) @ self.W_2 + self.b_2
         if self.w_w is not None:

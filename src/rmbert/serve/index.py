@@ -31,7 +31,7 @@ from rmbert.serve.retrieval import (
     proxy_arrays,
     proxy_rows,
     retrieval_vectors,
-    retrieve,
+    retrieve_side,
     sharing,
 )
 
@@ -81,11 +81,16 @@ class Snapshot:
         the news nearest the clicks and those with the best prior, shortlisted by the proxy
         score. hist_rows: the clicks, oldest first (left out of the answer). A user without
         clicks gets the news with the best prior. None without retrieval."""
+        return self.retrieve_side(hist_rows, k)[0]
+
+    def retrieve_side(self, hist_rows: np.ndarray, k: int = 0) -> tuple[np.ndarray | None, np.ndarray | None]:
+        """`retrieve`, and the model's side-path features of the rows it returns (the proxy's,
+        `retrieval.retrieve_side`; None without them), which the re-ranker reads."""
         if self.retriever is None:
-            return None
+            return None, None
         if len(hist_rows) == 0:
-            return None if self.best_prior is None else self.best_prior[: k or self.retriever.cfg.top_n]
-        return retrieve(
+            return None if self.best_prior is None else self.best_prior[: k or self.retriever.cfg.top_n], None
+        return retrieve_side(
             self.retriever,
             self.vectors,
             self.arrays.get("prior"),
@@ -95,7 +100,7 @@ class Snapshot:
             k,
             self.arrays.get("match"),
             self.side,
-            self._shared(hist_rows),
+            self.shared(hist_rows),
             self.unit,
         )
 
@@ -103,10 +108,10 @@ class Snapshot:
         """Retrieval's step 1 for clicks hist_rows [M] (M >= 1, oldest first): the live rows [G]
         the shortlist ranks, ascending, the clicks left out (`retrieval.gather`)."""
         return gather(
-            self.retriever, self.vectors, self.best_prior, hist_rows, self.live, self._shared(hist_rows)
+            self.retriever, self.vectors, self.best_prior, hist_rows, self.live, self.shared(hist_rows)
         )
 
-    def _shared(self, hist_rows: np.ndarray) -> np.ndarray | None:
+    def shared(self, hist_rows: np.ndarray) -> np.ndarray | None:
         """The live rows sharing a field with the clicks (`retrieval.sharing`), None without field lists."""
         if self.fields is None:
             return None

@@ -36,6 +36,7 @@ class Job:
     explain: bool
     settle: Callable[[object, BaseException | None], None]
     diversity: float = 0.0  # MMR over the candidates' serving vectors (rmbert.beyond.mmr_order)
+    side: np.ndarray | None = None  # the retrieval proxy's side-path features of cand_rows [C, k]
     enqueued: float = field(default_factory=time.monotonic)
     cancelled: bool = False  # set when the client went away: the worker skips the job
 
@@ -86,6 +87,8 @@ class Ranker:
         run.model.to(self.device)  # the index stays in host memory; each batch moves to the device
         self.form = run.model.rec.inference_form(embed_words=run.model.news.embed_words)
         self.max_history = run.cfg.train.max_history
+        heads = getattr(self.form, "S", None) is not None and self.form.cfg.similarity_heads > 1
+        self.proxy_heads = 2 * (self.form.cfg.similarity_heads - 1) if heads else 0  # their columns
         self.click_terms = click_terms
         # the recency embeddings' products, added to the clicks' (the maps are linear)
         pos = getattr(run.model.features, "pos", None)
@@ -179,16 +182,19 @@ class Ranker:
         top_k: int,
         explain: bool,
         diversity: float = 0.0,
+        side: np.ndarray | None = None,
     ) -> Ranked:
         """Awaits the worker thread; the event loop stays free for other requests meanwhile.
-        Raises Busy when the queue is full or the request waited too long."""
+        Raises Busy when the queue is full or the request waited too long. side: the retrieval
+        proxy's side-path features of cand_rows (`Snapshot.retrieve_side`), which the model
+        reads instead of computing them again, or None."""
         loop = asyncio.get_running_loop()
         fut = loop.create_future()
 
         def settle(result, error) -> None:
             loop.call_soon_threadsafe(_resolve, fut, result, error)
 
-        job = Job(snap, hist_rows[-self.max_history :], cand_rows, top_k, explain, settle, diversity)
+        job = Job(snap, hist_rows[-self.max_history :], cand_rows, top_k, explain, settle, diversity, side)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -202,8 +208,7 @@ class Ranker:
     def content_proxy(self):
         """The inference form's side-path features for the retrieval proxy as `(arrays, rows,
         clicks) -> [G, k]` (serve/retrieval.py), or None for a model without them."""
-        fn, names = self.form.content_proxy, self.form.proxy_tables
-        heads = getattr(self.form, "S", None) is not None and self.form.cfg.similarity_heads > 1
+        fn, names, heads = self.form.content_proxy, self.form.proxy_tables, self.proxy_heads > 0
         if fn is None and not heads:
             return None
         dev = self.device
@@ -247,11 +252,16 @@ class Ranker:
         return np.concatenate(parts) if parts else np.zeros(0, np.float32)
 
     def score_queued(
-        self, snap: Snapshot, hist_rows: np.ndarray, cand_rows: np.ndarray, chunk: int = 1000
+        self,
+        snap: Snapshot,
+        hist_rows: np.ndarray,
+        cand_rows: np.ndarray,
+        chunk: int = 1000,
+        side: np.ndarray | None = None,
     ) -> np.ndarray:
         """Scores [C] of candidate rows for one user, computed by the worker (so safe while it
         serves), `chunk` candidates a job, for a thread that may block: each job waits its turn
-        in the queue like a request."""
+        in the queue like a request. side: as `rank`'s."""
         parts = []
         for i in range(0, len(cand_rows), chunk):
             done, out = threading.Event(), []
@@ -260,7 +270,10 @@ class Ranker:
                 out.append((result, error))
                 done.set()
 
-            job = Job(snap, hist_rows[-self.max_history :], cand_rows[i : i + chunk], 1, False, settle)
+            part = None if side is None else side[i : i + chunk]
+            job = Job(
+                snap, hist_rows[-self.max_history :], cand_rows[i : i + chunk], 1, False, settle, side=part
+            )
             try:
                 self.queue.put(job, timeout=self.queue_timeout)
             except queue.Full:
@@ -373,6 +386,11 @@ class Ranker:
             )
         if "click_map" in T:  # the clicks' products, precomputed per news
             terms |= self._click_products(T, hist_t, hm)
+        if self.form.content_proxy is not None and all(j.side is not None for j in jobs):
+            proxy = np.zeros((B, C, jobs[0].side.shape[1] - self.proxy_heads), np.float32)
+            for b, j in enumerate(jobs):  # the form's own columns (`proxy_features`), after the heads'
+                proxy[b, : len(j.cand_rows)] = j.side[:, self.proxy_heads :]
+            terms["proxy"] = torch.from_numpy(proxy)
         if self.device.type != "cpu":
             H, hm, x, xmask = (t.to(self.device, non_blocking=True) for t in (H, hm, x, xmask))
             X = None if X is None else X.to(self.device, non_blocking=True)

@@ -376,14 +376,19 @@ def with_content(features: np.ndarray, content: Content, cand: np.ndarray, hist:
 def shortlist(rows: np.ndarray, prior: np.ndarray, features: np.ndarray, weights, k: int) -> np.ndarray:
     """The k rows [G] of the best proxy prior + features @ w ([G, F] `cosine_features`; a w
     shorter than F weighs the rest 0), best first (ties: the rows' order)."""
+    return rows[best_positions(prior, features, weights, k)]
+
+
+def best_positions(prior: np.ndarray, features: np.ndarray, weights, k: int) -> np.ndarray:
+    """The positions [<= k] that `shortlist` keeps, best first."""
     w = np.zeros(features.shape[1], dtype=features.dtype)
     given = np.asarray(weights, dtype=features.dtype)[: features.shape[1]]
     w[: len(given)] = given
     proxy = np.asarray(prior, np.float64) + (features * w).sum(1)  # no BLAS call (see cosine_features)
     if 0 < k < len(proxy):  # the k best (and any tied with the k-th) before the stable sort
         keep = np.flatnonzero(proxy >= np.partition(proxy, len(proxy) - k)[len(proxy) - k])
-        return rows[keep[np.argsort(-proxy[keep], kind="stable")[:k]]]
-    return rows[np.argsort(-proxy, kind="stable")[:k]]
+        return keep[np.argsort(-proxy[keep], kind="stable")[:k]]
+    return np.argsort(-proxy, kind="stable")[:k]
 
 
 def least_squares(X: np.ndarray, y: np.ndarray, columns: int | None = None) -> tuple[float, ...]:
@@ -970,11 +975,37 @@ def retrieve(
     prior [n] by row (None: 0); match [n, F]: match ids by row, or None; content: the model's
     side-path features (see `with_content`), or None; unit(rows): the vectors the proxy reads
     (the int8 copies of `proxy_arrays`; None: `vectors`)."""
+    return retrieve_side(
+        retriever, vectors, prior, best_prior, hist_rows, live, k, match, content, shared, unit
+    )[0]
+
+
+def retrieve_side(
+    retriever: Retriever,
+    vectors: Callable[[np.ndarray], np.ndarray],
+    prior: np.ndarray | None,
+    best_prior: np.ndarray | None,
+    hist_rows: np.ndarray,
+    live: np.ndarray,
+    k: int = 0,
+    match: np.ndarray | None = None,
+    content: Content = None,
+    shared: np.ndarray | None = None,
+    unit: Callable[[np.ndarray], np.ndarray | torch.Tensor] | None = None,
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """`retrieve`, and the model's side-path features [<= k, k'] of the rows it returns as
+    `content` gave them (None without content), for the re-ranker to read instead of computing
+    them again."""
     cfg = retriever.cfg
     gathered = gather(retriever, vectors, best_prior, hist_rows, live, shared)
     p = np.zeros(len(gathered)) if prior is None else prior[gathered]
     features = proxy_features(cfg, unit or vectors, gathered, hist_rows, match)
     keep = first_cut(cfg, gathered, p, features, content)
-    gathered, p = gathered[keep], p[keep]
-    features = with_content(features[keep], content, gathered, hist_rows[-cfg.max_history :])
-    return shortlist(gathered, p, features, cfg.weights, k or cfg.top_n)
+    gathered, p, features = gathered[keep], p[keep], features[keep]
+    side = (
+        None if content is None else content(gathered, hist_rows[-cfg.max_history :]).astype(features.dtype)
+    )
+    if side is not None:
+        features = np.concatenate([features, side], 1)
+    best = best_positions(p, features, cfg.weights, k or cfg.top_n)
+    return gathered[best], None if side is None else side[best]

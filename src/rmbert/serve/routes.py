@@ -61,13 +61,13 @@ async def rank(req: RankRequest, request: Request, state: State):
         raise HTTPException(404, {"message": "unknown news ids", "unknown_ids": _dedupe(unknown)[:100]})
     hist_rows = np.array([snap.index[i] for i in history], dtype=np.int64)
     dropped = 0
-    retrieved = None
+    retrieved = side = None
     if req.candidates is None:  # the whole live pool: retrieval, else the freshest news
-        retrieved = snap.retrieve(hist_rows)
+        retrieved, side = snap.retrieve_side(hist_rows)
     if retrieved is not None and len(retrieved):
-        cand_rows = retrieved
+        cand_rows = retrieved  # with the proxy's side-path features of them (side), or None
     elif req.candidates is None:
-        seen = set(hist_rows.tolist())
+        side, seen = None, set(hist_rows.tolist())
         fresh = [r for r in snap.fresh[: limits.fresh_candidates + len(seen)] if r not in seen]
         cand_rows = np.array(fresh[: limits.fresh_candidates], dtype=np.int64)
     else:
@@ -77,7 +77,7 @@ async def rank(req: RankRequest, request: Request, state: State):
     if len(cand_rows) == 0:
         return RankResponse(ranked=[], history_used=0, candidates=0, note="no candidates")
     work = asyncio.ensure_future(
-        ranker.rank(snap, hist_rows, cand_rows, req.top_k, req.explain, req.diversity)
+        ranker.rank(snap, hist_rows, cand_rows, req.top_k, req.explain, req.diversity, side)
     )
     gone = asyncio.ensure_future(_client_gone(request))
     await asyncio.wait({work, gone}, return_when=asyncio.FIRST_COMPLETED)
