@@ -16,10 +16,21 @@ Two parts, one JSON object on the last line:
   and of its parts: the retrieval, the re-ranking of 200, and the model's side-path features of
   the proxy (`side_*`: over the first cut's news, or every gathered news without one).
 
-At 1M news the full service cannot be held on this machine (the serving index keeps title
-token vectors, L x D per news), so "estimate_1m" adds three measured parts: the retrieval at 1M
-(synthetic: no model, so no side paths), the run's side-path cost per news times the news they
-would run on at 1M (min(gathered at 1M, first_cut)), and the re-ranking of 200 candidates.
+- "http": p50/p99 of the same /rank requests over HTTP on 127.0.0.1, one at a time on a kept-alive
+  connection, against `rmbert serve` in a subprocess with the same settings: what a client sees.
+  The in-process figure above goes through Starlette's TestClient, whose transport alone costs
+  about 3 ms a request (a GET /health: 2.9 ms through it, 0.8 ms over HTTP).
+
+At 1M news the full service cannot be held on this machine (the serving index keeps title token
+vectors, L x D per news), so "estimate_1m" starts from the served /rank over HTTP and swaps its
+retrieval for the one at 1M: it takes off the served pool's retrieval timed as the synthetic
+pools time theirs ("retrieve_plain_p50_ms": in process, without the model's side paths, so
+without the first cut) and adds the synthetic retrieval at 1M. The side paths run on the first
+cut, at most `first_cut` news at any pool size, and the re-ranking on 200, so the served request
+holds them as they would be at 1M.
+"sum_of_parts_ms" is the older estimate: the retrieval at 1M + the run's side-path cost per news
+times the news they would run on at 1M (min(gathered at 1M, first_cut)) + the re-ranking of 200;
+it leaves out the request's own path (HTTP, parsing, the hand-off to the worker).
 
 Usage: python benchmarks/retrieval.py [--sizes 10k,100k,1m] [--run RUN --split SPLIT] [--users 300]
 """
@@ -28,14 +39,17 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import http.client
 import json
+import multiprocessing
 import sys
 import tempfile
 import time
+from concurrent.futures import ProcessPoolExecutor
 from pathlib import Path
 
 import numpy as np
-from _common import planted, quick_run
+from _common import HOST, planted, post, quick_run, server
 
 from rmbert.serve.retrieval import (
     Codes,
@@ -181,53 +195,50 @@ def served_recall(
         dev = load_split(split)
         imps = dev.impressions
         rng = np.random.default_rng(seed)
-        order = rng.permutation(len(imps))
-        Ns = (50, 100, 200, 400)
-        hits = {n: [] for n in Ns}
-        fresh, rand = [], []
-        histories = []
-        for i in order:
+        histories = []  # users with a click in the pool, in a random order
+        for i in rng.permutation(len(imps)):
             ids = [dev.news.ids[r] for r in imps.hist[imps.hist_ptr[i] : imps.hist_ptr[i + 1]]]
             hist = [h for h in ids if h in snap.index]
-            if len(hist) < 1:
-                continue
-            hist_rows = np.array(list(dict.fromkeys(snap.index[h] for h in hist)), dtype=np.int64)
-            histories.append(hist)
-            pool = np.setdiff1d(live_rows, hist_rows)
-            scores = ranker.score_rows(snap, hist_rows, pool)
-            top10 = pool[np.argsort(-scores, kind="stable")[:10]]
-            for n in Ns:
-                got = snap.retrieve(hist_rows, n)
-                hits[n].append(np.isin(top10, got).mean())
-            recent = [r for r in snap.fresh if r not in set(hist_rows.tolist())][:100]
-            fresh.append(np.isin(top10, recent).mean())
-            rand.append(np.isin(top10, rng.choice(pool, 200, replace=False)).mean())
+            if hist:
+                histories.append(hist)
             if len(histories) >= users:
                 break
-        out["pool_news"] = int(len(live_rows))
-        out["users"] = len(histories)
-        out["proxy_weights"] = list(snap.retriever.cfg.weights)
-        out["recall_of_exact_top10"] = {f"retrieve_{n}": round(float(np.mean(hits[n])), 4) for n in Ns}
-        out["recall_of_exact_top10"]["freshest_100"] = round(float(np.mean(fresh)), 4)
-        out["recall_of_exact_top10"]["random_200"] = round(float(np.mean(rand)), 4)
-        lat, rerank, retrieving, side, side_news = [], [], [], [], []
+
+        def rows_of(hist: list[str]) -> np.ndarray:
+            return np.array(list(dict.fromkeys(snap.index[h] for h in hist)), dtype=np.int64)
+
+        # the latencies first, before the exhaustive scoring below fills the process's memory
+        lat, rerank, retrieving, side, side_news, plain = [], [], [], [], [], []
         for hist in histories[:200]:
             t0 = time.perf_counter()
             r = c.post("/rank", json={"history": hist[-50:], "candidates": None, "top_k": 10})
             lat.append(time.perf_counter() - t0)
             assert r.status_code == 200, r.text
-            hist_rows = np.array(list(dict.fromkeys(snap.index[h] for h in hist[-50:])), dtype=np.int64)
-            cand = snap.retrieve(hist_rows)
-            t0 = time.perf_counter()
-            ranker.score_queued(snap, hist_rows, cand)  # by the worker, as served (its threads)
+            hist_rows = rows_of(hist[-50:])
+            cand, given = snap.retrieve_side(hist_rows)
+            t0 = time.perf_counter()  # by the worker, as served (its threads; the proxy's side paths)
+            ranker.score_queued(snap, hist_rows, cand, side=given)
             rerank.append(time.perf_counter() - t0)
         # the retrieval's parts apart from /rank (timed right after one, they ran beside the
         # threads it left spinning)
         for hist in histories[:200]:
-            hist_rows = np.array(list(dict.fromkeys(snap.index[h] for h in hist[-50:])), dtype=np.int64)
+            hist_rows = rows_of(hist[-50:])
             t0 = time.perf_counter()
             snap.retrieve(hist_rows)
             retrieving.append(time.perf_counter() - t0)
+            t0 = time.perf_counter()  # without the side paths, as the synthetic pools time it
+            retrieve(
+                snap.retriever,
+                snap.vectors,
+                snap.arrays.get("prior"),
+                snap.best_prior,
+                hist_rows,
+                snap.live,
+                match=snap.arrays.get("match"),
+                shared=snap.shared(hist_rows),
+                unit=snap.unit,
+            )
+            plain.append(time.perf_counter() - t0)
             if snap.side is not None:  # the model's side-path features: for the first cut only
                 cfg = snap.retriever.cfg
                 g = snap.gather(hist_rows)
@@ -238,6 +249,9 @@ def served_recall(
                 snap.side(kept, hist_rows[-cfg.max_history :])
                 side.append(time.perf_counter() - t0)
                 side_news.append(len(kept))
+        out["bodies"] = [  # for the HTTP run (`http_rank`)
+            json.dumps({"history": h[-50:], "candidates": None, "top_k": 10}) for h in histories[:200]
+        ]
         out["rank_null_p50_ms"], out["rank_null_p99_ms"] = pct(lat, 50), pct(lat, 99)
         out["retrieve_p50_ms"], out["retrieve_p99_ms"] = pct(retrieving, 50), pct(retrieving, 99)
         out["rerank_200_p50_ms"], out["rerank_200_p99_ms"] = pct(rerank, 50), pct(rerank, 99)
@@ -245,7 +259,49 @@ def served_recall(
         if side:  # per news: the side paths' cost at another pool size is this times its news
             out["side_p50_ms"], out["side_news_mean"] = pct(side, 50), round(float(np.mean(side_news)), 1)
             out["side_ms_per_1000_news"] = round(float(np.sum(side) / np.sum(side_news)) * 1e6, 3)
+        out["retrieve_plain_p50_ms"] = pct(plain, 50)  # no side paths, no first cut
+
+        Ns = (50, 100, 200, 400)
+        hits = {n: [] for n in Ns}
+        fresh, rand = [], []
+        for hist in histories:
+            hist_rows = rows_of(hist)
+            pool = np.setdiff1d(live_rows, hist_rows)
+            scores = ranker.score_rows(snap, hist_rows, pool)
+            top10 = pool[np.argsort(-scores, kind="stable")[:10]]
+            for n in Ns:
+                got = snap.retrieve(hist_rows, n)
+                hits[n].append(np.isin(top10, got).mean())
+            recent = [r for r in snap.fresh if r not in set(hist_rows.tolist())][:100]
+            fresh.append(np.isin(top10, recent).mean())
+            rand.append(np.isin(top10, rng.choice(pool, 200, replace=False)).mean())
+        out["pool_news"] = int(len(live_rows))
+        out["users"] = len(histories)
+        out["proxy_weights"] = list(snap.retriever.cfg.weights)
+        out["recall_of_exact_top10"] = {f"retrieve_{n}": round(float(np.mean(hits[n])), 4) for n in Ns}
+        out["recall_of_exact_top10"]["freshest_100"] = round(float(np.mean(fresh)), 4)
+        out["recall_of_exact_top10"]["random_200"] = round(float(np.mean(rand)), 4)
     return out
+
+
+def fresh(fn, *args, **kwargs):
+    """fn(*args, **kwargs) in a fresh Python process (spawned), for timings that the memory an
+    earlier part left behind does not slow."""
+    with ProcessPoolExecutor(1, mp_context=multiprocessing.get_context("spawn")) as ex:
+        return ex.submit(fn, *args, **kwargs).result()
+
+
+def http_rank(run_dir: Path, store_dir: Path, bodies: list[str], overrides: list[str], log: Path) -> dict:
+    """p50/p99 of /rank over HTTP: `rmbert serve` in a subprocess with the settings of
+    `served_recall` (`overrides`: its --set ones), each body sent twice, one at a time on a
+    kept-alive connection (the first pass warms the server up, the second is timed)."""
+    sets = ["store_poll_s=0", "max_history=500", "retrieval.top_n=200", *overrides]
+    with server(run_dir, store_dir, log, [a for kv in sets for a in ("--set", kv)]) as port:
+        conn = http.client.HTTPConnection(HOST, port, timeout=60)
+        for b in bodies:
+            post(conn, b.encode())
+        lat = [post(conn, b.encode()) for b in bodies]
+    return {"rank_null_p50_ms": pct(lat, 50), "rank_null_p99_ms": pct(lat, 99), "requests": len(lat)}
 
 
 def main() -> None:
@@ -279,22 +335,30 @@ def main() -> None:
         build_store(store_dir, news.ids, news.title, load_run(run_dir).encoding, info=info, progress=False)
     overrides = ([] if a.readers is None else [f"retrieval.readers={a.readers}"]) + a.set
     result: dict = {"pools": []}
-    # the synthetic pools first: after the served part (a 34k-news service held in memory) the
-    # same process timed everything about 1.5 times slower, the index build too (1M: 24 -> 40 ms)
-    for size in filter(None, a.sizes.split(",")):
-        result["pools"].append(pool_timing(SIZES[size]))
+    sizes = [SIZES[size] for size in filter(None, a.sizes.split(","))]
+    # each part in a fresh process: after a 34k-news service held in memory the same process
+    # timed everything about 1.5 times slower, the index build too (1M: 24 -> 40 ms), and the
+    # served parts after the 1M pool up to 1.5 times slower than in a server of their own
+    for n in sizes:
+        result["pools"].append(fresh(pool_timing, n))
         print(json.dumps(result["pools"][-1]), file=sys.stderr, flush=True)
-    result["recall"] = served_recall(run_dir, store_dir, split, a.users, overrides=overrides)
-    big = [p for p in result["pools"] if p["news"] == 1_000_000]
-    if big:
-        served, G = result["recall"], big[0]["gathered_mean"]
+    served = fresh(served_recall, run_dir, store_dir, split, a.users, overrides=overrides)
+    bodies = served.pop("bodies")
+    result["recall"] = served
+    served["http"] = http_rank(run_dir, store_dir, bodies, overrides, a.out / "retrieval-serve.log")
+    print(json.dumps(served["http"]), file=sys.stderr, flush=True)
+    if 1_000_000 in sizes:
+        big = result["pools"][sizes.index(1_000_000)]
+        G = big["gathered_mean"]
         side_news = min(G, served["first_cut"] or G)  # the model's side paths: over the first cut
         side_ms = served.get("side_ms_per_1000_news", 0.0) * side_news / 1000
-        p50 = big[0]["retrieve_p50_ms"] + side_ms + served["rerank_200_p50_ms"]
+        swapped = big["retrieve_p50_ms"] - served["retrieve_plain_p50_ms"]
         result["estimate_1m"] = {
-            "rank_null_p50_ms": round(p50, 2),
+            "rank_null_p50_ms": round(served["http"]["rank_null_p50_ms"] + swapped, 2),
+            "parts": "served /rank p50 over HTTP - retrieve_plain_p50 + retrieve_p50 at 1m",
+            "retrieval_swapped_ms": round(swapped, 2),
+            "sum_of_parts_ms": round(big["retrieve_p50_ms"] + side_ms + served["rerank_200_p50_ms"], 2),
             "side_ms": round(side_ms, 2),
-            "parts": "retrieve_p50 at 1m + side paths over min(gathered at 1m, first_cut) news + rerank_200_p50",
         }
     print(json.dumps(result))
 

@@ -14,37 +14,16 @@ import argparse
 import http.client
 import json
 import random
-import socket
 import statistics
-import subprocess
-import sys
 import tempfile
 import threading
 import time
 from pathlib import Path
 
-from _common import planted, quick_run
+from _common import HOST, planted, post, quick_run, server
 
 from rmbert.encoders.store import build_store
 from rmbert.run import load_run
-
-HOST = "127.0.0.1"
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind((HOST, 0))
-        return s.getsockname()[1]
-
-
-def post(conn: http.client.HTTPConnection, body: bytes) -> float:
-    t0 = time.perf_counter()
-    conn.request("POST", "/rank", body, {"Content-Type": "application/json"})
-    r = conn.getresponse()
-    r.read()
-    if r.status != 200:
-        raise RuntimeError(f"HTTP {r.status}")
-    return time.perf_counter() - t0
 
 
 def drive(port: int, bodies: list[bytes], clients: int, seconds: float, rate: float | None = None) -> dict:
@@ -111,47 +90,8 @@ def main() -> None:
         ids = news.ids
     else:
         ids = (store_dir / "seg-00000" / "ids.txt").read_text().split("\n")
-    port = free_port()
-    log = open(a.out / "serve-stderr.log", "w")  # a file, not a pipe: a full pipe would block the server
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "rmbert",
-            "serve",
-            str(run_dir),
-            "--store",
-            str(store_dir),
-            "--host",
-            HOST,
-            "--port",
-            str(port),
-            "--device",
-            a.device,
-            "--quiet",
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=log,
-    )
-    try:
-        started = False
-        for _ in range(600):
-            if server.poll() is not None:
-                break
-            try:
-                c = http.client.HTTPConnection(HOST, port, timeout=2)
-                c.request("GET", "/health")
-                r = c.getresponse()
-                body = r.read()
-            except OSError:
-                time.sleep(0.1)
-                continue
-            if r.status != 200:
-                raise RuntimeError(f"the server cannot rank: {body.decode()[:2000]}")
-            started = True
-            break
-        if not started:
-            raise RuntimeError("server did not start: " + Path(log.name).read_text()[-2000:])
+    args = ["--device", a.device]
+    with server(run_dir, store_dir, a.out / "serve-stderr.log", args) as port:
         rng = random.Random(0)
         bodies = [
             json.dumps(
@@ -180,10 +120,6 @@ def main() -> None:
                 }
             )
         )
-    finally:
-        server.terminate()
-        server.wait(timeout=10)
-        log.close()
 
 
 if __name__ == "__main__":
