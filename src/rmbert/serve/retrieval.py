@@ -957,27 +957,9 @@ def first_cut(
     return np.sort(shortlist(np.arange(G), prior, features, cfg.first_weights, cfg.first_cut))
 
 
-def retrieve(
-    retriever: Retriever,
-    vectors: Callable[[np.ndarray], np.ndarray],
-    prior: np.ndarray | None,
-    best_prior: np.ndarray | None,
-    hist_rows: np.ndarray,
-    live: np.ndarray,
-    k: int = 0,
-    match: np.ndarray | None = None,
-    content: Content = None,
-    shared: np.ndarray | None = None,
-    unit: Callable[[np.ndarray], np.ndarray | torch.Tensor] | None = None,
-) -> np.ndarray:
-    """Both steps for one user: rows [<= k], best proxy first, the clicks left out (`gather`,
-    then `shortlist` by the `proxy_features`, the side-path ones only for the `first_cut`).
-    prior [n] by row (None: 0); match [n, F]: match ids by row, or None; content: the model's
-    side-path features (see `with_content`), or None; unit(rows): the vectors the proxy reads
-    (the int8 copies of `proxy_arrays`; None: `vectors`)."""
-    return retrieve_side(
-        retriever, vectors, prior, best_prior, hist_rows, live, k, match, content, shared, unit
-    )[0]
+def retrieve(*args, **kwargs) -> np.ndarray:
+    """The rows of `retrieve_side` (its arguments) alone."""
+    return retrieve_side(*args, **kwargs)[0]
 
 
 def retrieve_side(
@@ -993,9 +975,13 @@ def retrieve_side(
     shared: np.ndarray | None = None,
     unit: Callable[[np.ndarray], np.ndarray | torch.Tensor] | None = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
-    """`retrieve`, and the model's side-path features [<= k, k'] of the rows it returns as
-    `content` gave them (None without content), for the re-ranker to read instead of computing
-    them again."""
+    """Both steps for one user: rows [<= k], best proxy first, the clicks left out (`gather`,
+    then `shortlist` by the `proxy_features`, the side-path ones only for the `first_cut`), and
+    the model's side-path features [<= k, k'] of those rows as `content` gave them (None
+    without content), for the re-ranker to read instead of computing them again. prior [n] by
+    row (None: 0); match [n, F]: match ids by row, or None; content: the model's side-path
+    features (see `with_content`), or None; unit(rows): the vectors the proxy reads (the int8
+    copies of `proxy_arrays`; None: `vectors`)."""
     cfg = retriever.cfg
     gathered = gather(retriever, vectors, best_prior, hist_rows, live, shared)
     p = np.zeros(len(gathered)) if prior is None else prior[gathered]
