@@ -72,10 +72,10 @@ def server(run_dir: Path, store_dir: Path, log: Path, args: list[str] = ()) -> I
                 if proc.poll() is not None:
                     break
                 try:
-                    c = http.client.HTTPConnection(HOST, port, timeout=2)
-                    c.request("GET", "/health")
-                    r = c.getresponse()
-                    body = r.read()
+                    with contextlib.closing(http.client.HTTPConnection(HOST, port, timeout=2)) as c:
+                        c.request("GET", "/health")
+                        r = c.getresponse()
+                        body = r.read()
                 except OSError:
                     time.sleep(0.1)
                     continue
@@ -89,4 +89,8 @@ def server(run_dir: Path, store_dir: Path, log: Path, args: list[str] = ()) -> I
             yield port
         finally:
             proc.terminate()
-            proc.wait(timeout=30)
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()

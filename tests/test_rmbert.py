@@ -530,6 +530,9 @@ def test_content_match_adds_a_path_fits_its_buffers_and_folds():
         "history_entity_ids": he,
     }
     assert torch.allclose(f.score(H, hmask, cand, terms).logits, want, atol=1e-9)
+    # eq. 8''''' given, as serving's retrieval hands it over (terms["proxy"]): read, not computed
+    assert torch.allclose(f.score(H, hmask, cand, {**terms, "proxy": feats}).logits, want, atol=1e-9)
+    assert not torch.allclose(f.score(H, hmask, cand, {**terms, "proxy": feats.flip(-1)}).logits, want)
     idx = torch.arange(B * C).view(B, C)
     flat = NewsRepr(cand.cls.flatten(0, 1), cand.tokens.flatten(0, 1), cand.mask.flatten(0, 1), idx)
     flat.extra = {k: v.flatten(0, 1) for k, v in side.items()}
@@ -674,6 +677,10 @@ def test_field_affinity_adds_a_path_learns_and_folds():
     f = fa.fold()
     terms = {**f.news_terms(cand), **cids, **{"history_" + k: v for k, v in hids.items()}}
     assert torch.allclose(f.score(H, hmask, cand, terms).logits, want, atol=1e-9)
+    # eq. 8f given, as serving's retrieval hands it over (terms["proxy"]): read, not computed
+    given = fa.affinity_features(f.fields(terms), f.fields(terms, "history_"), hmask)  # [B, C, 6]
+    assert torch.allclose(f.score(H, hmask, cand, {**terms, "proxy": given}).logits, want, atol=1e-9)
+    assert not torch.allclose(f.score(H, hmask, cand, {**terms, "proxy": given.flip(-1)}).logits, want)
     idx = torch.arange(B * C).view(B, C)
     flat = NewsRepr(cand.cls.flatten(0, 1), cand.tokens.flatten(0, 1), cand.mask.flatten(0, 1), idx)
     flat.extra = {k: v.flatten() for k, v in cids.items()}

@@ -277,6 +277,17 @@ def test_click_terms_from_the_index_score_as_computed(served):
         want = computed._score([Job(plain, h, c, 100, False, None) for h, c in jobs])
         for g, w in zip(got, want):
             assert np.allclose(g.scores, w.scores, rtol=0, atol=1e-5)
+        # the retrieval's side-path features for one job of a batch: the other's computed, both
+        # as alone (the heads' columns first, which the re-ranker skips)
+        (h0, c0), (h1, c1) = jobs[1], jobs[2]
+        side = held.content_proxy()(snap.arrays, c0, h0)
+        assert side.shape == (len(c0), held.proxy_heads + 10) and held.proxy_heads == 2
+        mixed = held._score(
+            [Job(snap, h0, c0, 100, False, None, side=side), Job(snap, h1, c1, 100, False, None)]
+        )
+        given = held._score([Job(snap, h0, c0, 100, False, None, side=side)])[0]
+        for g, w in zip([*mixed, given], [want[1], want[2], want[1]]):
+            assert np.allclose(g.scores, w.scores, rtol=0, atol=1e-5)
         hist, cand = jobs[1]
         snap.arrays["click_map"][hist] += 1.0  # (the tensors view these arrays) read, not recomputed
         moved = held._score([Job(snap, hist, cand, 100, False, None)])[0].scores

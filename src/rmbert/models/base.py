@@ -50,8 +50,9 @@ class InferenceForm(ABC):
         return {}
 
     def click_terms(self, x: torch.Tensor, norms: bool = True) -> dict[str, torch.Tensor]:
-        """News vectors x [n, D] -> per-news products of x as a click, which `score` reads from
-        terms["history_" + name] instead of computing them per request; none by default."""
+        """News vectors x [n, D] -> per-news products of x as a click, which serving keeps in
+        its index and hands to `score` (`Ranker._click_products`, which knows the folded RMBERT's
+        names) instead of computing them per request; none by default."""
         return {}
 
     def table_terms(self, tables: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

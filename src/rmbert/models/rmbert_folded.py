@@ -348,7 +348,8 @@ class FoldedRMBERT(InferenceForm):
         if self.W_1f is not None:
             side.append(RMBERT.match_features(terms["match"], user.match, user.mask).to(pre.dtype))
             pre = pre + side[-1] @ self.W_1f.T  # (8'''')
-        given = terms.get("proxy")  # the retrieval's `proxy_features` of these candidates, [B, C, 4 + 6]
+        # the retrieval's `proxy_features` of these candidates: eq. 8''''' [4] then eq. 8f [6], each where on
+        given = terms.get("proxy")
         if self.W_1n is not None:
             if given is not None:
                 side.append(given[..., :4].to(pre.dtype))

@@ -77,7 +77,8 @@ class Ranker:
         """threads: the worker's torch threads (0: torch's default); the calling thread's, and
         the default of threads started later, are left alone. click_terms: the serving index
         holds each news's products as a click (`InferenceForm.click_terms`; the default RMBERT:
-        18 KB a news), so a request gathers its clicks' instead of computing them."""
+        18 KB a news), so a request gathers its clicks' instead of computing them (on the CPU
+        only)."""
         if threads < 0:
             raise ValueError(f"worker_threads must be >= 0, not {threads}")
         self.run = run
@@ -89,11 +90,11 @@ class Ranker:
         self.max_history = run.cfg.train.max_history
         heads = getattr(self.form, "S", None) is not None and self.form.cfg.similarity_heads > 1
         self.proxy_heads = 2 * (self.form.cfg.similarity_heads - 1) if heads else 0  # their columns
-        self.click_terms = click_terms
+        self.click_terms = click_terms and self.device.type == "cpu"  # a GPU computes them at once
         # the recency embeddings' products, added to the clicks' (the maps are linear)
         pos = getattr(run.model.features, "pos", None)
         self.recency_terms = {}
-        if click_terms and pos is not None:
+        if self.click_terms and pos is not None:
             with torch.inference_mode():
                 terms = self.form.click_terms(pos.weight, norms=False)
                 self.recency_terms = {k: v.cpu() for k, v in terms.items()}  # added on the host

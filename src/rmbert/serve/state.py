@@ -38,7 +38,8 @@ class Limits:
     # the serving index holds each news's products as a click (`InferenceForm.click_terms`), so
     # a request gathers its clicks' instead of computing them: the default RMBERT's are 18 KB a
     # news (a quarter more memory); re-ranking 200 for a user with 20 clicks took 8.6 -> 5.6 ms
-    # on this machine's one worker thread (docs/benchmarks.md)
+    # on this machine's one worker thread (docs/benchmarks.md); only where the model scores on
+    # the CPU (a GPU computes them at once, and they would cross to it with every batch)
     click_terms: bool = True
 
 
