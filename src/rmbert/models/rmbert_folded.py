@@ -156,6 +156,9 @@ class FoldedRMBERT(InferenceForm):
         self._affinity_pairs = m.affinity_proxy  # eq. 8f for one user's clicks, all unmasked
         self.W_1a = m.W_1a.weight if cfg.field_affinity else None  # [H1, 6]
         self.w_w = m.w_w.weight[0] if cfg.wide else None  # [2h + 6 + 4 + 6], eq. 8w
+        # eq. 8''' to 8f as one product: their weights side by side [H1, 2h + 6 + 4 + 6] (those on)
+        on = [w for w in (self.W_1c, self.W_1f, self.W_1n, self.W_1a) if w is not None]
+        self.W_side = torch.cat(on, 1).detach() if on else None
 
     def metric(self, x: torch.Tensor) -> torch.Tensor:
         """[..., D] -> unit S x per metric head [..., h, D]."""
@@ -233,8 +236,11 @@ class FoldedRMBERT(InferenceForm):
         p, H1 = self.p, self.kappa.shape[0]
         clicks = clicks or {}
         # [B, M, D + (p-1) D + p H1 (+ p D)], of the clicks alone: a padded slot never gets weight
-        HU = H.new_zeros(B, M, self.U.shape[1])
-        HU[mask] = clicks["click_map"][mask] if "click_map" in clicks else H[mask] @ self.U
+        if "click_map" in clicks and bool(mask.all()):  # no padded slot (one user): read as it is
+            HU = clicks["click_map"]
+        else:
+            HU = H.new_zeros(B, M, self.U.shape[1])
+            HU[mask] = clicks["click_map"][mask] if "click_map" in clicks else H[mask] @ self.U
         G = HU[..., :D] + self.b_H  # [B, M, D]
         P = HU[..., D : p * D].reshape(B, M, p - 1, D).transpose(1, 2).reshape(B, -1, D)
         q_end = p * D + p * H1
@@ -244,11 +250,14 @@ class FoldedRMBERT(InferenceForm):
             Y = HU[..., q_end:].reshape(B, M, p, D).transpose(1, 2).reshape(B, -1, D)
         Hs = None
         if self.S is not None:
-            Hs = H.new_zeros(B, M, self.cfg.similarity_heads, D)
-            if "click_sim" in clicks:
-                Hs[mask] = torch.nn.functional.normalize(clicks["click_sim"][mask], dim=-1)
+            if "click_sim" in clicks and bool(mask.all()):
+                Hs = torch.nn.functional.normalize(clicks["click_sim"], dim=-1)
             else:
-                Hs[mask] = self.metric(H[mask])
+                Hs = H.new_zeros(B, M, self.cfg.similarity_heads, D)
+                if "click_sim" in clicks:
+                    Hs[mask] = torch.nn.functional.normalize(clicks["click_sim"][mask], dim=-1)
+                else:
+                    Hs[mask] = self.metric(H[mask])
         if self.W_1f is not None and match is None:
             raise ValueError("rmbert.feature_match needs the clicked news' match ids")
         if self.W_1n is not None and (words is None or ents is None):
@@ -311,12 +320,19 @@ class FoldedRMBERT(InferenceForm):
         r = self.r0  # W_r m_(t-1) + b_r: [D] until it depends on the candidate
         bw = left.new_empty(B, C, p * M)  # history weights of every step, [b_0 .. b_(p-1)]
         strength = []
+        # right_t H^T of every step in one product [B, C, p, M]; while r is the same for every
+        # candidate (r_0), (left_t * r) G^T = left_t (r G^T) needs no [B, C, D] product (200
+        # candidates, 4 steps: 1.9 -> 1.3 ms)
+        RH = (right.flatten(1, 2) @ user.Ht).view(B, C, p, M) if cfg.attention else None
         for t in range(p):
-            if not cfg.attention:
+            if RH is None:
                 b = masked_mean_weights(hmask, left.dtype)
                 hl = None
             else:
-                hl = (left[..., t, :] * r) @ user.Gt + right[..., t, :] @ user.Ht  # [B, C, M]
+                if r.dim() == 1:
+                    hl = left[..., t, :] @ (r[:, None] * user.Gt) + RH[..., t, :]  # [B, C, M]
+                else:
+                    hl = (left[..., t, :] * r) @ user.Gt + RH[..., t, :]
                 b = masked_softmax(hl, hmask)
             if self.W_1s is not None:
                 lse = masked_logsumexp(hl + terms["gate"][..., t, None], hmask) if hl is not None else None
@@ -341,13 +357,11 @@ class FoldedRMBERT(InferenceForm):
                 pre = pre + torch.nn.functional.cosine_similarity(cand.cls, y, dim=-1)[..., None] * self.W_1r
         if self.W_1s is not None:
             pre = pre + torch.stack(strength, -1) @ self.W_1s.T  # (8'')
-        side = []  # the side features, for eq. 8w
+        side = []  # the side features of eq. 8''' to 8f, in W_side's order (and for eq. 8w)
         if self.W_1c is not None:
-            side.append(RMBERT.similarity_features(terms["sim"], user.Hs, user.mask))
-            pre = pre + side[-1] @ self.W_1c.T  # (8''')
+            side.append(RMBERT.similarity_features(terms["sim"], user.Hs, user.mask))  # (8''')
         if self.W_1f is not None:
-            side.append(RMBERT.match_features(terms["match"], user.match, user.mask).to(pre.dtype))
-            pre = pre + side[-1] @ self.W_1f.T  # (8'''')
+            side.append(RMBERT.match_features(terms["match"], user.match, user.mask).to(pre.dtype))  # (8'''')
         # the retrieval's `proxy_features` of these candidates: eq. 8''''' [4] then eq. 8f [6], each where on
         given = terms.get("proxy")
         if self.W_1n is not None:
@@ -356,15 +370,18 @@ class FoldedRMBERT(InferenceForm):
             else:
                 side.append(
                     self.content_features(terms["title_ids"], terms["entity_ids"], user).to(pre.dtype)
-                )
-            pre = pre + side[-1] @ self.W_1n.T  # (8''''')
+                )  # (8''''')
         if self.W_1a is not None:
             if given is not None:
                 side.append(given[..., -6:].to(pre.dtype))
             else:
-                side.append(self.affinity_features(self.fields(terms), user.fields, user.mask).to(pre.dtype))
-            pre = pre + side[-1] @ self.W_1a.T  # (8f)
+                side.append(
+                    self.affinity_features(self.fields(terms), user.fields, user.mask).to(pre.dtype)
+                )  # (8f)
+        features = torch.cat(side, -1) if side else None  # [B, C, 2h + 6 + 4 + 6], those on
+        if features is not None:  # one product, not one per path (200 candidates: 0.21 -> 0.08 ms)
+            pre = pre + features @ self.W_side.T
         logits = torch.relu(pre) @ self.W_2 + self.b_2
         if self.w_w is not None:
-            logits = logits + torch.cat(side, -1) @ self.w_w  # (8w)
+            logits = logits + features @ self.w_w  # (8w)
         return logits

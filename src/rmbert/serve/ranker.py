@@ -17,7 +17,7 @@ from rmbert.models.tables import ServingSource, match_key, serving_tables
 from rmbert.run import LoadedRun
 from rmbert.serve import explain
 from rmbert.serve.index import Snapshot
-from rmbert.serve.retrieval import head_cosines
+from rmbert.serve.retrieval import head_cosines, take
 from rmbert.types import NewsRepr
 
 
@@ -216,12 +216,12 @@ class Ranker:
 
         @torch.inference_mode()
         def content(arrays: dict, rows: np.ndarray, clicks: np.ndarray) -> np.ndarray:
-            def take(r: np.ndarray) -> dict[str, torch.Tensor]:
-                return {k: torch.from_numpy(np.asarray(arrays[k][r])).to(dev) for k in names}
+            def tables(r: np.ndarray) -> dict[str, torch.Tensor]:  # (`take`: on every core)
+                return {k: torch.from_numpy(np.asarray(take(arrays[k], r))).to(dev) for k in names}
 
             parts = [head_cosines(arrays.get("heads8", arrays["sim"][:, 1:]), rows, clicks)] if heads else []
             if fn is not None:
-                parts.append(fn(take(rows), take(clicks)).float().cpu().numpy())
+                parts.append(fn(tables(rows), tables(clicks)).float().cpu().numpy())
             return np.concatenate(parts, 1)
 
         return content
