@@ -26,8 +26,8 @@ vectors, L x D per news), so "estimate_1m" starts from the served /rank over HTT
 retrieval for the one at 1M: it takes off the served pool's retrieval timed as the synthetic
 pools time theirs ("retrieve_plain_p50_ms": in process, without the model's side paths, so
 without the first cut) and adds the synthetic retrieval at 1M. The side paths run on the first
-cut, at most `first_cut` news at any pool size, and the re-ranking on 200, so the served request
-holds them as they would be at 1M. The synthetic users have 50 clicks, the served ones their
+cut, at most `first_cut` news at any pool size (eq. 8''''' on all of them, the rest on the
+`second_cut`), and the re-ranking on 200, so the served request holds them as they would be at 1M. The synthetic users have 50 clicks, the served ones their
 real histories (about 20 at the median), so the 1M retrieval is timed with more clicks than the
 retrieval it replaces.
 "sum_of_parts_ms" is the older estimate: the retrieval at 1M + the run's side-path cost per news
@@ -66,6 +66,7 @@ from rmbert.serve.retrieval import (
     proxy_rows,
     quantize,
     retrieve,
+    second_cut,
     sharing,
     take,
 )
@@ -247,9 +248,11 @@ def served_recall(
                 g = snap.gather(hist_rows)
                 p = snap.arrays["prior"][g]
                 cheap = proxy_features(cfg, snap.unit, g, hist_rows, snap.arrays.get("match"))
-                kept = g[first_cut(cfg, g, p, cheap, snap.side)]
-                t0 = time.perf_counter()
-                snap.side(kept, hist_rows[-cfg.max_history :])
+                keep = first_cut(cfg, g, p, cheap, snap.side)
+                kept, clicks = g[keep], hist_rows[-cfg.max_history :]
+                t0 = time.perf_counter()  # as served: eq. 8''''' of the first cut, the rest of the second's
+                second, given = second_cut(cfg, kept, p[keep], cheap[keep], snap.early, clicks)
+                snap.side(kept[second], clicks, *([] if given is None else [given]))
                 side.append(time.perf_counter() - t0)
                 side_news.append(len(kept))
         out["bodies"] = [  # for the HTTP run (`http_rank`)
@@ -259,6 +262,7 @@ def served_recall(
         out["retrieve_p50_ms"], out["retrieve_p99_ms"] = pct(retrieving, 50), pct(retrieving, 99)
         out["rerank_200_p50_ms"], out["rerank_200_p99_ms"] = pct(rerank, 50), pct(rerank, 99)
         out["first_cut"] = snap.retriever.cfg.first_cut if snap.retriever.cfg.first_weights else 0
+        out["second_cut"] = snap.retriever.cfg.second_cut if snap.retriever.cfg.second_weights else 0
         if side:  # per news: the side paths' cost at another pool size is this times its news
             out["side_p50_ms"], out["side_news_mean"] = pct(side, 50), round(float(np.mean(side_news)), 1)
             out["side_ms_per_1000_news"] = round(float(np.sum(side) / np.sum(side_news)) * 1e6, 3)

@@ -27,6 +27,7 @@ from rmbert.serve.retrieval import (
     proxy_rows,
     quantize,
     retrieval_vectors,
+    second_cut,
     shortlist,
     union,
 )
@@ -132,6 +133,10 @@ def test_the_shortlist_ranks_by_the_proxy_and_calibration_recovers_its_weights()
     # the first cut's proxy: the fit on the leading columns alone (and the constant)
     lead = np.linalg.lstsq(X[:, [0, 1, 4]], y, rcond=None)[0][:2]
     assert np.allclose(least_squares(X, y, 2), lead) and len(least_squares(X, y, 2)) == 2
+    # the second cut's: the columns listed (and the constant)
+    picked = np.linalg.lstsq(X[:, [0, 2, 4]], y, rcond=None)[0][:2]
+    assert np.allclose(least_squares(X, y, [0, 2]), picked) and len(least_squares(X, y, [0, 2])) == 2
+    assert not np.allclose(picked, lead)
     assert least_squares(X[:0], y[:0]) == RetrievalConfig.weights  # nothing to fit: the defaults
 
 
@@ -372,6 +377,36 @@ def test_the_first_cut_keeps_the_cheap_proxys_best_for_the_side_paths():
         assert got.tolist() == list(range(30))
 
 
+def test_the_second_cut_keeps_the_best_by_the_cheap_proxy_and_the_early_features():
+    """Of the first cut's news, the rest of the side paths run on the `second_cut` best by the
+    cheap features and those `early` gives alone (in row order), and on all of them without
+    early features, their weights or more news; early reads the first cut's rows and clicks."""
+    rng = np.random.default_rng(32)
+    cand, hist = np.arange(700, 730), np.array([3, 9])
+    prior, f = rng.standard_normal(30), rng.standard_normal((30, 4)).astype(np.float32)
+    e = rng.standard_normal((30, 2)).astype(np.float32)
+    seen = []
+
+    def early(rows, clicks):
+        seen.append((rows.tolist(), clicks.tolist()))
+        return e[rows - 700]
+
+    cfg = RetrievalConfig(second_cut=8, second_weights=(1.0, 0.0, 0.0, 0.0, 0.0, -3.0))
+    both = prior + f[:, 0] - 3.0 * e[:, 1]
+    keep, given = second_cut(cfg, cand, prior, f, early, hist)
+    assert keep.tolist() == sorted(np.argsort(-both)[:8].tolist()) and np.array_equal(given, e[keep])
+    assert seen == [(cand.tolist(), hist.tolist())]
+    for other in (
+        cfg,  # no early features
+        dataclasses.replace(cfg, second_weights=()),  # not calibrated
+        dataclasses.replace(cfg, second_cut=0),  # turned off
+        dataclasses.replace(cfg, second_cut=30),  # no more news than the cut
+    ):
+        got, given = second_cut(other, cand, prior, f, None if other is cfg else early, hist)
+        assert got.tolist() == list(range(30)) and given is None
+    assert len(seen) == 1  # and they were not computed for nothing
+
+
 def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path, planted, monkeypatch):
     """/rank without candidates re-ranks news retrieved from the whole live pool; a news posted
     to /news is retrievable at once; an updated news is served in its new version only; a
@@ -386,7 +421,7 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
     dev = load_split(planted / "dev").news
     history = list(dev.ids[:4])
     limits = Limits(
-        max_news_per_post=3, retrieval=RetrievalConfig(top_n=8, first_cut=60), store_poll_s=0
+        max_news_per_post=3, retrieval=RetrievalConfig(top_n=8, first_cut=60, second_cut=45), store_poll_s=0
     )  # readers: the default, 4
 
     def rank(c):
@@ -485,11 +520,17 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
             [feats, head_cosines(snap.arrays["heads8"], gathered, hist_rows), content.numpy()], 1
         )
         # the first cut: the side paths only for the cheap proxy's best 60 (its 10 weights
-        # fitted on the same pseudo-users), then the full proxy over them
+        # fitted on the same pseudo-users); the second: eq. 8''''' for those 60 (the content
+        # columns, after the second head's two), the rest for the best 45 by the cheap proxy and
+        # eq. 8''''' (14 weights, fitted alike); then the full proxy over them
         assert len(cfg.first_weights) == 10 and len(gathered) > cfg.first_cut == 60
         keep = np.sort(
             shortlist(np.arange(len(gathered)), prior[gathered], feats[:, :10], cfg.first_weights, 60)
         )
+        assert snap.early_columns == (2, 3, 4, 5) and len(cfg.second_weights) == 14
+        assert np.allclose(snap.early(gathered, hist_rows), feats[:, 12:16], atol=1e-6)
+        early = feats[keep][:, [*range(10), 12, 13, 14, 15]]
+        keep = keep[np.sort(shortlist(np.arange(60), prior[gathered[keep]], early, cfg.second_weights, 45))]
         want = shortlist(gathered[keep], prior[gathered[keep]], feats[keep], cfg.weights, 40)
         assert snap.gather(hist_rows).tolist() == gathered.tolist()  # what calibration fitted on
         got = snap.retrieve(hist_rows, 40)

@@ -45,6 +45,9 @@ class InferenceForm(ABC):
     # (those tables' rows of G news, of one user's M clicks) -> [G, k]
     content_proxy: Callable[[dict, dict], torch.Tensor] | None = None
     proxy_tables: tuple[str, ...] = ()
+    # how many of content_proxy's first columns it also gives alone (content_only=True), cheaper
+    # than all of them, for the retrieval's second cut (serve/retrieval.py): 0 for none
+    content_columns: int = 0
 
     def news_terms(self, news: NewsRepr) -> dict[str, torch.Tensor]:
         return {}

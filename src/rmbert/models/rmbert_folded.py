@@ -152,6 +152,7 @@ class FoldedRMBERT(InferenceForm):
         ) * cfg.field_affinity
         self.idf = m.idf if cfg.content_match else None
         self.content_proxy = self.proxy_features if self.proxy_tables else None  # for retrieval
+        self.content_columns = 4 * cfg.content_match  # eq. 8''''', alone: `proxy_features(content_only=True)`
         self.affinity_features = m.affinity_features if cfg.field_affinity else None  # reads A, b
         self._affinity_pairs = m.affinity_proxy  # eq. 8f for one user's clicks, all unmasked
         self.W_1a = m.W_1a.weight if cfg.field_affinity else None  # [H1, 6]
@@ -291,18 +292,25 @@ class FoldedRMBERT(InferenceForm):
         return {"title_norm": bag_norm(tables["title_ids"], self.idf)}
 
     @torch.no_grad()
-    def proxy_features(self, cand: dict, clicks: dict) -> torch.Tensor:
+    def proxy_features(
+        self, cand: dict, clicks: dict, content_only: bool = False, content: torch.Tensor | None = None
+    ) -> torch.Tensor:
         """The retrieval proxy's features from the model's side paths for G news of one user
         with M clicks, all unmasked: the `proxy_tables` rows of the news (cand) and of the clicks
         -> [G, 4] (eq. 8''''', content_match), then [G, 6] (eq. 8f, field_affinity), as the click
-        layer reads them."""
+        layer reads them; content_only: the [G, 4] of eq. 8''''' alone; content: those [G, 4],
+        already computed (content_only), read instead."""
         out = []
-        if self.cfg.content_match:
+        if self.cfg.content_match and content is not None:
+            out.append(content)
+        elif self.cfg.content_match:
             names = ("title_ids", "entity_ids")
             pairs = self._content_pairs(
                 *(cand[k] for k in names), *(clicks[k] for k in names), cand.get("title_norm")
             )
             out.append(pairs)
+            if content_only:
+                return pairs
         if self.W_1a is not None:
             affinity = self._affinity_pairs(self.fields(cand), self.fields(clicks))  # [G, 6]
             out.append(affinity.to(out[0].dtype if out else torch.float32))

@@ -102,6 +102,7 @@ class Snapshot:
             self.side,
             self.shared(hist_rows),
             self.unit,
+            self.early,
         )
 
     def gather(self, hist_rows: np.ndarray) -> np.ndarray:
@@ -129,10 +130,29 @@ class Snapshot:
         return self.vectors(rows)
 
     @property
-    def side(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
-        """(rows, clicks) -> the model's side-path features of the proxy [G, k] (`content`), or None."""
+    def side(self) -> Callable[..., np.ndarray] | None:
+        """(rows, clicks[, given]) -> the model's side-path features of the proxy [G, k]
+        (`content`; given: its `early_columns`, already computed), or None."""
         content = self.content
-        return None if content is None else lambda rows, hist: content(self.arrays, rows, hist)
+        if content is None:
+            return None
+        return lambda rows, hist, *given: content(
+            self.arrays, rows, hist, **({"given": given[0]} if given else {})
+        )
+
+    @property
+    def early(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:
+        """(rows, clicks) -> the columns `early_columns` of `side`'s alone [G, e] (the second
+        cut's: serve/retrieval.py), or None for a model without such."""
+        content = self.content
+        if not self.early_columns:
+            return None
+        return lambda rows, hist: content(self.arrays, rows, hist, early=True)
+
+    @property
+    def early_columns(self) -> tuple[int, ...]:
+        """The columns of `side`'s features that `early` gives alone (none: ())."""
+        return getattr(self.content, "early_columns", ()) if self.content is not None else ()
 
 
 BASE = ("cls", "pool", "tokens", "mask", "input_ids", "attn")
@@ -198,7 +218,7 @@ class ServingIndex:
         if self.retriever is None or "prior" not in self.snapshot.arrays:
             return None
         store = self.store
-        weights, _ = self._fit(self.snapshot, score, gathered=False)
+        weights = self._fit(self.snapshot, score, gathered=False)[0]
         with self.lock:
             self._use(weights)
             if self.affinity is not None:
@@ -219,15 +239,16 @@ class ServingIndex:
                 within[:n] = readers.order(data["prior"][:n], data["match"][:n, 1])
                 data["within"] = within
                 self.snapshot = self._snap()
-        weights, first = self._fit(self.snapshot, score, gathered=True)
+        weights, first, second = self._fit(self.snapshot, score, gathered=True)
         with self.lock:
-            self._use(weights, first)
+            self._use(weights, first, second)
         return weights
 
-    def _fit(self, snap: Snapshot, score, gathered: bool) -> tuple[tuple[float, ...], tuple[float, ...]]:
+    def _fit(self, snap: Snapshot, score, gathered: bool) -> tuple[tuple[float, ...], ...]:
         """The proxy's weights and, for a model with side-path features, the first cut's cheap
-        proxy's (fitted on the same pseudo-users: `retrieval.calibration_set` on snapshot snap;
-        `gathered`: on the news its step 1 gathers)."""
+        proxy's and the second cut's (the cheap features and `Snapshot.early`'s), fitted on the
+        same pseudo-users (`retrieval.calibration_set` on snapshot snap; `gathered`: on the news
+        its step 1 gathers)."""
         match = snap.arrays["match"][: snap.n] if "match" in snap.arrays else None
         X, y = calibration_set(
             snap.unit,  # by row, not the pool's copied whole; the proxy's copies, as served
@@ -240,11 +261,19 @@ class ServingIndex:
             gather=snap.gather if gathered else None,
         )
         cheap = 4 if match is None else 10  # the `cosine_features` columns, before the side paths'
-        return least_squares(X, y), () if snap.side is None or not len(X) else least_squares(X, y, cheap)
+        if snap.side is None or not len(X):
+            return least_squares(X, y), (), ()
+        early = [cheap + c for c in snap.early_columns]
+        second = least_squares(X, y, [*range(cheap), *early]) if early else ()
+        return least_squares(X, y), least_squares(X, y, cheap), second
 
-    def _use(self, weights: tuple[float, ...], first: tuple[float, ...] = ()) -> None:
-        """Serve with proxy weights w and the first cut's (call with the lock held)."""
-        self.retrieval = dataclasses.replace(self.retrieval, weights=weights, first_weights=first)
+    def _use(
+        self, weights: tuple[float, ...], first: tuple[float, ...] = (), second: tuple[float, ...] = ()
+    ) -> None:
+        """Serve with proxy weights w and the first and second cuts' (call with the lock held)."""
+        self.retrieval = dataclasses.replace(
+            self.retrieval, weights=weights, first_weights=first, second_weights=second
+        )
         self.retriever.cfg = self.retrieval
 
     def refresh(self) -> int:

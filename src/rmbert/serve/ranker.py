@@ -208,22 +208,36 @@ class Ranker:
 
     def content_proxy(self):
         """The inference form's side-path features for the retrieval proxy as `(arrays, rows,
-        clicks) -> [G, k]` (serve/retrieval.py), or None for a model without them."""
+        clicks) -> [G, k]` (serve/retrieval.py), or None for a model without them. Called with
+        early=True: the columns `content.early_columns` of those alone ([G, e], the form's
+        `content_columns`: eq. 8''''' of the folded RMBERT), which the second cut ranks by; with
+        given=[G, e], those columns as early gave them, read instead of computed again."""
         fn, names, heads = self.form.content_proxy, self.form.proxy_tables, self.proxy_heads > 0
         if fn is None and not heads:
             return None
         dev = self.device
 
         @torch.inference_mode()
-        def content(arrays: dict, rows: np.ndarray, clicks: np.ndarray) -> np.ndarray:
+        def content(
+            arrays: dict,
+            rows: np.ndarray,
+            clicks: np.ndarray,
+            early: bool = False,
+            given: np.ndarray | None = None,
+        ) -> np.ndarray:
             def tables(r: np.ndarray) -> dict[str, torch.Tensor]:  # (`take`: on every core)
                 return {k: torch.from_numpy(np.asarray(take(arrays[k], r))).to(dev) for k in names}
 
+            if early:
+                return fn(tables(rows), tables(clicks), content_only=True).float().cpu().numpy()
             parts = [head_cosines(arrays.get("heads8", arrays["sim"][:, 1:]), rows, clicks)] if heads else []
             if fn is not None:
-                parts.append(fn(tables(rows), tables(clicks)).float().cpu().numpy())
+                known = None if given is None else torch.from_numpy(np.asarray(given, np.float32)).to(dev)
+                parts.append(fn(tables(rows), tables(clicks), content=known).float().cpu().numpy())
             return np.concatenate(parts, 1)
 
+        early = self.form.content_columns if fn is not None else 0  # after the heads' columns
+        content.early_columns = tuple(range(self.proxy_heads, self.proxy_heads + early))
         return content
 
     def subcategory_affinity(self) -> tuple[np.ndarray, np.ndarray] | None:
