@@ -28,6 +28,7 @@ from rmbert.serve.retrieval import (
     quantize,
     retrieval_vectors,
     second_cut,
+    second_cut_keeps,
     shortlist,
     union,
 )
@@ -405,6 +406,24 @@ def test_the_second_cut_keeps_the_best_by_the_cheap_proxy_and_the_early_features
         got, given = second_cut(other, cand, prior, f, None if other is cfg else early, hist)
         assert got.tolist() == list(range(30)) and given is None
     assert len(seen) == 1  # and they were not computed for nothing
+
+
+def test_the_second_cut_serves_only_where_the_pseudo_users_keep_their_top_10():
+    """`second_cut_keeps`: the share of each pseudo-user's exact top-10 that the proxy's top_n
+    holds without and with the second cut. Scores carried by an early column: the same; by a
+    column the second cut does not read: less with it."""
+    rng = np.random.default_rng(33)
+    users = [300, 250, 0, 280]
+    S = sum(users)
+    X = np.concatenate([rng.standard_normal((S, 4)), np.ones((S, 1))], 1)  # cheap 0-1, early 2, late 3
+    prior = np.zeros(S)
+    cfg = RetrievalConfig(top_n=20, first_cut=1000, first_weights=(0.1, 0.1), second_cut=40)
+    for early, late, same in ((5.0, 1.0, True), (1.0, 5.0, False)):
+        y = early * X[:, 2] + late * X[:, 3]  # the model: the full proxy's weights
+        cfg = dataclasses.replace(cfg, weights=(0.0, 0.0, early, late), second_weights=(0.0, 0.0, 1.0))
+        off, on = second_cut_keeps(cfg, X, y, prior, users, [0, 1, 2])
+        assert off == 1.0
+        assert on >= 0.95 if same else on < 0.7
 
 
 def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path, planted, monkeypatch):

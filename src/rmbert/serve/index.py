@@ -32,6 +32,7 @@ from rmbert.serve.retrieval import (
     proxy_rows,
     retrieval_vectors,
     retrieve_side,
+    second_cut_keeps,
     sharing,
 )
 
@@ -250,6 +251,7 @@ class ServingIndex:
         same pseudo-users (`retrieval.calibration_set` on snapshot snap; `gathered`: on the news
         its step 1 gathers)."""
         match = snap.arrays["match"][: snap.n] if "match" in snap.arrays else None
+        rows: list[np.ndarray] = []
         X, y = calibration_set(
             snap.unit,  # by row, not the pool's copied whole; the proxy's copies, as served
             snap.arrays["prior"][: snap.n],
@@ -259,13 +261,24 @@ class ServingIndex:
             match=match,
             content=snap.side,
             gather=snap.gather if gathered else None,
+            rows_out=rows,
         )
         cheap = 4 if match is None else 10  # the `cosine_features` columns, before the side paths'
         if snap.side is None or not len(X):
             return least_squares(X, y), (), ()
-        early = [cheap + c for c in snap.early_columns]
-        second = least_squares(X, y, [*range(cheap), *early]) if early else ()
-        return least_squares(X, y), least_squares(X, y, cheap), second
+        weights, first = least_squares(X, y), least_squares(X, y, cheap)
+        early = [*range(cheap), *(cheap + c for c in snap.early_columns)]
+        second = least_squares(X, y, early) if len(early) > cheap and gathered else ()
+        if second:  # served only where the pseudo-users' top-10 keep as much with it
+            cfg = dataclasses.replace(
+                self.retrieval, weights=weights, first_weights=first, second_weights=second
+            )
+            prior = snap.arrays["prior"][np.concatenate(rows)]
+            off, on = second_cut_keeps(cfg, X, y, prior, [len(r) for r in rows], early)
+            log.info("second cut: the pseudo-users' top-10 kept %.3f without, %.3f with", off, on)
+            if on < off - 0.005:
+                second = ()
+        return weights, first, second
 
     def _use(
         self, weights: tuple[float, ...], first: tuple[float, ...] = (), second: tuple[float, ...] = ()
