@@ -31,7 +31,9 @@ cut, at most `first_cut` news at any pool size (eq. 8''''' on all of them, the r
 real histories (about 20 at the median), so the 1M retrieval is timed with more clicks than the
 retrieval it replaces.
 "sum_of_parts_ms" is the older estimate: the retrieval at 1M + the run's side-path cost per news
-times the news they would run on at 1M (min(gathered at 1M, first_cut)) + the re-ranking of 200;
+of the first cut times the news they would run on at 1M (min(gathered at 1M, first_cut): the
+first and second cuts hold as many news there as on a served pool of 2,000 or more gathered) +
+the re-ranking of 200;
 it leaves out the request's own path (HTTP, parsing, the hand-off to the worker).
 
 Usage: python benchmarks/retrieval.py [--sizes 10k,100k,1m] [--run RUN --split SPLIT] [--users 300]

@@ -397,6 +397,9 @@ def test_the_second_cut_keeps_the_best_by_the_cheap_proxy_and_the_early_features
     keep, given = second_cut(cfg, cand, prior, f, early, hist)
     assert keep.tolist() == sorted(np.argsort(-both)[:8].tolist()) and np.array_equal(given, e[keep])
     assert seen == [(cand.tolist(), hist.tolist())]
+    wide, _ = second_cut(cfg, cand, prior, f, early, hist, at_least=12)  # never fewer than returned
+    assert wide.tolist() == sorted(np.argsort(-both)[:12].tolist())
+    seen.clear()
     for other in (
         cfg,  # no early features
         dataclasses.replace(cfg, second_weights=()),  # not calibrated
@@ -405,7 +408,7 @@ def test_the_second_cut_keeps_the_best_by_the_cheap_proxy_and_the_early_features
     ):
         got, given = second_cut(other, cand, prior, f, None if other is cfg else early, hist)
         assert got.tolist() == list(range(30)) and given is None
-    assert len(seen) == 1  # and they were not computed for nothing
+    assert not seen  # and they were not computed for nothing
 
 
 def test_the_second_cut_serves_only_where_the_pseudo_users_keep_their_top_10():
@@ -424,6 +427,9 @@ def test_the_second_cut_serves_only_where_the_pseudo_users_keep_their_top_10():
         off, on = second_cut_keeps(cfg, X, y, prior, users, [0, 1, 2])
         assert off == 1.0
         assert on >= 0.95 if same else on < 0.7
+    # the first cut is replayed too: by a column that knows nothing, it loses the top-10
+    blind = dataclasses.replace(cfg, first_cut=100, first_weights=(1.0, 0.0))
+    assert second_cut_keeps(blind, X, y, prior, users, [0, 1, 2])[0] < 0.6
 
 
 def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path, planted, monkeypatch):
@@ -564,6 +570,18 @@ def test_served_retrieval_follows_appends_updates_and_restarts(served, tmp_path,
         def recomputed(*args):
             raise AssertionError("the re-ranker computed what the retrieval gave it")
 
+        # calibration serves the second cut only where its pseudo-users keep their top-10
+        import rmbert.serve.index as index_module
+
+        def fit():
+            score = lambda h, cand: ranker.score_rows(snap, h, cand)  # noqa: E731
+            return c.app.state.serving.index._fit(snap, score, gathered=True)
+
+        monkeypatch.setattr(index_module, "second_cut_keeps", lambda *a: (1.0, 0.9))
+        assert fit()[2] == () and len(fit()[1]) == 10
+        monkeypatch.setattr(index_module, "second_cut_keeps", lambda *a: (1.0, 0.999))
+        assert len(fit()[2]) == 14
+        monkeypatch.undo()
         monkeypatch.setattr(ranker.form, "content_features", recomputed)
         monkeypatch.setattr(ranker.form, "affinity_features", recomputed)
         answer = rank(c)["ranked"]

@@ -268,7 +268,10 @@ class ServingIndex:
             return least_squares(X, y), (), ()
         weights, first = least_squares(X, y), least_squares(X, y, cheap)
         early = [*range(cheap), *(cheap + c for c in snap.early_columns)]
-        second = least_squares(X, y, early) if len(early) > cheap and gathered else ()
+        cuts = self.retrieval.second_cut and (
+            not self.retrieval.first_cut or self.retrieval.second_cut < self.retrieval.first_cut
+        )
+        second = least_squares(X, y, early) if len(early) > cheap and gathered and cuts else ()
         if second:  # served only where the pseudo-users' top-10 keep as much with it
             cfg = dataclasses.replace(
                 self.retrieval, weights=weights, first_weights=first, second_weights=second

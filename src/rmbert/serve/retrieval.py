@@ -960,7 +960,7 @@ def gather(
 
     vectors(rows) -> the retrieval vectors [len(rows), D] of rows; best_prior: live rows by
     descending prior (None: none); hist_rows [M] the clicks, oldest first; live [n] bool (see
-    `Retriever.nearest`); shared: live rows that share a field with the clicks (`sharing`)."""
+    `Retriever.near_rows`); shared: live rows that share a field with the clicks (`sharing`)."""
     cfg = retriever.cfg
     parts = [retriever.near_rows(vectors(hist_rows), hist_rows, live)]  # the clicks left out
     if best_prior is not None:
@@ -1009,23 +1009,23 @@ def second_cut(
     features: np.ndarray,
     early: Content,
     hist: np.ndarray,
+    at_least: int = 0,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Positions [<= second_cut] of the first cut's rows cand [G'] that the rest of the model's
     side-path features are computed for: the `second_cut` best by the cheap proxy and the
     features `early` gives alone (eq. 8''''', prior [G'] + [cosine_features, early] @
     `second_weights`), in row order, and those early features of them [<= second_cut, e]; all of
-    them and None without early features or their weights, or when G' is at most `second_cut`. Eq. 8''''' costs about a third of the side paths, whose
+    them and None without early features or their weights, or when G' is at most `second_cut`
+    (or at_least, the rows the caller returns: a cut never leaves fewer). Eq. 8''''' costs about a third of the side paths, whose
     rest then runs on a quarter of the news. Story data (34k news, 200 users, weights fitted
     on half, recall@200 of the exact top-10 on the other): the same 0.973 as without this cut
     at 300 to 1,000 news after a first cut of 2,000, where a first cut of 1,250 alone fell to
     0.85: the story model leans on eq. 8''''', which the cheap proxy lacks (docs/benchmarks.md)."""
-    G = len(cand)
-    if early is None or not cfg.second_cut or not cfg.second_weights or G <= cfg.second_cut:
+    G, size = len(cand), max(cfg.second_cut, at_least)
+    if early is None or not cfg.second_cut or not cfg.second_weights or G <= size:
         return np.arange(G), None
     e = early(cand, hist).astype(features.dtype)  # [G', e]
-    keep = np.sort(
-        shortlist(np.arange(G), prior, np.concatenate([features, e], 1), cfg.second_weights, cfg.second_cut)
-    )
+    keep = np.sort(shortlist(np.arange(G), prior, np.concatenate([features, e], 1), cfg.second_weights, size))
     return keep, e[keep]
 
 
@@ -1079,7 +1079,8 @@ def retrieve_side(
     early: Content = None,
 ) -> tuple[np.ndarray, np.ndarray | None]:
     """Both steps for one user: rows [<= k], best proxy first, the clicks left out (`gather`,
-    then `shortlist` by the `proxy_features`, the side-path ones only for the `first_cut`), and
+    then `shortlist` by the `proxy_features`, the side-path ones only for the `first_cut`, all
+    but eq. 8''''' only for the `second_cut` of those where it serves), and
     the model's side-path features [<= k, k'] of those rows as `content` gave them (None
     without content), for the re-ranker to read instead of computing them again. prior [n] by
     row (None: 0); match [n, F]: match ids by row, or None; content: the model's side-path
@@ -1093,7 +1094,7 @@ def retrieve_side(
     keep = first_cut(cfg, gathered, p, features, content)
     gathered, p, features = gathered[keep], p[keep], features[keep]
     hist = hist_rows[-cfg.max_history :]
-    keep, given = second_cut(cfg, gathered, p, features, early, hist)
+    keep, given = second_cut(cfg, gathered, p, features, early, hist, k or cfg.top_n)
     gathered, p, features = gathered[keep], p[keep], features[keep]
     side = None
     if content is not None:  # (the early columns as the second cut computed them)
