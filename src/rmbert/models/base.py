@@ -42,10 +42,9 @@ class InferenceForm(ABC):
     candidate_tokens: bool = True
     record_terms: tuple[str, ...] = ()  # news terms that `score` reads only when it records attentions
     # features the retrieval proxy adds, from the side tables named in `proxy_tables`:
-    # (those tables' rows of G news, of one user's M clicks) -> [G, k]
-    content_proxy: Callable[..., torch.Tensor] | None = (
-        None  # (and content_only=, content=: see `content_columns`)
-    )
+    # (those tables' rows of G news, of one user's M clicks) -> [G, k] (and content_only=,
+    # content=: see `content_columns`)
+    content_proxy: Callable[..., torch.Tensor] | None = None
     proxy_tables: tuple[str, ...] = ()
     # how many of content_proxy's first columns it also gives alone (content_only=True), cheaper
     # than all of them, for the retrieval's second cut (serve/retrieval.py): 0 for none

@@ -237,7 +237,8 @@ class FoldedRMBERT(InferenceForm):
         p, H1 = self.p, self.kappa.shape[0]
         clicks = clicks or {}
         # [B, M, D + (p-1) D + p H1 (+ p D)], of the clicks alone: a padded slot never gets weight
-        if "click_map" in clicks and bool(mask.all()):  # no padded slot (one user): read as it is
+        full = bool(mask.all())  # no padded slot (one user): the given products read as they are
+        if "click_map" in clicks and full:
             HU = clicks["click_map"]
         else:
             HU = H.new_zeros(B, M, self.U.shape[1])
@@ -251,7 +252,7 @@ class FoldedRMBERT(InferenceForm):
             Y = HU[..., q_end:].reshape(B, M, p, D).transpose(1, 2).reshape(B, -1, D)
         Hs = None
         if self.S is not None:
-            if "click_sim" in clicks and bool(mask.all()):
+            if "click_sim" in clicks and full:
                 Hs = torch.nn.functional.normalize(clicks["click_sim"], dim=-1)
             else:
                 Hs = H.new_zeros(B, M, self.cfg.similarity_heads, D)

@@ -137,9 +137,7 @@ class Snapshot:
         content = self.content
         if content is None:
             return None
-        return lambda rows, hist, *given: content(
-            self.arrays, rows, hist, **({"given": given[0]} if given else {})
-        )
+        return lambda rows, hist, given=None: content(self.arrays, rows, hist, given=given)
 
     @property
     def early(self) -> Callable[[np.ndarray, np.ndarray], np.ndarray] | None:

@@ -1039,20 +1039,20 @@ def second_cut_keeps(
     columns the second cut reads). The second cut serves only where it keeps as much: a model
     whose side paths other than eq. 8''''' carry its ranking loses with it (planted drift data,
     7k news, 150 real users: recall@200 0.991 with it off, 0.932 on)."""
-    cheap = len(cfg.first_weights)
+    cheap, late = len(cfg.first_weights), early[len(cfg.first_weights) :]
     got = np.zeros(2)
     for rows in np.split(np.arange(len(y)), np.cumsum(users)[:-1]):
         if len(rows) == 0:
             continue
-        x, p = X[rows, :-1], prior[rows]
+        x, p = X[rows, :-1], prior[rows]  # the cuts below as `retrieve_side` makes them
         top = np.argsort(-(y[rows] + p), kind="stable")[:10]
-        keep = np.arange(len(rows))
-        if cfg.first_cut and len(keep) > cfg.first_cut:
-            keep = np.sort(best_positions(p, x[:, :cheap], cfg.first_weights, cfg.first_cut))
+        keep = first_cut(cfg, np.arange(len(rows)), p, x[:, :cheap], lambda *_: None)
         for i, on in enumerate((False, True)):
             k = keep
-            if on and len(k) > cfg.second_cut:
-                k = k[np.sort(best_positions(p[k], x[k][:, early], cfg.second_weights, cfg.second_cut))]
+            if on:
+                k = k[
+                    second_cut(cfg, k, p[k], x[k][:, :cheap], lambda cand, _, x=x: x[cand][:, late], None)[0]
+                ]
             final = k[best_positions(p[k], x[k], cfg.weights, cfg.top_n)]
             got[i] += np.isin(top, final).mean()
     n = max(1, sum(1 for u in users if u))
